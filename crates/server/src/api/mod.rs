@@ -1,0 +1,104 @@
+//! REST API under `/api/v1.0`, plus health and metrics endpoints. Every handler is scoped to the calling operator.
+
+mod auth;
+mod error;
+mod extract;
+mod health;
+mod operators;
+mod setup;
+
+pub use error::{ApiError, ErrorBody};
+pub use extract::{ApiJson, AuthSession, ClientIp, UserAgent};
+
+use std::ops::Deref;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::Router;
+use ipnet::IpNet;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::auth::Auth;
+use crate::metrics::Metrics;
+use crate::redis::Redis;
+use crate::store::Store;
+
+/// Largest accepted request body, in bytes. Bigger bodies get 413 before any parsing or hashing.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+pub struct AppInner {
+    pub auth: Auth,
+    pub store: Store,
+    pub metrics: Metrics,
+    pub redis: Option<Redis>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub public_url: String,
+}
+
+/// Shared state of every handler; cheap to clone.
+#[derive(Clone)]
+pub struct AppState(pub Arc<AppInner>);
+
+impl Deref for AppState {
+    type Target = AppInner;
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "proxyfleet API", description = "Operator API of proxyfleet. Authenticate with `POST /api/v1.0/auth/login` and send the token as `Authorization: Bearer <token>`."),
+    modifiers(&BearerAuth),
+    tags((name = "auth", description = "Operator login, sessions and password"),
+         (name = "operators", description = "Operator accounts (admins only)"),
+         (name = "setup", description = "First-run setup"),
+         (name = "system", description = "Health, readiness and metrics"))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The whole HTTP surface and its OpenAPI document, built from the same route list so they cannot drift apart.
+pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
+    let api = OpenApiRouter::new()
+        .merge(auth::router())
+        .merge(operators::router())
+        .merge(setup::router());
+    let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .nest("/api/v1.0", api)
+        .merge(health::router())
+        .split_for_parts();
+    let spec = openapi.clone();
+    let router = router
+        .route(
+            "/api/v1.0/openapi.json",
+            axum::routing::get(move || async move { axum::Json(spec) }),
+        )
+        .merge(setup::page_router())
+        .fallback(|| async { ApiError::NotFound })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            crate::metrics::track,
+        ))
+        .with_state(state);
+    (router, openapi)
+}

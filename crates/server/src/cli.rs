@@ -1,0 +1,151 @@
+//! Command-line flags. Every flag has a `PROXYFLEET_*` environment twin; the flag wins.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
+use proxyfleet::config::{LogFormat, RawConfig, Secret, ServeConfig};
+use proxyfleet::store::Role;
+
+#[derive(Parser)]
+#[command(
+    name = "proxyfleet",
+    version,
+    about = "Self-hosted mobile-proxy platform"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the server: API, dashboard and (later) the device tunnel and proxy front doors.
+    Serve(ServeArgs),
+    /// Manage operator accounts from the command line.
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum OperatorCommand {
+    /// Create an operator. The first operator is always an admin.
+    Create {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// 3–64 letters, digits or underscores.
+        #[arg(long, env = "PROXYFLEET_USERNAME")]
+        username: String,
+        /// Read the password from standard input (required: passwords are never taken as arguments).
+        #[arg(long)]
+        password_stdin: bool,
+        /// Role of a non-first operator.
+        #[arg(long, value_parser = parse_role, default_value = "operator")]
+        role: Role,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    match s {
+        "admin" => Ok(Role::Admin),
+        "operator" => Ok(Role::Operator),
+        _ => Err(format!("unknown role {s:?} (use admin or operator)")),
+    }
+}
+
+/// Settings every command that opens the store needs.
+#[derive(Args)]
+pub struct CommonArgs {
+    /// TOML configuration file (lowest precedence after built-in defaults).
+    #[arg(long, env = "PROXYFLEET_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory: SQLite file, generated secrets. Default `./data`.
+    #[arg(long, env = "PROXYFLEET_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Database URL (sqlite://…, postgres://…, mysql://…). Also read from `DATABASE_URL`.
+    #[arg(long, env = "PROXYFLEET_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Address for the API and dashboard. Default 127.0.0.1:8080.
+    #[arg(long, env = "PROXYFLEET_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Redis address (host:port or redis:// URL). Also read from `REDIS_ADDR`. Unset: no Redis.
+    #[arg(long, env = "PROXYFLEET_REDIS_ADDR")]
+    pub redis_addr: Option<String>,
+    /// Prefix of every Redis key. Default `proxyfleet:`.
+    #[arg(long, env = "PROXYFLEET_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
+    /// Maximum database connections. Default 10.
+    #[arg(long, env = "PROXYFLEET_DB_MAX_CONNECTIONS")]
+    pub db_max_connections: Option<u32>,
+    /// Seconds of inactivity after which a session ends. Default 3600.
+    #[arg(long, env = "PROXYFLEET_SESSION_IDLE_TIMEOUT_SECS")]
+    pub session_idle_timeout_secs: Option<u64>,
+    /// Require upper, lower, digit and special characters in operator passwords. Default true.
+    #[arg(long, env = "PROXYFLEET_PASSWORD_COMPOSITION_RULE")]
+    pub password_composition_rule: Option<bool>,
+    /// Comma-separated CIDRs of reverse proxies whose X-Forwarded-For is believed. Default none.
+    #[arg(long, env = "PROXYFLEET_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<IpNet>>,
+    /// Base URL used in printed links. Default http://LISTEN.
+    #[arg(long, env = "PROXYFLEET_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Log format: text or json. Default text.
+    #[arg(long, env = "PROXYFLEET_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Log level or filter (RUST_LOG syntax; RUST_LOG itself wins). Default info.
+    #[arg(long, env = "PROXYFLEET_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Seconds to wait for open requests at shutdown. Default 10.
+    #[arg(long, env = "PROXYFLEET_SHUTDOWN_TIMEOUT_SECS")]
+    pub shutdown_timeout_secs: Option<u64>,
+}
+
+impl ServeArgs {
+    pub fn to_raw(&self) -> RawConfig {
+        RawConfig {
+            listen: self.listen,
+            redis_addr: self.redis_addr.clone(),
+            redis_prefix: self.redis_prefix.clone(),
+            db_max_connections: self.db_max_connections,
+            session_idle_timeout_secs: self.session_idle_timeout_secs,
+            password_composition_rule: self.password_composition_rule,
+            trusted_proxies: self.trusted_proxies.clone(),
+            public_url: self.public_url.clone(),
+            log_format: self.log_format,
+            log_level: self.log_level.clone(),
+            shutdown_timeout_secs: self.shutdown_timeout_secs,
+            ..RawConfig::default()
+        }
+    }
+}
+
+/// defaults < TOML file < seed environment names < `PROXYFLEET_*` environment and flags.
+pub fn resolve(common: &CommonArgs, flags: RawConfig) -> anyhow::Result<ServeConfig> {
+    let file = match &common.config {
+        Some(path) => RawConfig::from_toml_file(path)?,
+        None => RawConfig::default(),
+    };
+    let seed = RawConfig::from_seed_env(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))?;
+    let proxyfleet_env = RawConfig::from_seed_env(|k| {
+        std::env::var(format!("PROXYFLEET_{k}"))
+            .ok()
+            .filter(|v| !v.is_empty())
+    })?;
+    let flags = RawConfig {
+        data_dir: common.data_dir.clone(),
+        database_url: common.database_url.clone().map(Secret::new),
+        ..flags
+    };
+    Ok(ServeConfig::resolve(
+        file.overlay(seed).overlay(proxyfleet_env).overlay(flags),
+    )?)
+}

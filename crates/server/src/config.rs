@@ -1,0 +1,504 @@
+//! Server configuration: one typed struct, assembled from defaults < TOML file < environment < CLI flags.
+//!
+//! The binary turns its flags and `PROXYFLEET_*` variables into a [`RawConfig`]; this module adds the file and the
+//! seed's variable names (`JWT_SECRET`, `DB_*`, `REDIS_*`, `DATABASE_URL`), then validates everything once in
+//! [`ServeConfig::resolve`] with errors that name the setting.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// A secret string: never printed by `Debug` or `Display`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret(s)
+    }
+}
+
+/// Minimum length of a configured JWT secret, in bytes (HS256 wants at least its 256-bit output size).
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("unknown log format {s:?} (use text or json)")),
+        }
+    }
+}
+
+/// Every setting, each optional, as one source gives them. Also the schema of the TOML file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub database_url: Option<Secret>,
+    pub db_driver: Option<String>,
+    pub db_host: Option<String>,
+    pub db_port: Option<u16>,
+    pub db_user: Option<String>,
+    pub db_pass: Option<Secret>,
+    pub db_name: Option<String>,
+    pub db_max_connections: Option<u32>,
+    pub jwt_secret: Option<Secret>,
+    pub redis_addr: Option<String>,
+    pub redis_password: Option<Secret>,
+    pub redis_prefix: Option<String>,
+    pub session_idle_timeout_secs: Option<u64>,
+    pub password_composition_rule: Option<bool>,
+    pub trusted_proxies: Option<Vec<IpNet>>,
+    pub public_url: Option<String>,
+    pub log_format: Option<LogFormat>,
+    pub log_level: Option<String>,
+    pub shutdown_timeout_secs: Option<u64>,
+}
+
+macro_rules! overlay_fields {
+    ($low:ident, $high:ident, $($f:ident),* $(,)?) => {
+        RawConfig { $($f: $high.$f.or($low.$f)),* }
+    };
+}
+
+impl RawConfig {
+    /// Settings from `higher` win; the rest come from `self`.
+    pub fn overlay(self, higher: RawConfig) -> RawConfig {
+        let low = self;
+        overlay_fields!(
+            low,
+            higher,
+            data_dir,
+            listen,
+            database_url,
+            db_driver,
+            db_host,
+            db_port,
+            db_user,
+            db_pass,
+            db_name,
+            db_max_connections,
+            jwt_secret,
+            redis_addr,
+            redis_password,
+            redis_prefix,
+            session_idle_timeout_secs,
+            password_composition_rule,
+            trusted_proxies,
+            public_url,
+            log_format,
+            log_level,
+            shutdown_timeout_secs,
+        )
+    }
+
+    /// Parse a TOML configuration file. Unknown keys are errors, so a typo never goes unnoticed.
+    pub fn from_toml_file(path: &Path) -> Result<RawConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The seed's environment variable names (`JWT_SECRET`, `DATABASE_URL`, `DB_HOST`, …), read through `var`.
+    pub fn from_seed_env(var: impl Fn(&str) -> Option<String>) -> Result<RawConfig, ConfigError> {
+        let db_port = match var("DB_PORT") {
+            Some(p) => Some(p.parse().map_err(|_| ConfigError::Invalid {
+                setting: "DB_PORT",
+                message: format!("{p:?} is not a port number"),
+            })?),
+            None => None,
+        };
+        Ok(RawConfig {
+            jwt_secret: var("JWT_SECRET").map(Secret),
+            database_url: var("DATABASE_URL").map(Secret),
+            db_driver: var("DB_DRIVER"),
+            db_host: var("DB_HOST"),
+            db_port,
+            db_user: var("DB_USER"),
+            db_pass: var("DB_PASS").map(Secret),
+            db_name: var("DB_NAME"),
+            redis_addr: var("REDIS_ADDR"),
+            redis_password: var("REDIS_PASSWORD").map(Secret),
+            ..RawConfig::default()
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    ParseFile { path: PathBuf, message: String },
+    #[error("setting {setting}: {message}")]
+    Invalid {
+        setting: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        message: message.into(),
+    }
+}
+
+/// The validated settings of `proxyfleet serve` (and of the commands that only need the store).
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub database_url: Secret,
+    pub db_max_connections: u32,
+    /// `None`: generate one into the data directory on first run.
+    pub jwt_secret: Option<Secret>,
+    /// Full `redis://` URL (password included, hence secret); `None` means sessions and limits stay in SQL and memory.
+    pub redis_url: Option<Secret>,
+    /// Prefix of every Redis key this server writes, so deployments (and tests) can share one Redis.
+    pub redis_prefix: String,
+    pub session_idle_timeout: Duration,
+    pub password_composition_rule: bool,
+    pub trusted_proxies: Vec<IpNet>,
+    /// Base URL printed in the setup link.
+    pub public_url: String,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub shutdown_timeout: Duration,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_DATA_DIR: &str = "data";
+
+impl ServeConfig {
+    pub fn resolve(raw: RawConfig) -> Result<ServeConfig, ConfigError> {
+        let data_dir = raw
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        if data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        let listen = match raw.listen {
+            Some(l) => l,
+            None => DEFAULT_LISTEN
+                .parse()
+                .map_err(|_| invalid("listen", "bad default"))?,
+        };
+        let database_url = database_url(&raw, &data_dir)?;
+        crate::store::Backend::from_url(database_url.expose())
+            .map_err(|e| invalid("database_url", e.to_string()))?;
+
+        if let Some(secret) = &raw.jwt_secret {
+            if secret.expose().len() < MIN_JWT_SECRET_BYTES {
+                return Err(invalid(
+                    "JWT_SECRET",
+                    format!(
+                        "is {} bytes; it must be at least {MIN_JWT_SECRET_BYTES} bytes (or leave it unset to \
+                         generate one in the data directory)",
+                        secret.expose().len()
+                    ),
+                ));
+            }
+        }
+        let redis_url = redis_url(raw.redis_addr.as_deref(), raw.redis_password.as_ref())?;
+        let idle = raw.session_idle_timeout_secs.unwrap_or(3600);
+        if idle == 0 || idle > 24 * 3600 {
+            return Err(invalid(
+                "session_idle_timeout_secs",
+                "must be between 1 and 86400 seconds",
+            ));
+        }
+        let max_conn = raw.db_max_connections.unwrap_or(10);
+        if max_conn == 0 {
+            return Err(invalid("db_max_connections", "must be at least 1"));
+        }
+        let prefix = raw.redis_prefix.unwrap_or_else(|| "proxyfleet:".to_owned());
+        let public_url = raw.public_url.unwrap_or_else(|| format!("http://{listen}"));
+        url::Url::parse(&public_url).map_err(|e| invalid("public_url", e.to_string()))?;
+        Ok(ServeConfig {
+            data_dir,
+            listen,
+            database_url,
+            db_max_connections: max_conn,
+            jwt_secret: raw.jwt_secret,
+            redis_url,
+            redis_prefix: prefix,
+            session_idle_timeout: Duration::from_secs(idle),
+            password_composition_rule: raw.password_composition_rule.unwrap_or(true),
+            trusted_proxies: raw.trusted_proxies.unwrap_or_default(),
+            public_url: public_url.trim_end_matches('/').to_owned(),
+            log_format: raw.log_format.unwrap_or_default(),
+            log_level: raw.log_level.unwrap_or_else(|| "info".to_owned()),
+            shutdown_timeout: Duration::from_secs(raw.shutdown_timeout_secs.unwrap_or(10)),
+        })
+    }
+}
+
+/// `DATABASE_URL` if given; else one built from `DB_HOST`…; else the SQLite file in the data directory.
+fn database_url(raw: &RawConfig, data_dir: &Path) -> Result<Secret, ConfigError> {
+    if let Some(url) = &raw.database_url {
+        return Ok(url.clone());
+    }
+    let Some(host) = &raw.db_host else {
+        if let Some(driver) = raw.db_driver.as_deref().filter(|d| *d != "sqlite") {
+            return Err(invalid(
+                "DB_HOST",
+                format!("is required with DB_DRIVER={driver}"),
+            ));
+        }
+        let path = data_dir.join("proxyfleet.db");
+        return Ok(Secret(format!("sqlite://{}", path.display())));
+    };
+    let driver = match raw.db_driver.as_deref() {
+        Some("postgres" | "postgresql") => "postgres",
+        Some("mysql" | "mariadb") => "mysql",
+        Some(other) => {
+            return Err(invalid(
+                "DB_DRIVER",
+                format!("{other:?} is not postgres or mysql"),
+            ))
+        }
+        // The seed never named its driver; its port tells.
+        None if raw.db_port == Some(3306) => "mysql",
+        None => "postgres",
+    };
+    let port = raw
+        .db_port
+        .unwrap_or(if driver == "mysql" { 3306 } else { 5432 });
+    let mut url = url::Url::parse(&format!("{driver}://placeholder"))
+        .map_err(|e| invalid("DB_HOST", e.to_string()))?;
+    url.set_host(Some(host))
+        .map_err(|e| invalid("DB_HOST", e.to_string()))?;
+    let _ = url.set_port(Some(port));
+    if let Some(user) = &raw.db_user {
+        let _ = url.set_username(user);
+    }
+    if let Some(pass) = &raw.db_pass {
+        let _ = url.set_password(Some(pass.expose()));
+    }
+    url.set_path(raw.db_name.as_deref().unwrap_or("proxyfleet"));
+    Ok(Secret(url.to_string()))
+}
+
+/// `REDIS_ADDR` may be `host:port` or a full `redis://` URL; `REDIS_PASSWORD` is added when given.
+fn redis_url(addr: Option<&str>, password: Option<&Secret>) -> Result<Option<Secret>, ConfigError> {
+    let Some(addr) = addr.filter(|a| !a.is_empty()) else {
+        return Ok(None);
+    };
+    let text = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("redis://{addr}")
+    };
+    let mut url = url::Url::parse(&text).map_err(|e| invalid("REDIS_ADDR", format!("{e}")))?;
+    if !matches!(url.scheme(), "redis" | "rediss") {
+        return Err(invalid("REDIS_ADDR", "must be host:port or a redis:// URL"));
+    }
+    if url.host_str().is_none() {
+        return Err(invalid("REDIS_ADDR", "has no host"));
+    }
+    if let Some(p) = password {
+        let _ = url.set_password(Some(p.expose()));
+    }
+    Ok(Some(Secret(url.to_string())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let v: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        move |k| v.iter().find(|(a, _)| a == k).map(|(_, b)| b.clone())
+    }
+
+    #[test]
+    fn defaults_are_sqlite_in_data_dir_without_redis() {
+        let c = ServeConfig::resolve(RawConfig::default()).unwrap();
+        assert_eq!(c.database_url.expose(), "sqlite://data/proxyfleet.db");
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert!(c.redis_url.is_none());
+        assert!(c.jwt_secret.is_none());
+        assert_eq!(c.session_idle_timeout, Duration::from_secs(3600));
+        assert!(c.password_composition_rule);
+    }
+
+    #[test]
+    fn validation_names_the_setting() {
+        let table: Vec<(RawConfig, &str)> = vec![
+            (
+                RawConfig {
+                    jwt_secret: Some(Secret::new("short")),
+                    ..Default::default()
+                },
+                "JWT_SECRET",
+            ),
+            (
+                RawConfig {
+                    session_idle_timeout_secs: Some(0),
+                    ..Default::default()
+                },
+                "session_idle_timeout_secs",
+            ),
+            (
+                RawConfig {
+                    database_url: Some(Secret::new("oracle://x")),
+                    ..Default::default()
+                },
+                "database_url",
+            ),
+            (
+                RawConfig {
+                    redis_addr: Some("http://x:1".into()),
+                    ..Default::default()
+                },
+                "REDIS_ADDR",
+            ),
+            (
+                RawConfig {
+                    db_driver: Some("postgres".into()),
+                    ..Default::default()
+                },
+                "DB_HOST",
+            ),
+            (
+                RawConfig {
+                    db_max_connections: Some(0),
+                    ..Default::default()
+                },
+                "db_max_connections",
+            ),
+            (
+                RawConfig {
+                    public_url: Some("not a url".into()),
+                    ..Default::default()
+                },
+                "public_url",
+            ),
+        ];
+        for (raw, setting) in table {
+            let err = ServeConfig::resolve(raw).unwrap_err().to_string();
+            assert!(err.contains(setting), "{err:?} should name {setting}");
+        }
+    }
+
+    #[test]
+    fn jwt_secret_of_32_bytes_is_accepted_and_hidden() {
+        let s = "x".repeat(32);
+        let c = ServeConfig::resolve(RawConfig {
+            jwt_secret: Some(Secret::new(&s)),
+            ..Default::default()
+        })
+        .unwrap();
+        let debug = format!("{c:?}");
+        assert!(!debug.contains(&s), "secret leaked into Debug: {debug}");
+    }
+
+    #[test]
+    fn seed_db_variables_build_a_url_and_hide_the_password() {
+        let raw = RawConfig::from_seed_env(env(&[
+            ("DB_HOST", "db.internal"),
+            ("DB_USER", "pf"),
+            ("DB_PASS", "s3cr3t-p@ss"),
+            ("DB_NAME", "fleet"),
+            ("DB_PORT", "3306"),
+            ("REDIS_ADDR", "127.0.0.1:6380"),
+            ("REDIS_PASSWORD", "redispw"),
+        ]))
+        .unwrap();
+        let c = ServeConfig::resolve(raw).unwrap();
+        assert_eq!(
+            c.database_url.expose(),
+            "mysql://pf:s3cr3t-p%40ss@db.internal:3306/fleet"
+        );
+        assert_eq!(
+            c.redis_url.as_ref().unwrap().expose(),
+            "redis://:redispw@127.0.0.1:6380"
+        );
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("s3cr3t") && !debug.contains("redispw"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn seed_db_port_must_be_numeric() {
+        let err = RawConfig::from_seed_env(env(&[("DB_PORT", "abc")])).unwrap_err();
+        assert!(err.to_string().contains("DB_PORT"));
+    }
+
+    #[test]
+    fn precedence_file_then_env_then_cli() {
+        let file: RawConfig = toml::from_str(
+            "listen = \"127.0.0.1:1000\"\nredis_prefix = \"file:\"\nsession_idle_timeout_secs = 60\n",
+        )
+        .unwrap();
+        let env_layer = RawConfig {
+            listen: Some("127.0.0.1:2000".parse().unwrap()),
+            redis_prefix: Some("env:".into()),
+            ..Default::default()
+        };
+        let cli = RawConfig {
+            listen: Some("127.0.0.1:3000".parse().unwrap()),
+            ..Default::default()
+        };
+        let c = ServeConfig::resolve(file.overlay(env_layer).overlay(cli)).unwrap();
+        assert_eq!(c.listen.port(), 3000);
+        assert_eq!(c.redis_prefix, "env:");
+        assert_eq!(c.session_idle_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn toml_unknown_key_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "listne = \"127.0.0.1:1\"\n").unwrap();
+        let err = RawConfig::from_toml_file(&p).unwrap_err().to_string();
+        assert!(err.contains("listne"), "{err}");
+    }
+}

@@ -1,0 +1,12 @@
+#![forbid(unsafe_code)]
+//! proxyfleet server library: configuration, store, operator auth and the HTTP API. `main.rs` only parses the
+//! command line and calls in here.
+
+pub mod api;
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod metrics;
+pub mod redis;
+pub mod server;
+pub mod store;

@@ -1,0 +1,273 @@
+//! `proxyfleet serve`: assemble the components, bind, run until cancelled, shut down gracefully.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{self, AppInner, AppState};
+use crate::auth::jwt::JwtKeys;
+use crate::auth::limiter::{LimitPolicy, LoginLimiter};
+use crate::auth::password::Hasher;
+use crate::auth::sessions::Sessions;
+use crate::auth::{self as authn, Auth};
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Secret, ServeConfig};
+use crate::metrics::Metrics;
+use crate::redis::Redis;
+use crate::store::Store;
+
+/// Options that are not configuration: injected collaborators (tests replace the clock).
+#[derive(Clone)]
+pub struct ServeOptions {
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// A started server. Dropping it does not stop it; call [`RunningServer::shutdown`] or cancel the token.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    /// The one-time setup token, when no operator existed at startup.
+    pub setup_token: Option<Secret>,
+    pub store: Store,
+    pub state: AppState,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    http: JoinHandle<std::io::Result<()>>,
+    shutdown_timeout: std::time::Duration,
+}
+
+impl RunningServer {
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Stop accepting, let in-flight requests finish (up to the shutdown timeout), stop background tasks, close
+    /// the store.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.wait().await;
+    }
+
+    /// Wait until the server has stopped (after the token is cancelled).
+    pub async fn wait(self) {
+        self.cancel.cancelled().await;
+        match tokio::time::timeout(self.shutdown_timeout, self.http).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "HTTP server stopped with an error"),
+            Ok(Err(e)) => tracing::error!(error = %e, "HTTP server task failed"),
+            Err(_) => tracing::warn!(
+                "HTTP connections still open at the shutdown deadline; dropping them"
+            ),
+        }
+        self.tracker.close();
+        if tokio::time::timeout(self.shutdown_timeout, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = self.tracker.len(),
+                "background tasks still running at the shutdown deadline"
+            );
+        }
+        self.store.close().await;
+        tracing::info!("shut down");
+    }
+}
+
+/// Start everything and return once the listener is bound.
+pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<RunningServer> {
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    ensure_data_dir(&config.data_dir)?;
+    let jwt_secret = match &config.jwt_secret {
+        Some(s) => s.clone(),
+        None => load_or_generate_secret(&config.data_dir.join("jwt_secret"))?,
+    };
+    let store = Store::connect(config.database_url.expose(), config.db_max_connections)
+        .await
+        .context("opening the store")?;
+    tracing::info!(backend = store.backend().name(), "store ready");
+    let metrics = Metrics::new().context("registering metrics")?;
+    let redis = match &config.redis_url {
+        Some(url) => Some(Redis::start(
+            url,
+            &config.redis_prefix,
+            cancel.child_token(),
+            metrics.redis_up.clone(),
+        )?),
+        None => None,
+    };
+    let hasher = Hasher::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .await
+        .context("preparing the password hasher")?;
+    let clock = opts.clock;
+    let sessions = Sessions::new(
+        store.clone(),
+        redis.clone(),
+        clock.clone(),
+        JwtKeys::new(jwt_secret.expose().as_bytes()),
+        config.session_idle_timeout,
+    );
+    let auth = Auth {
+        store: store.clone(),
+        hasher,
+        sessions,
+        limiter: LoginLimiter::new(LimitPolicy::default(), redis.clone(), clock.clone()),
+        clock: clock.clone(),
+        composition_rule: config.password_composition_rule,
+    };
+    let setup_token = authn::issue_setup_token_if_needed(&store, clock.as_ref())
+        .await
+        .context("checking for a first operator")?
+        .map(Secret::new);
+    let state = AppState(Arc::new(AppInner {
+        auth,
+        store: store.clone(),
+        metrics,
+        redis,
+        trusted_proxies: config.trusted_proxies.clone(),
+        public_url: config.public_url.clone(),
+    }));
+    let (router, _) = api::router(state.clone());
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding the API listener on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "API and dashboard listening");
+    let shutdown = cancel.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+    });
+    tracker.spawn(housekeeping(
+        store.clone(),
+        clock.clone(),
+        cancel.child_token(),
+    ));
+    Ok(RunningServer {
+        addr,
+        setup_token,
+        store,
+        state,
+        cancel,
+        tracker,
+        http,
+        shutdown_timeout: config.shutdown_timeout,
+    })
+}
+
+/// Hourly: forget sessions that expired more than a day ago.
+async fn housekeeping(store: Store, clock: Arc<dyn Clock>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {
+                let cutoff = clock.now_ms() - 24 * 3600 * 1000;
+                match store.prune_sessions(cutoff).await {
+                    Ok(n) if n > 0 => tracing::debug!(pruned = n, "pruned expired sessions"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = ?e, "pruning sessions failed"),
+                }
+            }
+        }
+    }
+}
+
+/// Create the data directory, readable only by its owner.
+pub fn ensure_data_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating data directory {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Read a secret from `path`, or generate 48 random bytes (base64) into it with mode 0600 on first run.
+pub fn load_or_generate_secret(path: &Path) -> anyhow::Result<Secret> {
+    use base64::Engine;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read_to_string(path) {
+        Ok(s) if s.trim().len() >= crate::config::MIN_JWT_SECRET_BYTES => {
+            return Ok(Secret::new(s.trim()))
+        }
+        Ok(_) => anyhow::bail!(
+            "{} is shorter than {} bytes; delete it to generate a new one",
+            path.display(),
+            crate::config::MIN_JWT_SECRET_BYTES
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let bytes: [u8; 48] = rand::random();
+    let secret = base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(secret.as_bytes())?;
+    f.sync_all()?;
+    tracing::info!(path = %path.display(), "generated a new JWT signing secret");
+    Ok(Secret::new(secret))
+}
+
+/// `proxyfleet operator create`: open the store and create an operator. The first operator is always an admin.
+pub async fn create_operator(
+    config: &ServeConfig,
+    username: &str,
+    password: &str,
+    role: crate::store::Role,
+) -> anyhow::Result<crate::store::Operator> {
+    use crate::auth::password::{check_password, normalize_username};
+    use crate::store::{NewOperator, Role, StoreError};
+    ensure_data_dir(&config.data_dir)?;
+    let store = Store::connect(config.database_url.expose(), 2)
+        .await
+        .context("opening the store")?;
+    let name = normalize_username(username).map_err(|m| anyhow::anyhow!("{m}"))?;
+    check_password(&name, password, config.password_composition_rule)?;
+    let hash = Hasher::new(1).await?.hash(password).await?;
+    let role = if store.count_operators().await? == 0 {
+        Role::Admin
+    } else {
+        role
+    };
+    let op = store
+        .create_operator(NewOperator {
+            username: &name,
+            password_hash: &hash,
+            role,
+            now: SystemClock.now_ms(),
+        })
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict(_) => anyhow::anyhow!("an operator named {name} already exists"),
+            other => anyhow::Error::new(other),
+        })?;
+    store.close().await;
+    Ok(op)
+}
