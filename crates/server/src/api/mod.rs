@@ -27,6 +27,40 @@ use crate::store::Store;
 
 /// Largest accepted request body, in bytes. Bigger bodies get 413 before any parsing or hashing.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// An oversized body announced by `Content-Length` is read and discarded up to this many bytes before the 413,
+/// so that ordinary clients see the answer instead of a connection reset; beyond it the connection is dropped.
+const MAX_DRAIN_BYTES: u64 = 64 * 1024 * 1024;
+/// Longest time spent discarding an oversized body.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Middleware: refuse bodies whose `Content-Length` is over [`MAX_BODY_BYTES`] before any handler runs. Bodies
+/// without a length are cut at the same limit by `DefaultBodyLimit` when a handler reads them.
+async fn refuse_oversized(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use http_body_util::BodyExt;
+    let len = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let Some(len) = len.filter(|l| *l > MAX_BODY_BYTES as u64) else {
+        return next.run(req).await;
+    };
+    if len <= MAX_DRAIN_BYTES {
+        let mut body = req.into_body();
+        let drain = async { while let Some(Ok(_)) = body.frame().await {} };
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+    }
+    let mut resp = ApiError::PayloadTooLarge.into_response();
+    resp.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    resp
+}
 
 pub struct AppInner {
     pub auth: Auth,
@@ -95,6 +129,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .merge(setup::page_router())
         .fallback(|| async { ApiError::NotFound })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(refuse_oversized))
         .layer(axum::middleware::from_fn_with_state(
             state.metrics.clone(),
             crate::metrics::track,

@@ -1,0 +1,466 @@
+//! Shared test harness: real databases (one fresh database per test), real Redis servers, a real proxyfleet
+//! server on 127.0.0.1:0. Services that are not reachable make a test skip with a printed reason, unless
+//! `PROXYFLEET_TEST_REQUIRE_SERVICES=1` (as in `.ci/run`), which turns the skip into a failure.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proxyfleet::clock::ManualClock;
+use proxyfleet::config::{RawConfig, Secret, ServeConfig};
+use proxyfleet::server::{RunningServer, ServeOptions};
+use proxyfleet::store::{Operator, Role, Store};
+use serde_json::Value;
+use sqlx::Connection;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+    MySql,
+}
+
+pub fn require_services() -> bool {
+    std::env::var("PROXYFLEET_TEST_REQUIRE_SERVICES").as_deref() == Ok("1")
+}
+
+/// Skip (or, when services are required, fail) with a reason.
+pub fn skip(reason: &str) {
+    assert!(
+        !require_services(),
+        "required service unavailable: {reason}"
+    );
+    eprintln!("SKIPPED: {reason}");
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+/// A database of its own for one test, dropped afterwards.
+pub struct TestDb {
+    pub url: String,
+    cleanup: Option<(Db, String, String)>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    pub async fn create(db: Db) -> Option<TestDb> {
+        let name = format!("pf_test_{}", uuid::Uuid::new_v4().simple());
+        match db {
+            Db::Sqlite => {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let url = format!("sqlite://{}", dir.path().join("test.db").display());
+                Some(TestDb {
+                    url,
+                    cleanup: None,
+                    _dir: Some(dir),
+                })
+            }
+            Db::Postgres => {
+                let admin = env_or(
+                    "PROXYFLEET_TEST_POSTGRES_URL",
+                    "postgres://root@127.0.0.1:5432/test",
+                );
+                let mut conn = match sqlx::PgConnection::connect(&admin).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        skip(&format!("PostgreSQL at {admin} unreachable: {e}"));
+                        return None;
+                    }
+                };
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&mut conn)
+                    .await
+                    .expect("create database");
+                let url = replace_db(&admin, &name);
+                Some(TestDb {
+                    url,
+                    cleanup: Some((db, admin, name)),
+                    _dir: None,
+                })
+            }
+            Db::MySql => {
+                let admin = env_or(
+                    "PROXYFLEET_TEST_MYSQL_URL",
+                    "mysql://root@127.0.0.1:3306/test",
+                );
+                let mut conn = match sqlx::MySqlConnection::connect(&admin).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        skip(&format!("MySQL/MariaDB at {admin} unreachable: {e}"));
+                        return None;
+                    }
+                };
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&mut conn)
+                    .await
+                    .expect("create database");
+                let url = replace_db(&admin, &name);
+                Some(TestDb {
+                    url,
+                    cleanup: Some((db, admin, name)),
+                    _dir: None,
+                })
+            }
+        }
+    }
+}
+
+fn replace_db(url: &str, name: &str) -> String {
+    let mut u = url::Url::parse(url).expect("database url");
+    u.set_path(name);
+    u.to_string()
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some((db, admin, name)) = self.cleanup.take() else {
+            return;
+        };
+        // Drop runs inside a runtime; do the async cleanup on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                match db {
+                    Db::Postgres => {
+                        if let Ok(mut c) = sqlx::PgConnection::connect(&admin).await {
+                            let _ = sqlx::query(&format!(
+                                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                            ))
+                            .execute(&mut c)
+                            .await;
+                        }
+                    }
+                    Db::MySql => {
+                        if let Ok(mut c) = sqlx::MySqlConnection::connect(&admin).await {
+                            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+                                .execute(&mut c)
+                                .await;
+                        }
+                    }
+                    Db::Sqlite => {}
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The shared Redis (from `PROXYFLEET_TEST_REDIS_URL`, default 127.0.0.1:6379), or `None` with a printed skip.
+pub async fn shared_redis() -> Option<String> {
+    let url = env_or("PROXYFLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379");
+    let ok = async {
+        let client = redis::Client::open(url.as_str()).ok()?;
+        let mut c = client.get_multiplexed_async_connection().await.ok()?;
+        redis::cmd("PING").query_async::<String>(&mut c).await.ok()
+    };
+    match tokio::time::timeout(Duration::from_secs(2), ok).await {
+        Ok(Some(_)) => Some(url),
+        _ => {
+            skip(&format!("Redis at {url} unreachable"));
+            None
+        }
+    }
+}
+
+/// A private `redis-server` on a free port, which a test may pause, stop and restart.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> Option<RedisServer> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_err()
+        {
+            skip("redis-server binary not found");
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let mut r = RedisServer { port, child: None };
+        r.restart();
+        Some(r)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Start (again) on the same port and wait until it answers.
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Freeze the process (SIGSTOP): connections stay open but nothing answers, the worst case for a client.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig} {pid} failed");
+    }
+
+    pub async fn keys(&self, pattern: &str) -> Vec<String> {
+        let client = redis::Client::open(self.url()).expect("url");
+        let mut c = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(&mut c)
+            .await
+            .expect("KEYS")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
+        }
+        self.stop();
+    }
+}
+
+/// What a test server should look like.
+pub struct Opts {
+    pub db: Db,
+    pub redis: Option<String>,
+    pub raw: RawConfig,
+}
+
+impl Opts {
+    pub fn new(db: Db) -> Self {
+        Opts {
+            db,
+            redis: None,
+            raw: RawConfig::default(),
+        }
+    }
+}
+
+/// A real server on 127.0.0.1:0 with its own database, data directory and manual clock.
+pub struct TestServer {
+    pub base: String,
+    pub clock: ManualClock,
+    pub http: reqwest::Client,
+    pub running: Option<RunningServer>,
+    pub redis_prefix: String,
+    pub data_dir: tempfile::TempDir,
+    pub db: TestDb,
+}
+
+pub const ADMIN_PASSWORD: &str = "Corr3ct-Horse-Battery";
+
+impl TestServer {
+    /// `None` when a needed service is unavailable (the skip has been printed).
+    pub async fn start(opts: Opts) -> Option<TestServer> {
+        let db = TestDb::create(opts.db).await?;
+        let data_dir = tempfile::tempdir().expect("tempdir");
+        let prefix = format!("pftest:{}:", uuid::Uuid::new_v4().simple());
+        let raw = RawConfig {
+            data_dir: Some(data_dir.path().to_owned()),
+            listen: Some("127.0.0.1:0".parse().expect("addr")),
+            database_url: Some(Secret::new(db.url.clone())),
+            redis_addr: opts.redis.clone(),
+            redis_prefix: Some(prefix.clone()),
+            shutdown_timeout_secs: Some(2),
+            ..RawConfig::default()
+        };
+        let config = ServeConfig::resolve(opts.raw.overlay(raw)).expect("config");
+        let clock = ManualClock::default();
+        let running = proxyfleet::server::start(
+            config,
+            ServeOptions {
+                clock: Arc::new(clock.clone()),
+            },
+        )
+        .await
+        .expect("server starts");
+        let base = format!("http://{}", running.addr);
+        if opts.redis.is_some() {
+            // Wait (bounded) for the background connection so that tests exercise the Redis path.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !running.state.redis.as_ref().is_some_and(|r| r.is_up())
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Some(TestServer {
+            base,
+            clock,
+            http: reqwest::Client::builder()
+                .user_agent("proxyfleet-tests/1")
+                .build()
+                .expect("client"),
+            running: Some(running),
+            redis_prefix: prefix,
+            data_dir,
+            db,
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.running.as_ref().expect("running").store
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn create_operator(&self, username: &str, password: &str, role: Role) -> Operator {
+        let r = self.running.as_ref().expect("running");
+        r.state
+            .auth
+            .create_operator(username, password, role)
+            .await
+            .expect("create operator")
+    }
+
+    /// Create an admin `admin` and return a token for it.
+    pub async fn admin_token(&self) -> String {
+        self.create_operator("admin", ADMIN_PASSWORD, Role::Admin)
+            .await;
+        self.login("admin", ADMIN_PASSWORD).await
+    }
+
+    pub async fn try_login(&self, username: &str, password: &str) -> reqwest::Response {
+        self.http
+            .post(self.url("/api/v1.0/auth/login"))
+            .json(&serde_json::json!({"username": username, "password": password}))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn login(&self, username: &str, password: &str) -> String {
+        let resp = self.try_login(username, password).await;
+        assert_eq!(resp.status(), 200, "login as {username}");
+        let v: Value = resp.json().await.expect("json");
+        v["token"].as_str().expect("token").to_owned()
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn delete(&self, path: &str, token: &str) -> reqwest::Response {
+        self.http
+            .delete(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(r) = &self.running {
+            r.cancel_token().cancel();
+        }
+    }
+}
+
+/// The body of an error response, checked to be `{"error": "..."}` and nothing else.
+pub async fn error_of(resp: reqwest::Response) -> String {
+    let v: Value = resp.json().await.expect("error body is JSON");
+    let obj = v.as_object().expect("error body is an object");
+    assert_eq!(obj.len(), 1, "error body has only `error`: {v}");
+    obj["error"].as_str().expect("error is a string").to_owned()
+}
+
+/// Generate `#[tokio::test]`s named `sqlite`, `postgres` and `mysql` in a module named after the test function.
+#[macro_export]
+macro_rules! on_all_databases {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() { super::$name(common::Db::Sqlite).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() { super::$name(common::Db::Postgres).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mysql() { super::$name(common::Db::MySql).await }
+        }
+    )*};
+}
