@@ -195,6 +195,23 @@ impl Store {
     }
 }
 
+/// Create the SQLite file readable by its owner only (SQLite gives its -wal and -shm files the same mode).
+fn create_private_file(url: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:");
+    let path = path.split('?').next().unwrap_or_default();
+    if path.is_empty() || path == ":memory:" {
+        return;
+    }
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
+}
+
 /// A new time-ordered id (UUIDv7 as text).
 pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()

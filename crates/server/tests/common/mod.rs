@@ -324,7 +324,9 @@ impl TestServer {
             shutdown_timeout_secs: Some(2),
             ..RawConfig::default()
         };
-        let config = ServeConfig::resolve(opts.raw.overlay(raw)).expect("config");
+        // The test's own settings win over the harness defaults.
+        let prefix = opts.raw.redis_prefix.clone().unwrap_or(prefix);
+        let config = ServeConfig::resolve(raw.overlay(opts.raw)).expect("config");
         let clock = ManualClock::default();
         let running = proxyfleet::server::start(
             config,

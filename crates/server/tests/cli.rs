@@ -1,0 +1,336 @@
+//! The `proxyfleet` binary as an operator runs it: first run, configuration sources, `operator create`,
+//! secrets kept out of output, graceful shutdown on SIGTERM.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_proxyfleet");
+
+/// A running `proxyfleet serve`, with its output collected line by line.
+struct Serve {
+    child: Child,
+    stdout: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+    seen_out: Vec<String>,
+    seen_err: Vec<String>,
+}
+
+fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+impl Serve {
+    fn spawn(cmd: &mut Command) -> Serve {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn proxyfleet");
+        let stdout = lines(child.stdout.take().unwrap());
+        let stderr = lines(child.stderr.take().unwrap());
+        Serve {
+            child,
+            stdout,
+            stderr,
+            seen_out: vec![],
+            seen_err: vec![],
+        }
+    }
+
+    /// Wait for the JSON log line announcing the listener and return its address.
+    fn addr(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(line) = self.stderr.recv_timeout(Duration::from_millis(100)) {
+                self.seen_err.push(line.clone());
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["fields"]["message"] == "API and dashboard listening" {
+                        return v["fields"]["addr"].as_str().unwrap().to_owned();
+                    }
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("server exited early with {status}: {:?}", self.seen_err);
+            }
+        }
+        panic!("server never announced its address: {:?}", self.seen_err);
+    }
+
+    fn drain(&mut self) {
+        while let Ok(l) = self.stdout.recv_timeout(Duration::from_millis(200)) {
+            self.seen_out.push(l);
+        }
+        while let Ok(l) = self.stderr.try_recv() {
+            self.seen_err.push(l);
+        }
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                self.drain();
+                return status;
+            }
+            assert!(Instant::now() < deadline, "no exit within 10 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A command with a clean environment apart from PATH, so the developer's own variables cannot leak in.
+fn proxyfleet(args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info");
+    c
+}
+
+fn create_operator(dir: &std::path::Path, username: &str, password: &str) -> std::process::Output {
+    let mut child = proxyfleet(&[
+        "operator",
+        "create",
+        "--username",
+        username,
+        "--password-stdin",
+    ])
+    .env("PROXYFLEET_DATA_DIR", dir)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn first_run_prints_a_setup_link_generates_secrets_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Settings through the PROXYFLEET_* environment twins.
+    let mut s = Serve::spawn(
+        proxyfleet(&["serve", "--log-format", "json"])
+            .env("PROXYFLEET_DATA_DIR", &data)
+            .env("PROXYFLEET_LISTEN", "127.0.0.1:0"),
+    );
+    let addr = s.addr();
+    let ready = Command::new("curl")
+        .args(["-sf", &format!("http://{addr}/readyz")])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&ready.stdout).contains("\"ready\""));
+    let secret = data.join("jwt_secret");
+    assert_eq!(
+        std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(&data).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    assert!(std::fs::read_to_string(&secret).unwrap().len() >= 32);
+    let db = data.join("proxyfleet.db");
+    assert_eq!(
+        std::fs::metadata(&db).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "SQLite is the default store, private"
+    );
+
+    let status = s.terminate();
+    assert!(status.success(), "graceful exit on SIGTERM: {status}");
+    let out = s.seen_out.join("\n");
+    let link = out
+        .lines()
+        .find(|l| l.contains("/setup#"))
+        .unwrap_or_else(|| panic!("no setup link in {out:?}"));
+    let token = link.rsplit('#').next().unwrap();
+    assert!(token.len() >= 40, "setup token has 256 bits: {token}");
+    assert!(
+        !s.seen_err.join("\n").contains(token),
+        "the setup token is printed, never logged"
+    );
+    assert!(s.seen_err.iter().any(|l| l.contains("shut down")));
+
+    // The secret is kept across restarts.
+    let before = std::fs::read_to_string(&secret).unwrap();
+    let mut again = Serve::spawn(
+        proxyfleet(&["serve", "--log-format", "json", "--listen", "127.0.0.1:0"])
+            .env("PROXYFLEET_DATA_DIR", &data),
+    );
+    again.addr();
+    again.terminate();
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), before);
+}
+
+#[test]
+fn short_jwt_secret_stops_startup_without_printing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = proxyfleet(&["serve", "--listen", "127.0.0.1:0"])
+        .env("PROXYFLEET_DATA_DIR", dir.path())
+        .env("JWT_SECRET", "tooshort-S3CR3T")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("JWT_SECRET") && err.contains("at least 32 bytes"),
+        "{err}"
+    );
+    assert!(!err.contains("tooshort-S3CR3T"), "secret printed: {err}");
+}
+
+#[test]
+fn config_file_is_read_and_overridden_by_environment_and_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("proxyfleet.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = \"{}\"\nlisten = \"127.0.0.1:1\"\nsession_idle_timeout_secs = 0\n",
+            dir.path().join("d").display()
+        ),
+    )
+    .unwrap();
+    // The file's invalid setting is reported by name…
+    let out = proxyfleet(&["serve", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("session_idle_timeout_secs"));
+    // …and a flag overrides it; the environment overrides the file's listen address, the flag overrides both.
+    let mut s = Serve::spawn(
+        proxyfleet(&[
+            "serve",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--session-idle-timeout-secs",
+            "60",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .env("PROXYFLEET_LISTEN", "127.0.0.1:2"),
+    );
+    let addr = s.addr();
+    assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":1") && !addr.ends_with(":2"));
+    assert!(
+        dir.path().join("d/proxyfleet.db").exists(),
+        "data_dir from the file is used"
+    );
+    s.terminate();
+
+    std::fs::write(&cfg, "listne = \"127.0.0.1:1\"\n").unwrap();
+    let out = proxyfleet(&["serve", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `listne`"));
+}
+
+#[test]
+fn operator_create_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let weak = create_operator(dir.path(), "root_op", "Password1!");
+    assert!(!weak.status.success());
+    assert!(String::from_utf8_lossy(&weak.stderr).contains("too common"));
+
+    let ok = create_operator(dir.path(), "root_op", "Gr4nite-Lantern-Seven");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("created operator root_op (admin)"));
+    let second = create_operator(dir.path(), "helper", "Gr4nite-Lantern-Eight");
+    assert!(String::from_utf8_lossy(&second.stdout).contains("(operator)"));
+    let dup = create_operator(dir.path(), "ROOT_OP", "Gr4nite-Lantern-Seven");
+    assert!(String::from_utf8_lossy(&dup.stderr).contains("already exists"));
+
+    let no_stdin = proxyfleet(&["operator", "create", "--username", "x_y_z"])
+        .env("PROXYFLEET_DATA_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&no_stdin.stderr).contains("--password-stdin"));
+
+    // The server now has an operator: no setup link, and the password works; secrets stay out of the logs.
+    let mut s = Serve::spawn(
+        proxyfleet(&["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+            .env("PROXYFLEET_DATA_DIR", dir.path())
+            .env("JWT_SECRET", "J".repeat(20) + "-unique-jwt-secret-value")
+            .env("REDIS_ADDR", "127.0.0.1:1")
+            .env("REDIS_PASSWORD", "unique-redis-password"),
+    );
+    let addr = s.addr();
+    let login = |pw: &str| {
+        Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                "content-type: application/json",
+                "-d",
+            ])
+            .arg(format!(
+                "{{\"username\":\"root_op\",\"password\":\"{pw}\"}}"
+            ))
+            .arg(format!("http://{addr}/api/v1.0/auth/login"))
+            .output()
+            .unwrap()
+    };
+    assert_eq!(
+        String::from_utf8_lossy(&login("Gr4nite-Lantern-Seven").stdout),
+        "200"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&login("Leaky-Guess-Passw0rd").stdout),
+        "401"
+    );
+    s.terminate();
+    let all = format!("{}\n{}", s.seen_out.join("\n"), s.seen_err.join("\n"));
+    assert!(!all.contains("/setup#"));
+    assert!(
+        all.contains("login failed") && all.contains("bad_password"),
+        "failed logins are logged: {all}"
+    );
+    for secret in [
+        "unique-jwt-secret-value",
+        "unique-redis-password",
+        "Leaky-Guess-Passw0rd",
+        "Gr4nite-Lantern-Seven",
+    ] {
+        assert!(!all.contains(secret), "{secret} appeared in the output");
+    }
+}
