@@ -105,6 +105,9 @@ impl Store {
             }
             _ => Cow::Borrowed(url),
         };
+        if backend == Backend::Sqlite {
+            create_private_file(&url);
+        }
         let mut options =
             AnyConnectOptions::from_str(&url).map_err(|source| StoreError::Connect {
                 backend: backend.name(),
