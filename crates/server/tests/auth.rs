@@ -1,5 +1,7 @@
 //! Operator auth through the real HTTP API, on each database.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};

@@ -1,6 +1,8 @@
 //! The `proxyfleet` binary as an operator runs it: first run, configuration sources, `operator create`,
 //! secrets kept out of output, graceful shutdown on SIGTERM.
 
+#![allow(clippy::unwrap_used)]
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, Stdio};

@@ -1,5 +1,7 @@
 //! Sessions and limits with Redis: the fast path, and what happens when Redis freezes, dies and comes back.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};

@@ -1,5 +1,7 @@
 //! The store on all three databases: the same tests, each on a fresh database.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::{Db, TestDb};

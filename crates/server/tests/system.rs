@@ -1,5 +1,7 @@
 //! Health, readiness, metrics, the OpenAPI document and client-address handling.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::{Db, Opts, TestServer, ADMIN_PASSWORD};

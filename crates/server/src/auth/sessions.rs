@@ -248,7 +248,8 @@ impl Sessions {
         self.store
             .revoke_session(&row.operator_id, &row.id, now, reason)
             .await?;
-        self.forget(&[row.jti.clone()], row.expires_at - now).await;
+        self.forget(std::slice::from_ref(&row.jti), row.expires_at - now)
+            .await;
         Ok(())
     }
 

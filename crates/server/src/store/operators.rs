@@ -175,7 +175,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(self.operator_by_id(&id).await?)
+        self.operator_by_id(&id).await
     }
 
     pub async fn operator_by_username(
