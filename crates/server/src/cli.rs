@@ -40,10 +40,10 @@ pub enum OperatorCommand {
         #[arg(long, env = "PROXYFLEET_USERNAME")]
         username: String,
         /// Read the password from standard input (required: passwords are never taken as arguments).
-        #[arg(long)]
+        #[arg(long, env = "PROXYFLEET_PASSWORD_STDIN")]
         password_stdin: bool,
         /// Role of a non-first operator.
-        #[arg(long, value_parser = parse_role, default_value = "operator")]
+        #[arg(long, env = "PROXYFLEET_ROLE", value_parser = parse_role, default_value = "operator")]
         role: Role,
     },
 }

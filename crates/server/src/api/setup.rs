@@ -46,7 +46,10 @@ async fn setup(
 ) -> Result<(StatusCode, Json<TokenResponse>), ApiError> {
     const REFUSED: ApiError =
         ApiError::Forbidden("setup token is invalid, already used or expired");
-    if req.token.len() > 128 {
+    let token_hash = setup_token_hash(&req.token);
+    // Check the token before spending a bcrypt hash on the request.
+    let now = state.auth.clock.now_ms();
+    if req.token.len() > 128 || !state.store.setup_token_valid(&token_hash, now).await? {
         return Err(REFUSED);
     }
     let (name, hash) = state
@@ -56,7 +59,7 @@ async fn setup(
     let op = state
         .store
         .create_first_operator(
-            &setup_token_hash(&req.token),
+            &token_hash,
             NewOperator {
                 username: &name,
                 password_hash: &hash,

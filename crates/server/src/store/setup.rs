@@ -27,3 +27,17 @@ impl Store {
         Ok(())
     }
 }
+
+impl Store {
+    /// True when `token_hash` names an unexpired setup token. A cheap check before any password hashing.
+    pub async fn setup_token_valid(&self, token_hash: &str, now: i64) -> Result<bool, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            &self.sql("SELECT COUNT(*) FROM setup_tokens WHERE token_hash = ? AND expires_at > ?"),
+        )
+        .bind(token_hash)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n > 0)
+    }
+}
