@@ -59,15 +59,7 @@ async fn setup_creates_the_first_admin_once(db: Db) {
         .unwrap();
     assert_eq!(r.status(), 403);
     // The setup page is served.
-    let page = s
-        .http
-        .get(s.url("/setup"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = s.text("/setup").await;
     assert!(page.contains("Create the first operator"));
 }
 
@@ -348,15 +340,7 @@ async fn lockout_after_repeated_failures(db: Db) {
         assert_eq!(s.try_login("ghost", "Wrong-Passw0rd!").await.status(), 401);
     }
     assert_eq!(s.try_login("ghost", "Wrong-Passw0rd!").await.status(), 429);
-    let metrics = s
-        .http
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.text("/metrics").await;
     assert!(
         metrics.contains("proxyfleet_login_failures_total{reason=\"locked_out\"} 3"),
         "{metrics}"

@@ -12,15 +12,7 @@ use serde_json::{json, Value};
 async fn wait_for_redis(s: &TestServer, up: bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let v: Value = s
-            .http
-            .get(s.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = s.json("/readyz").await;
         if v["redis"] == if up { "up" } else { "down" } {
             return;
         }

@@ -12,15 +12,7 @@ async fn health_readiness_and_metrics() {
     let Some(s) = TestServer::start(Opts::new(Db::Sqlite)).await else {
         return;
     };
-    let h: Value = s
-        .http
-        .get(s.url("/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h: Value = s.json("/healthz").await;
     assert_eq!(h["status"], "ok");
     let r = s.http.get(s.url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -40,15 +32,7 @@ async fn health_readiness_and_metrics() {
         200
     );
 
-    let m = s
-        .http
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = s.text("/metrics").await;
     assert!(
         m.contains(
             "proxyfleet_http_requests_total{method=\"GET\",route=\"/readyz\",status=\"503\"} 1"
@@ -66,15 +50,7 @@ async fn openapi_document_describes_every_endpoint() {
     let Some(s) = TestServer::start(Opts::new(Db::Sqlite)).await else {
         return;
     };
-    let doc: Value = s
-        .http
-        .get(s.url("/api/v1.0/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = s.json("/api/v1.0/openapi.json").await;
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     let paths = doc["paths"].as_object().unwrap();
     let expected = [

@@ -14,7 +14,6 @@ pub use sessions::{NewSession, SessionRow};
 
 use std::borrow::Cow;
 use std::str::FromStr;
-use std::sync::Once;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
@@ -88,12 +87,10 @@ pub struct Store {
     backend: Backend,
 }
 
-static DRIVERS: Once = Once::new();
-
 impl Store {
     /// Connect and run the migrations. For SQLite the file is created if missing and put in WAL mode.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        sqlx::any::install_default_drivers();
         let backend = Backend::from_url(url)?;
         let url = match backend {
             Backend::Sqlite if !url.contains("mode=") => {

@@ -48,64 +48,44 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn create(db: Db) -> Option<TestDb> {
-        let name = format!("pf_test_{}", uuid::Uuid::new_v4().simple());
-        match db {
+        let admin = match db {
             Db::Sqlite => {
                 let dir = tempfile::tempdir().expect("tempdir");
                 let url = format!("sqlite://{}", dir.path().join("test.db").display());
-                Some(TestDb {
+                return Some(TestDb {
                     url,
                     cleanup: None,
                     _dir: Some(dir),
-                })
+                });
             }
-            Db::Postgres => {
-                let admin = env_or(
-                    "PROXYFLEET_TEST_POSTGRES_URL",
-                    "postgres://root@127.0.0.1:5432/test",
-                );
-                let mut conn = match sqlx::PgConnection::connect(&admin).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        skip(&format!("PostgreSQL at {admin} unreachable: {e}"));
-                        return None;
-                    }
-                };
-                sqlx::query(&format!("CREATE DATABASE {name}"))
-                    .execute(&mut conn)
-                    .await
-                    .expect("create database");
-                let url = replace_db(&admin, &name);
-                Some(TestDb {
-                    url,
-                    cleanup: Some((db, admin, name)),
-                    _dir: None,
-                })
+            Db::Postgres => env_or(
+                "PROXYFLEET_TEST_POSTGRES_URL",
+                "postgres://root@127.0.0.1:5432/test",
+            ),
+            Db::MySql => env_or(
+                "PROXYFLEET_TEST_MYSQL_URL",
+                "mysql://root@127.0.0.1:3306/test",
+            ),
+        };
+        sqlx::any::install_default_drivers();
+        let mut conn = match sqlx::AnyConnection::connect(&admin).await {
+            Ok(c) => c,
+            Err(e) => {
+                skip(&format!("{db:?} at {admin} unreachable: {e}"));
+                return None;
             }
-            Db::MySql => {
-                let admin = env_or(
-                    "PROXYFLEET_TEST_MYSQL_URL",
-                    "mysql://root@127.0.0.1:3306/test",
-                );
-                let mut conn = match sqlx::MySqlConnection::connect(&admin).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        skip(&format!("MySQL/MariaDB at {admin} unreachable: {e}"));
-                        return None;
-                    }
-                };
-                sqlx::query(&format!("CREATE DATABASE {name}"))
-                    .execute(&mut conn)
-                    .await
-                    .expect("create database");
-                let url = replace_db(&admin, &name);
-                Some(TestDb {
-                    url,
-                    cleanup: Some((db, admin, name)),
-                    _dir: None,
-                })
-            }
-        }
+        };
+        let name = format!("pf_test_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create database");
+        let url = replace_db(&admin, &name);
+        Some(TestDb {
+            url,
+            cleanup: Some((db, admin, name)),
+            _dir: None,
+        })
     }
 }
 
@@ -127,24 +107,15 @@ impl Drop for TestDb {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                match db {
-                    Db::Postgres => {
-                        if let Ok(mut c) = sqlx::PgConnection::connect(&admin).await {
-                            let _ = sqlx::query(&format!(
-                                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                            ))
-                            .execute(&mut c)
-                            .await;
-                        }
-                    }
-                    Db::MySql => {
-                        if let Ok(mut c) = sqlx::MySqlConnection::connect(&admin).await {
-                            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
-                                .execute(&mut c)
-                                .await;
-                        }
-                    }
-                    Db::Sqlite => {}
+                let force = if db == Db::Postgres {
+                    " WITH (FORCE)"
+                } else {
+                    ""
+                };
+                if let Ok(mut c) = sqlx::AnyConnection::connect(&admin).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}{force}"))
+                        .execute(&mut c)
+                        .await;
                 }
             });
         })
@@ -398,6 +369,18 @@ impl TestServer {
         assert_eq!(resp.status(), 200, "login as {username}");
         let v: Value = resp.json().await.expect("json");
         v["token"].as_str().expect("token").to_owned()
+    }
+
+    /// Unauthenticated GET, body as text.
+    pub async fn text(&self, path: &str) -> String {
+        let r = self.http.get(self.url(path)).send().await.expect("request");
+        r.text().await.expect("body")
+    }
+
+    /// Unauthenticated GET, body as JSON.
+    pub async fn json(&self, path: &str) -> Value {
+        let r = self.http.get(self.url(path)).send().await.expect("request");
+        r.json().await.expect("JSON body")
     }
 
     pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
