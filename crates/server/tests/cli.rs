@@ -336,3 +336,52 @@ fn operator_create_from_the_command_line() {
         assert!(!all.contains(secret), "{secret} appeared in the output");
     }
 }
+
+mod common;
+
+/// The seed's `DB_*` variables (no URL, no driver: port 5432 means PostgreSQL) reach a real PostgreSQL database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_db_variables_reach_postgresql() {
+    let Some(db) = common::TestDb::create(common::Db::Postgres).await else {
+        return;
+    };
+    let url = url::Url::parse(&db.url).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = proxyfleet(&["operator", "create", "--username", "pg_admin"])
+        .env("PROXYFLEET_DATA_DIR", dir.path())
+        .env("PROXYFLEET_PASSWORD_STDIN", "true")
+        .env("DB_HOST", url.host_str().unwrap())
+        .env("DB_PORT", url.port().unwrap_or(5432).to_string())
+        .env("DB_USER", url.username())
+        .env("DB_NAME", url.path().trim_start_matches('/'))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Gr4nite-Lantern-Seven\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !dir.path().join("proxyfleet.db").exists(),
+        "no SQLite file when DB_HOST is set"
+    );
+    let store = proxyfleet::store::Store::connect(&db.url, 1).await.unwrap();
+    let op = store
+        .operator_by_username("pg_admin")
+        .await
+        .unwrap()
+        .expect("operator in PostgreSQL");
+    assert_eq!(op.role, proxyfleet::store::Role::Admin);
+    assert!(op.password_hash.starts_with("$2b$12$"));
+    store.close().await;
+}
