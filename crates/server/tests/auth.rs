@@ -348,6 +348,20 @@ async fn lockout_after_repeated_failures(db: Db) {
     assert!(metrics.contains("proxyfleet_login_failures_total{reason=\"unknown_user\"} 5"));
 }
 
+async fn parallel_guesses_get_no_more_than_the_allowance(db: Db) {
+    let Some(s) = server(db).await else { return };
+    s.admin_token().await;
+    let burst = common::parallel_wrong_logins(&s, "admin", 30).await;
+    assert_eq!(
+        burst.get(&401).copied().unwrap_or(0),
+        5,
+        "only the allowance is verified: {burst:?}"
+    );
+    assert_eq!(burst.get(&429).copied().unwrap_or(0), 25, "{burst:?}");
+    let r = s.try_login("admin", ADMIN_PASSWORD).await;
+    assert_eq!(r.status(), 429, "and then the account is locked");
+}
+
 async fn unknown_user_and_wrong_password_look_the_same(db: Db) {
     let Some(s) = server(db).await else { return };
     s.admin_token().await;
@@ -609,6 +623,7 @@ on_all_databases!(
     change_password_rules_and_revocation,
     idle_timeout_slides_within_the_absolute_limit,
     lockout_after_repeated_failures,
+    parallel_guesses_get_no_more_than_the_allowance,
     unknown_user_and_wrong_password_look_the_same,
     bodies_are_bounded_and_errors_are_json,
     operators_cannot_see_or_revoke_each_other,

@@ -149,18 +149,13 @@ async fn lockouts_are_shared_through_redis() {
     assert!(r.headers().contains_key("retry-after"));
 
     // A session revoked on one node is dead on the other at once, through the shared cache and tombstones.
-    two.running
-        .as_ref()
-        .unwrap()
-        .state
-        .auth
-        .limiter
-        .record_success(&proxyfleet::auth::limiter::LimitKeys::new(
-            "admin",
-            "127.0.0.1",
-        ))
-        .await;
-    let token = two.login("admin", ADMIN_PASSWORD).await;
+    one.create_operator(
+        "second_op",
+        "S3cond-Op-Phrase",
+        proxyfleet::store::Role::Operator,
+    )
+    .await;
+    let token = two.login("second_op", "S3cond-Op-Phrase").await;
     assert_eq!(
         one.get("/api/v1.0/auth/sessions", &token).await.status(),
         200
@@ -225,4 +220,25 @@ async fn idle_timeout_and_password_change_on_the_redis_path() {
         401,
         "a cached session of the same operator ends too"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_parallel_guesses_gets_no_more_than_the_allowance_through_redis() {
+    let Some(url) = common::shared_redis().await else {
+        return;
+    };
+    let mut opts = Opts::new(Db::Sqlite);
+    opts.redis = Some(url);
+    let Some(s) = TestServer::start(opts).await else {
+        return;
+    };
+    s.create_operator("admin", ADMIN_PASSWORD, proxyfleet::store::Role::Admin)
+        .await;
+    let burst = common::parallel_wrong_logins(&s, "admin", 30).await;
+    assert_eq!(
+        burst.get(&401).copied().unwrap_or(0),
+        5,
+        "exactly the allowance is verified: {burst:?}"
+    );
+    assert_eq!(burst.get(&429).copied().unwrap_or(0), 25, "{burst:?}");
 }

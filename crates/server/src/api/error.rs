@@ -120,6 +120,7 @@ impl From<AuthError> for ApiError {
             }
             AuthError::NoOperator => ApiError::Unauthorized,
             AuthError::Store(s) => s.into(),
+            AuthError::Hash(crate::auth::password::HashError::Busy) => ApiError::Unavailable,
             e @ (AuthError::Hash(_) | AuthError::Session(_)) => ApiError::internal(e),
         }
     }

@@ -79,40 +79,47 @@ impl Auth {
         user_agent: &str,
     ) -> Result<Issued, AuthError> {
         let keys = LimitKeys::new(username, ip);
-        if let Some(retry) = self.limiter.check(&keys).await {
-            return Err(AuthError::Login(LoginFailure::LockedOut, Some(retry)));
+        let attempt = match self.limiter.begin(&keys).await {
+            Ok(a) => a,
+            Err(retry) => return Err(AuthError::Login(LoginFailure::LockedOut, Some(retry))),
+        };
+        let judged = self.judge(username, password).await;
+        match judged {
+            Err(e) => {
+                self.limiter.release(&keys, attempt).await;
+                Err(e)
+            }
+            Ok(Ok(op)) => {
+                self.limiter.succeeded(&keys, attempt).await;
+                Ok(self.sessions.create(&op, ip, user_agent).await?)
+            }
+            Ok(Err(failure)) => {
+                self.limiter.failed(&keys, attempt).await;
+                Err(AuthError::Login(failure, None))
+            }
         }
+    }
+
+    /// The operator these credentials prove, or why they prove nothing.
+    async fn judge(
+        &self,
+        username: &str,
+        password: &str,
+    ) -> Result<Result<Operator, LoginFailure>, AuthError> {
         let op = match password::normalize_username(username) {
             Ok(name) => self.store.operator_by_username(&name).await?,
             Err(_) => None,
         };
-        let failure = match &op {
-            None => {
-                self.hasher.verify_dummy().await;
-                Some(LoginFailure::UnknownUser)
-            }
-            Some(op) => {
-                let ok = self.hasher.verify(password, &op.password_hash).await?;
-                match (ok, op.disabled_at) {
-                    (false, _) => Some(LoginFailure::BadPassword),
-                    (true, Some(_)) => Some(LoginFailure::Disabled),
-                    (true, None) => None,
-                }
-            }
+        let Some(op) = op else {
+            self.hasher.verify_dummy().await;
+            return Ok(Err(LoginFailure::UnknownUser));
         };
-        match (failure, op) {
-            (None, Some(op)) => {
-                self.limiter.record_success(&keys).await;
-                Ok(self.sessions.create(&op, ip, user_agent).await?)
-            }
-            (failure, _) => {
-                self.limiter.record_failure(&keys).await;
-                Err(AuthError::Login(
-                    failure.unwrap_or(LoginFailure::UnknownUser),
-                    None,
-                ))
-            }
-        }
+        let ok = self.hasher.verify(password, &op.password_hash).await?;
+        Ok(match (ok, op.disabled_at) {
+            (false, _) => Err(LoginFailure::BadPassword),
+            (true, Some(_)) => Err(LoginFailure::Disabled),
+            (true, None) => Ok(op),
+        })
     }
 
     /// Change the caller's password: needs the current one, refuses the same one, ends every session of the
@@ -131,12 +138,17 @@ impl Auth {
             .await?
             .ok_or(AuthError::NoOperator)?;
         let keys = LimitKeys::new(&op.username, ip);
-        if let Some(retry) = self.limiter.check(&keys).await {
-            return Err(AuthError::Locked(retry));
-        }
-        if !self.hasher.verify(current, &op.password_hash).await? {
-            self.limiter.record_failure(&keys).await;
-            return Err(AuthError::WrongCurrentPassword);
+        let attempt = self.limiter.begin(&keys).await.map_err(AuthError::Locked)?;
+        match self.hasher.verify(current, &op.password_hash).await {
+            Err(e) => {
+                self.limiter.release(&keys, attempt).await;
+                return Err(e.into());
+            }
+            Ok(false) => {
+                self.limiter.failed(&keys, attempt).await;
+                return Err(AuthError::WrongCurrentPassword);
+            }
+            Ok(true) => self.limiter.succeeded(&keys, attempt).await,
         }
         if current == new {
             return Err(AuthError::SamePassword);

@@ -9,6 +9,8 @@ pub const BCRYPT_COST: u32 = 12;
 /// bcrypt only reads 72 bytes; longer passwords are refused rather than silently truncated.
 pub const MAX_PASSWORD_BYTES: usize = 72;
 pub const MIN_PASSWORD_CHARS: usize = 8;
+/// Longest wait for a hashing slot before giving up with "busy".
+pub const HASH_QUEUE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Which rule a password broke. The message is safe to show to the user.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,8 +75,9 @@ pub fn check_password(
 const BLOCKLIST: &str = include_str!("common_passwords.txt");
 
 fn is_common(lower: &str) -> bool {
-    let core = unleet(lower.trim_end_matches(|c: char| !c.is_alphabetic()));
-    let core = core.trim_start_matches(|c: char| !c.is_alphabetic());
+    let not_letter = |c: char| !c.is_alphabetic();
+    let core = unleet(lower.trim_matches(not_letter));
+    let core = core.trim_matches(not_letter);
     BLOCKLIST
         .lines()
         .map(str::trim)
@@ -119,6 +122,8 @@ pub enum HashError {
     TooLong,
     #[error("bcrypt failed")]
     Bcrypt(#[source] bcrypt::BcryptError),
+    #[error("too many password checks queued")]
+    Busy,
     #[error("hasher is shut down")]
     Closed,
     #[error("hashing task failed")]
@@ -216,6 +221,10 @@ mod tests {
             ("Password1!", Err(PolicyError::Common)),
             ("P@ssw0rd1", Err(PolicyError::Common)),
             ("Welcome1!", Err(PolicyError::Common)),
+            ("1Password!", Err(PolicyError::Common)),
+            ("!Password1", Err(PolicyError::Common)),
+            ("@Welcome1", Err(PolicyError::Common)),
+            ("2024Welcome!", Err(PolicyError::Common)),
             ("Qwerty123!", Err(PolicyError::Common)),
             ("Xalice_ops9!", Err(PolicyError::ContainsUsername)),
             ("Tr4vel-Kettle-Moss", Ok(())),

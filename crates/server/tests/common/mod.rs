@@ -449,3 +449,32 @@ macro_rules! on_all_databases {
         }
     )*};
 }
+
+/// Fire `n` wrong-password logins for `username` at once; count the answers by status.
+pub async fn parallel_wrong_logins(
+    s: &TestServer,
+    username: &str,
+    n: usize,
+) -> std::collections::BTreeMap<u16, usize> {
+    let url = s.url("/api/v1.0/auth/login");
+    let body = serde_json::json!({"username": username, "password": "Wrong-Passw0rd!"});
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (http, url, body) = (s.http.clone(), url.clone(), body.clone());
+            tokio::spawn(async move {
+                http.post(&url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("request")
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    let mut counts = std::collections::BTreeMap::new();
+    for t in tasks {
+        *counts.entry(t.await.expect("task")).or_insert(0) += 1;
+    }
+    counts
+}
