@@ -41,7 +41,7 @@ async fn main() {
         data_dir: Some(dir.path().to_owned()),
         listen: Some("127.0.0.1:0".parse().unwrap()),
         database_url: Some(Secret::new(db_url.clone())),
-        redis_addr: std::env::var("BENCH_REDIS_URL").ok(),
+        redis_addr: std::env::var("BENCH_REDIS_URL").ok().map(Secret::new),
         redis_prefix: Some(format!("pfbench:{}:", std::process::id())),
         ..RawConfig::default()
     };

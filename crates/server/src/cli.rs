@@ -78,7 +78,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PROXYFLEET_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// Redis address (host:port or redis:// URL). Also read from `REDIS_ADDR`. Unset: no Redis.
-    #[arg(long, env = "PROXYFLEET_REDIS_ADDR")]
+    #[arg(long, env = "PROXYFLEET_REDIS_ADDR", hide_env_values = true)]
     pub redis_addr: Option<String>,
     /// Prefix of every Redis key. Default `proxyfleet:`.
     #[arg(long, env = "PROXYFLEET_REDIS_PREFIX")]
@@ -113,7 +113,7 @@ impl ServeArgs {
     pub fn to_raw(&self) -> RawConfig {
         RawConfig {
             listen: self.listen,
-            redis_addr: self.redis_addr.clone(),
+            redis_addr: self.redis_addr.clone().map(Secret::new),
             redis_prefix: self.redis_prefix.clone(),
             db_max_connections: self.db_max_connections,
             session_idle_timeout_secs: self.session_idle_timeout_secs,

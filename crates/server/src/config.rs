@@ -74,7 +74,8 @@ pub struct RawConfig {
     pub db_name: Option<String>,
     pub db_max_connections: Option<u32>,
     pub jwt_secret: Option<Secret>,
-    pub redis_addr: Option<String>,
+    /// May be a full URL with a password, hence secret.
+    pub redis_addr: Option<Secret>,
     pub redis_password: Option<Secret>,
     pub redis_prefix: Option<String>,
     pub session_idle_timeout_secs: Option<u64>,
@@ -153,7 +154,7 @@ impl RawConfig {
             db_user: var("DB_USER"),
             db_pass: var("DB_PASS").map(Secret),
             db_name: var("DB_NAME"),
-            redis_addr: var("REDIS_ADDR"),
+            redis_addr: var("REDIS_ADDR").map(Secret),
             redis_password: var("REDIS_PASSWORD").map(Secret),
             ..RawConfig::default()
         })
@@ -241,7 +242,10 @@ impl ServeConfig {
                 ));
             }
         }
-        let redis_url = redis_url(raw.redis_addr.as_deref(), raw.redis_password.as_ref())?;
+        let redis_url = redis_url(
+            raw.redis_addr.as_ref().map(Secret::expose),
+            raw.redis_password.as_ref(),
+        )?;
         let idle = raw.session_idle_timeout_secs.unwrap_or(3600);
         if idle == 0 || idle > 24 * 3600 {
             return Err(invalid(
@@ -254,6 +258,14 @@ impl ServeConfig {
             return Err(invalid("db_max_connections", "must be at least 1"));
         }
         let prefix = raw.redis_prefix.unwrap_or_else(|| "proxyfleet:".to_owned());
+        if prefix.is_empty()
+            || prefix.contains(|c: char| c.is_whitespace() || "*?[]\\^".contains(c))
+        {
+            return Err(invalid(
+                "redis_prefix",
+                "must be non-empty, without spaces or the characters * ? [ ] \\ ^",
+            ));
+        }
         let public_url = raw.public_url.unwrap_or_else(|| format!("http://{listen}"));
         url::Url::parse(&public_url).map_err(|e| invalid("public_url", e.to_string()))?;
         Ok(ServeConfig {
@@ -332,8 +344,12 @@ fn redis_url(addr: Option<&str>, password: Option<&Secret>) -> Result<Option<Sec
         format!("redis://{addr}")
     };
     let mut url = url::Url::parse(&text).map_err(|e| invalid("REDIS_ADDR", format!("{e}")))?;
-    if !matches!(url.scheme(), "redis" | "rediss") {
-        return Err(invalid("REDIS_ADDR", "must be host:port or a redis:// URL"));
+    if url.scheme() != "redis" {
+        // rediss:// (TLS) is not built in; say so instead of failing later with a vague error.
+        return Err(invalid(
+            "REDIS_ADDR",
+            "must be host:port or a redis:// URL (TLS to Redis is not supported)",
+        ));
     }
     if url.host_str().is_none() {
         return Err(invalid("REDIS_ADDR", "has no host"));
@@ -393,10 +409,24 @@ mod tests {
             ),
             (
                 RawConfig {
-                    redis_addr: Some("http://x:1".into()),
+                    redis_addr: Some(Secret::new("http://x:1")),
                     ..Default::default()
                 },
                 "REDIS_ADDR",
+            ),
+            (
+                RawConfig {
+                    redis_addr: Some(Secret::new("rediss://x:1")),
+                    ..Default::default()
+                },
+                "REDIS_ADDR",
+            ),
+            (
+                RawConfig {
+                    redis_prefix: Some("pf*".into()),
+                    ..Default::default()
+                },
+                "redis_prefix",
             ),
             (
                 RawConfig {

@@ -6,7 +6,7 @@
 //! resurrect them. Sessions re-enter the cache from SQL on their next request.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +32,9 @@ struct Inner {
     conn: Mutex<Option<MultiplexedConnection>>,
     up: AtomicBool,
     recovering: AtomicBool,
+    /// Bumped each time Redis comes back (after the cache flush). A cache write prepared under an older
+    /// generation is dropped: it may carry state read before a revocation that only SQL saw.
+    generation: AtomicU64,
     cancel: CancellationToken,
     up_gauge: prometheus::IntGauge,
 }
@@ -56,6 +59,7 @@ impl Redis {
                 conn: Mutex::new(None),
                 up: AtomicBool::new(false),
                 recovering: AtomicBool::new(false),
+                generation: AtomicU64::new(0),
                 cancel,
                 up_gauge,
             }),
@@ -67,6 +71,11 @@ impl Redis {
     /// Full key for `suffix`, under this deployment's prefix.
     pub fn key(&self, suffix: &str) -> String {
         format!("{}{suffix}", self.inner.prefix)
+    }
+
+    /// See [`Inner::generation`]; read it before reading the state you intend to cache.
+    pub fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
     }
 
     pub fn is_up(&self) -> bool {
@@ -123,10 +132,14 @@ impl Redis {
                         if let Ok(mut c) = this.inner.conn.lock() {
                             *c = Some(conn);
                         }
+                        this.inner.generation.fetch_add(1, Ordering::AcqRel);
+                        // Clear the flag before going up: a failure right after must be able to start a new
+                        // recovery task, or Redis would stay marked down for good.
+                        this.inner.recovering.store(false, Ordering::Release);
                         this.inner.up.store(true, Ordering::Release);
                         this.inner.up_gauge.set(1);
                         tracing::info!("redis is reachable; using it for sessions and rate limits");
-                        break;
+                        return;
                     }
                     Err(e) => tracing::debug!(error = %e, "redis still unreachable"),
                 }
@@ -150,7 +163,7 @@ impl Redis {
             .await?;
         redis::cmd("PING").query_async::<String>(&mut conn).await?;
         // Drop every cached session: see the module comment.
-        let pattern = self.key("sess:*");
+        let pattern = format!("{}sess:*", glob_escape(&self.inner.prefix));
         let mut cursor: u64 = 0;
         loop {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -173,5 +186,26 @@ impl Redis {
             cursor = next;
         }
         Ok(conn)
+    }
+}
+
+/// Escape Redis glob characters so that a key prefix matches only itself in `SCAN MATCH`.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn glob_escape_makes_prefixes_literal() {
+        assert_eq!(super::glob_escape("pf[1]:*?"), "pf\\[1\\]:\\*\\?");
+        assert_eq!(super::glob_escape("proxyfleet:"), "proxyfleet:");
     }
 }

@@ -445,6 +445,18 @@ async fn bodies_are_bounded_and_errors_are_json(db: Db) {
     let r = s.http.get(s.url("/no/such/thing")).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(error_of(r).await, "not found");
+    let r = s
+        .http
+        .get(s.url("/api/v1.0/auth/login"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(error_of(r).await, "method not allowed");
+    let token = s.admin_token().await;
+    let r = s.delete("/api/v1.0/auth/sessions/%FF", &token).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_of(r).await, "invalid path parameter");
 }
 
 async fn operators_cannot_see_or_revoke_each_other(db: Db) {

@@ -242,3 +242,50 @@ async fn a_burst_of_parallel_guesses_gets_no_more_than_the_allowance_through_red
     );
     assert_eq!(burst.get(&429).copied().unwrap_or(0), 25, "{burst:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_made_without_redis_reaches_other_nodes_within_30_seconds() {
+    let Some(mut dead) = RedisServer::start() else {
+        return;
+    };
+    let Some(shared) = common::shared_redis().await else {
+        return;
+    };
+    let Some(db) = common::TestDb::create(Db::Sqlite).await else {
+        return;
+    };
+    let node = |redis: String| {
+        let mut o = Opts::new(Db::Sqlite);
+        o.redis = Some(redis);
+        o.raw.database_url = Some(proxyfleet::config::Secret::new(db.url.clone()));
+        o.raw.jwt_secret = Some(proxyfleet::config::Secret::new("k".repeat(40)));
+        o
+    };
+    let Some(one) = TestServer::start(node(shared)).await else {
+        return;
+    };
+    // Node two's Redis is gone: it works on SQL alone and cannot tombstone anything.
+    let dead_url = dead.url();
+    dead.stop();
+    let Some(two) = TestServer::start(node(dead_url)).await else {
+        return;
+    };
+    one.create_operator("admin", ADMIN_PASSWORD, proxyfleet::store::Role::Admin)
+        .await;
+    let token = one.login("admin", ADMIN_PASSWORD).await;
+    assert_eq!(status(&one, &token).await, 200, "cached on node one");
+    assert_eq!(
+        two.post("/api/v1.0/auth/logout", &token, json!({}))
+            .await
+            .status(),
+        204
+    );
+    assert_eq!(status(&two, &token).await, 401);
+    // Node one trusts its cache for at most 30 s, then asks SQL again.
+    one.clock.advance(Duration::from_secs(31));
+    assert_eq!(
+        status(&one, &token).await,
+        401,
+        "revocation seen after the re-check interval"
+    );
+}

@@ -1,6 +1,6 @@
 //! `/auth/*`: login, logout, password change and the caller's own sessions.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiError, ApiJson, AppState, AuthSession, ClientIp, ErrorBody, UserAgent};
+use super::{ApiError, ApiJson, ApiPath, AppState, AuthSession, ClientIp, ErrorBody, UserAgent};
 use crate::auth::sessions::Issued;
 use crate::auth::AuthError;
 use crate::clock::rfc3339;
@@ -80,7 +80,11 @@ async fn login(
                 .login_failures
                 .with_label_values(&[reason.as_str()])
                 .inc();
-            tracing::warn!(username = %req.username.chars().take(64).collect::<String>(), %ip,
+            // Log the name only when it is a well-formed username: people type passwords into the username
+            // field, and a raw value could also forge log lines.
+            let username = crate::auth::password::normalize_username(&req.username)
+                .unwrap_or_else(|_| "<malformed>".to_owned());
+            tracing::warn!(%username, %ip,
                 reason = reason.as_str(), "login failed");
             Err(AuthError::Login(reason, retry).into())
         }
@@ -202,7 +206,7 @@ async fn list_sessions(
 async fn revoke_session(
     State(state): State<AppState>,
     AuthSession(s): AuthSession,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     if state
         .auth

@@ -46,6 +46,20 @@ fn json_rejection(r: &JsonRejection) -> ApiError {
     }
 }
 
+/// `axum::extract::Path`, but a malformed segment (bad percent-encoding, wrong type) is a JSON 400.
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| ApiPath(v))
+            .map_err(|_| ApiError::BadRequest("invalid path parameter".into()))
+    }
+}
+
 /// The caller's live session, from `Authorization: Bearer <token>`. Tokens anywhere else (query string,
 /// cookies for now) are ignored.
 pub struct AuthSession(pub Session);

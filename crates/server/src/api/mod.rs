@@ -8,7 +8,7 @@ mod operators;
 mod setup;
 
 pub use error::{ApiError, ErrorBody};
-pub use extract::{ApiJson, AuthSession, ClientIp, UserAgent};
+pub use extract::{ApiJson, ApiPath, AuthSession, ClientIp, UserAgent};
 
 use std::ops::Deref;
 use std::sync::Arc;
@@ -128,6 +128,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         )
         .merge(setup::page_router())
         .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(refuse_oversized))
         .layer(axum::middleware::from_fn_with_state(

@@ -1,6 +1,6 @@
 //! `/operators`: operator accounts, for admins. Listings never carry password hashes or session data.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiError, ApiJson, AppState, AuthSession, ErrorBody};
+use super::{ApiError, ApiJson, ApiPath, AppState, AuthSession, ErrorBody};
 use crate::auth::sessions::Session;
 use crate::clock::rfc3339;
 use crate::store::{Operator, Role};
@@ -124,7 +124,7 @@ async fn create_operator(
 async fn disable_operator(
     State(state): State<AppState>,
     AuthSession(s): AuthSession,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<OperatorView>, ApiError> {
     let admin = require_admin(&state, &s).await?;
     let mut target = other_operator(&state, &admin, &id).await?;
@@ -151,7 +151,7 @@ async fn disable_operator(
 async fn enable_operator(
     State(state): State<AppState>,
     AuthSession(s): AuthSession,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<OperatorView>, ApiError> {
     let admin = require_admin(&state, &s).await?;
     let mut target = other_operator(&state, &admin, &id).await?;
@@ -170,7 +170,7 @@ async fn enable_operator(
 async fn delete_operator(
     State(state): State<AppState>,
     AuthSession(s): AuthSession,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let admin = require_admin(&state, &s).await?;
     let target = other_operator(&state, &admin, &id).await?;

@@ -91,7 +91,23 @@ impl Auth {
             }
             Ok(Ok(op)) => {
                 self.limiter.succeeded(&keys, attempt).await;
-                Ok(self.sessions.create(&op, ip, user_agent).await?)
+                let issued = self.sessions.create(&op, ip, user_agent).await?;
+                // A password change or disable that ran while this login was hashing revoked the sessions it saw,
+                // not this one; check again now that the session exists.
+                match self.store.operator_by_id(&op.id).await? {
+                    Some(now)
+                        if now.password_changed_at == op.password_changed_at
+                            && now.disabled_at.is_none() =>
+                    {
+                        Ok(issued)
+                    }
+                    _ => {
+                        self.sessions
+                            .revoke(&op.id, &issued.session.id, "superseded")
+                            .await?;
+                        Err(AuthError::Login(LoginFailure::BadPassword, None))
+                    }
+                }
             }
             Ok(Err(failure)) => {
                 self.limiter.failed(&keys, attempt).await;

@@ -14,7 +14,8 @@ use crate::clock::Clock;
 use crate::redis::Redis;
 use crate::store::{new_id, NewSession, Operator, SessionRow, Store, StoreError};
 
-/// How stale the SQL `last_activity_at` may get while Redis carries the exact value, in milliseconds.
+/// How long a Redis-cached session is trusted before SQL is asked again (revocation, disabled operator), and
+/// how stale SQL's `last_activity_at` may get meanwhile, in milliseconds.
 const SQL_TOUCH_INTERVAL_MS: i64 = 30_000;
 /// Without Redis, activity is written at most this often per session, in milliseconds.
 const SQL_ONLY_TOUCH_INTERVAL_MS: i64 = 10_000;
@@ -129,16 +130,24 @@ impl Sessions {
         };
         let now = self.clock.now_ms();
         if let Some(redis) = &self.redis {
-            match self.validate_cached(redis, &claims, now).await {
+            let generation = redis.generation();
+            match self.validate_cached(redis, &claims, now, generation).await {
                 Cached::Valid(s) => return Ok(Some(s)),
                 Cached::Invalid => return Ok(None),
                 Cached::Unknown => {}
             }
         }
-        self.validate_sql(&claims, now).await
+        let generation = self.redis.as_ref().map_or(0, Redis::generation);
+        self.validate_sql(&claims, now, generation).await
     }
 
-    async fn validate_cached(&self, redis: &Redis, claims: &Claims, now: i64) -> Cached {
+    async fn validate_cached(
+        &self,
+        redis: &Redis,
+        claims: &Claims,
+        now: i64,
+        generation: u64,
+    ) -> Cached {
         let sess_key = redis.key(&format!("sess:{}", claims.jti));
         let tomb_key = redis.key(&format!("revoked:{}", claims.jti));
         let k = sess_key.clone();
@@ -163,17 +172,15 @@ impl Sessions {
         if s.operator_id != claims.sub || now >= s.expires_at {
             return Cached::Invalid;
         }
-        if now - s.last_activity_at > self.idle_ms {
-            // Let the SQL path record the idle revocation.
+        if now - s.last_activity_at > self.idle_ms
+            || now - s.sql_touched_at >= SQL_TOUCH_INTERVAL_MS
+        {
+            // Idle (let SQL record it), or time to re-check SQL: a revocation made by a node that could not reach
+            // Redis, or an operator disabled meanwhile, is seen within this interval on every node.
             return Cached::Unknown;
         }
         s.last_activity_at = now;
-        if now - s.sql_touched_at >= SQL_TOUCH_INTERVAL_MS
-            && self.store.touch_session(&s.id, now).await.is_ok()
-        {
-            s.sql_touched_at = now;
-        }
-        self.cache(redis, &claims.jti, &s, now).await;
+        self.cache(redis, &claims.jti, &s, now, generation).await;
         Cached::Valid(s)
     }
 
@@ -181,6 +188,7 @@ impl Sessions {
         &self,
         claims: &Claims,
         now: i64,
+        generation: u64,
     ) -> Result<Option<Session>, SessionError> {
         let Some(row) = self.store.session_by_jti(&claims.jti).await? else {
             return Ok(None);
@@ -215,12 +223,16 @@ impl Sessions {
             sql_touched_at: touched,
         };
         if let Some(redis) = &self.redis {
-            self.cache(redis, &claims.jti, &s, now).await;
+            self.cache(redis, &claims.jti, &s, now, generation).await;
         }
         Ok(Some(s))
     }
 
-    async fn cache(&self, redis: &Redis, jti: &str, s: &Session, now: i64) {
+    async fn cache(&self, redis: &Redis, jti: &str, s: &Session, now: i64, generation: u64) {
+        if redis.generation() != generation {
+            // Redis went away and came back since `s` was read; `s` may predate a revocation only SQL saw.
+            return;
+        }
         let ttl = self.idle_ms.min(s.expires_at - now).max(1);
         let Ok(value) = serde_json::to_string(s) else {
             return;

@@ -290,7 +290,7 @@ impl TestServer {
             data_dir: Some(data_dir.path().to_owned()),
             listen: Some("127.0.0.1:0".parse().expect("addr")),
             database_url: Some(Secret::new(db.url.clone())),
-            redis_addr: opts.redis.clone(),
+            redis_addr: opts.redis.clone().map(Secret::new),
             redis_prefix: Some(prefix.clone()),
             shutdown_timeout_secs: Some(2),
             ..RawConfig::default()
