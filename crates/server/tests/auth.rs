@@ -504,35 +504,74 @@ async fn operators_cannot_see_or_revoke_each_other(db: Db) {
 async fn admins_manage_operators(db: Db) {
     let Some(s) = server(db).await else { return };
     let admin = s.admin_token().await;
+    // An admin cannot choose another operator's password…
     let r = s
         .post(
             "/api/v1.0/operators",
             &admin,
-            json!({"username": "Carol_1", "password": "C4rol-Strong-Phrase"}),
+            json!({"username": "carol_1", "password": "Admin-Kn0ws-It"}),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    // …they get a one-time invitation instead.
+    let r = s
+        .post(
+            "/api/v1.0/operators",
+            &admin,
+            json!({"username": "Carol_1"}),
         )
         .await;
     assert_eq!(r.status(), 201);
     let carol: Value = r.json().await.unwrap();
     assert_eq!(carol["username"], "carol_1");
     assert_eq!(carol["role"], "operator");
+    let invite = carol["invite_token"].as_str().unwrap().to_owned();
+    assert!(carol["invite_url"]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!("/setup#invite.{invite}")));
     let id = carol["id"].as_str().unwrap().to_owned();
     let r = s
         .post(
             "/api/v1.0/operators",
             &admin,
-            json!({"username": "carol_1", "password": "C4rol-Strong-Phrase"}),
+            json!({"username": "carol_1"}),
         )
         .await;
     assert_eq!(r.status(), 409);
     let r = s
-        .post(
-            "/api/v1.0/operators",
-            &admin,
-            json!({"username": "x y", "password": "C4rol-Strong-Phrase"}),
-        )
+        .post("/api/v1.0/operators", &admin, json!({"username": "x y"}))
         .await;
     assert_eq!(r.status(), 422);
     assert!(error_of(r).await.contains("letters, digits and underscore"));
+    // Before accepting, no password works.
+    assert_eq!(s.try_login("carol_1", "!invited").await.status(), 401);
+    let accept = |token: &str, pw: &str| {
+        s.http
+            .post(s.url("/api/v1.0/invitations/accept"))
+            .json(&json!({"token": token, "password": pw}))
+            .send()
+    };
+    let r = accept(&invite, "Welcome1!").await.unwrap();
+    assert_eq!(r.status(), 422);
+    assert!(error_of(r).await.contains("common"));
+    assert_eq!(
+        accept("made-up", "C4rol-Strong-Phrase")
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    let r = accept(&invite, "C4rol-Strong-Phrase").await.unwrap();
+    assert_eq!(r.status(), 200, "accepting logs in");
+    assert_eq!(
+        accept(&invite, "C4rol-Other-Phrase")
+            .await
+            .unwrap()
+            .status(),
+        403,
+        "one use"
+    );
 
     let carol_token = s.login("carol_1", "C4rol-Strong-Phrase").await;
     let r = s.get("/api/v1.0/operators", &carol_token).await;

@@ -65,6 +65,7 @@ async fn openapi_document_describes_every_endpoint() {
         ("/api/v1.0/operators/{id}/disable", "post"),
         ("/api/v1.0/operators/{id}/enable", "post"),
         ("/api/v1.0/setup", "post"),
+        ("/api/v1.0/invitations/accept", "post"),
         ("/healthz", "get"),
         ("/readyz", "get"),
         ("/metrics", "get"),

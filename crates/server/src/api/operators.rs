@@ -86,9 +86,6 @@ async fn list_operators(
 pub struct CreateOperatorRequest {
     /// 3–64 letters, digits or underscores; case-insensitive.
     username: String,
-    /// Chosen by the admin and handed to the new operator, who should change it.
-    #[schema(format = Password)]
-    password: String,
     #[serde(default = "default_role")]
     role: Role,
 }
@@ -97,23 +94,49 @@ fn default_role() -> Role {
     Role::Operator
 }
 
-/// Create an operator (admins only).
+/// A new operator and the one-time invitation with which they choose their own password.
+#[derive(Serialize, ToSchema)]
+pub struct InvitedOperator {
+    #[serde(flatten)]
+    operator: OperatorView,
+    /// Shown once. Hand it (or `invite_url`) to the new operator.
+    invite_token: String,
+    invite_url: String,
+    /// RFC 3339, UTC.
+    invite_expires_at: String,
+}
+
+/// Create an operator (admins only). No password is set: the response carries a one-time invitation (valid
+/// 24 h) with which the new operator chooses their own, so not even the admin knows it.
 #[utoipa::path(post, path = "/operators", tag = "operators", security(("bearer" = [])),
     request_body = CreateOperatorRequest,
-    responses((status = 201, body = OperatorView), (status = 403, body = ErrorBody),
+    responses((status = 201, body = InvitedOperator), (status = 403, body = ErrorBody),
               (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn create_operator(
     State(state): State<AppState>,
     AuthSession(s): AuthSession,
     ApiJson(req): ApiJson<CreateOperatorRequest>,
-) -> Result<(StatusCode, Json<OperatorView>), ApiError> {
+) -> Result<(StatusCode, Json<InvitedOperator>), ApiError> {
     let admin = require_admin(&state, &s).await?;
+    let name = crate::auth::password::normalize_username(&req.username)
+        .map_err(|m| ApiError::Unprocessable(m.to_owned()))?;
+    let (token, hash) = crate::auth::new_setup_token();
+    let now = state.auth.clock.now_ms();
+    let expires = now + crate::auth::SETUP_TOKEN_TTL_MS;
     let op = state
-        .auth
-        .create_operator(&req.username, &req.password, req.role)
+        .store
+        .create_invited_operator(&name, req.role, &hash, now, expires)
         .await?;
-    tracing::info!(admin = %admin.username, username = %op.username, role = op.role.as_str(), "operator created");
-    Ok((StatusCode::CREATED, Json(op.into())))
+    tracing::info!(admin = %admin.username, username = %op.username, role = op.role.as_str(), "operator invited");
+    Ok((
+        StatusCode::CREATED,
+        Json(InvitedOperator {
+            operator: op.into(),
+            invite_url: format!("{}/setup#invite.{token}", state.public_url),
+            invite_token: token,
+            invite_expires_at: rfc3339(expires),
+        }),
+    ))
 }
 
 /// Disable an operator (admins only): they cannot log in and every session of theirs ends at once.

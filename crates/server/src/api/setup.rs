@@ -16,7 +16,9 @@ use crate::auth::setup_token_hash;
 use crate::store::{NewOperator, Role};
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(setup))
+    OpenApiRouter::new()
+        .routes(routes!(setup))
+        .routes(routes!(accept_invitation))
 }
 
 /// The small page the printed setup link opens.
@@ -79,6 +81,61 @@ async fn setup(
     Ok((StatusCode::CREATED, Json(issued.into())))
 }
 
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptInvitationRequest {
+    /// The `invite_token` an admin received when creating this operator.
+    token: String,
+    #[schema(format = Password)]
+    password: String,
+}
+
+/// Accept an invitation: choose your password and log in.
+#[utoipa::path(post, path = "/invitations/accept", tag = "setup", request_body = AcceptInvitationRequest,
+    responses((status = 200, body = TokenResponse), (status = 403, body = ErrorBody, description = "invitation invalid, used or expired"),
+              (status = 422, body = ErrorBody)))]
+async fn accept_invitation(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    UserAgent(ua): UserAgent,
+    ApiJson(req): ApiJson<AcceptInvitationRequest>,
+) -> Result<Json<TokenResponse>, ApiError> {
+    const REFUSED: ApiError = ApiError::Forbidden("invitation is invalid, already used or expired");
+    let token_hash = setup_token_hash(&req.token);
+    let now = state.auth.clock.now_ms();
+    if req.token.len() > 128 {
+        return Err(REFUSED);
+    }
+    let op = state
+        .store
+        .invitation_operator(&token_hash, now)
+        .await?
+        .ok_or(REFUSED)?;
+    crate::auth::password::check_password(&op.username, &req.password, state.auth.composition_rule)
+        .map_err(|e| ApiError::Unprocessable(e.to_string()))?;
+    let hash = state
+        .auth
+        .hasher
+        .hash(&req.password)
+        .await
+        .map_err(ApiError::internal)?;
+    if !state
+        .store
+        .accept_invitation(&token_hash, &op.id, &hash, now)
+        .await?
+    {
+        return Err(REFUSED);
+    }
+    tracing::info!(username = %op.username, %ip, "invitation accepted");
+    let issued = state
+        .auth
+        .sessions
+        .create(&op, &ip.to_string(), &ua)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(issued.into()))
+}
+
 const SETUP_PAGE: &str = r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>proxyfleet — first operator</title>
@@ -93,11 +150,11 @@ letter, a lowercase letter, a digit and a special character, not a common passwo
 <label for="password">Password</label><input id="password" name="password" type="password" required minlength="8" autocomplete="new-password">
 <button type="submit">Create operator</button></form><div id="msg" role="status" aria-live="polite"></div>
 <script>
-const t=document.getElementById('token');if(location.hash.length>1){t.value=decodeURIComponent(location.hash.slice(1));history.replaceState(null,'',location.pathname);}
+const t=document.getElementById('token');let invite=false;if(location.hash.length>1){let v=decodeURIComponent(location.hash.slice(1));if(v.startsWith('invite.')){invite=true;v=v.slice(7);document.querySelector('h1').textContent='Choose your password';document.getElementById('username').closest('form').querySelector('label[for=username]').remove();document.getElementById('username').remove();}t.value=v;history.replaceState(null,'',location.pathname);}
 document.getElementById('f').addEventListener('submit',async e=>{e.preventDefault();const m=document.getElementById('msg');
-const body={token:t.value.trim(),username:document.getElementById('username').value,password:document.getElementById('password').value};
-const r=await fetch('/api/v1.0/setup',{method:'POST',headers:{'Content-Type':'application/json'},body:JSON.stringify(body)});
+const pw=document.getElementById('password').value;const body=invite?{token:t.value.trim(),password:pw}:{token:t.value.trim(),username:document.getElementById('username').value,password:pw};
+const r=await fetch(invite?'/api/v1.0/invitations/accept':'/api/v1.0/setup',{method:'POST',headers:{'Content-Type':'application/json'},body:JSON.stringify(body)});
 const j=await r.json().catch(()=>({error:'unexpected response'}));
-if(r.ok){m.className='ok';m.textContent='Operator created. You can now log in with this username and password.';e.target.remove();}
+if(r.ok){m.className='ok';m.textContent=invite?'Password set. You can now log in.':'Operator created. You can now log in with this username and password.';e.target.remove();}
 else{m.className='err';m.textContent=j.error||('error '+r.status);}});
 </script></body></html>"#;

@@ -11,6 +11,7 @@ mod setup;
 
 pub use operators::{NewOperator, Operator, Role};
 pub use sessions::{NewSession, SessionRow};
+pub use setup::NO_PASSWORD;
 
 use std::borrow::Cow;
 use std::str::FromStr;

@@ -1,0 +1,9 @@
+-- One-time invitations: an admin creates an operator without a password; the operator chooses it.
+CREATE TABLE invitations (
+    id          VARCHAR(36) NOT NULL PRIMARY KEY,
+    operator_id VARCHAR(36) NOT NULL UNIQUE,
+    token_hash  VARCHAR(64) NOT NULL UNIQUE,
+    created_at  BIGINT      NOT NULL,
+    expires_at  BIGINT      NOT NULL,
+    CONSTRAINT invitations_operator_fk FOREIGN KEY (operator_id) REFERENCES operators(id) ON DELETE CASCADE
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
