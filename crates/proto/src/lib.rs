@@ -1,6 +1,29 @@
-//! proxyfleet wire protocol, shared by server and agent. For now only the protocol version; frames, hello,
-//! heartbeat and stream headers arrive with the tunnel.
+//! proxyfleet wire protocol, shared by server and agent: the frames on a device tunnel's control stream and the
+//! header that opens each per-flow stream. No I/O beyond `AsyncRead`/`AsyncWrite` adapters.
+//!
+//! Every frame is `u32` big-endian length + body. Lengths are checked against a maximum before anything is
+//! allocated, and every decoder rejects truncated input, unknown tags, over-long strings and trailing bytes with a
+//! [`DecodeError`] instead of panicking.
 #![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod control;
+pub mod stream;
+pub mod wire;
+
+pub use codec::FrameCodec;
+pub use control::{
+    ControlFrame, DeviceMetrics, Heartbeat, HeartbeatAck, Hello, HelloAck, Refusal, RefusalCode,
+};
+pub use stream::{Host, OpenResult, StreamHeader, Target, UdpDatagram};
+pub use wire::{Decode, DecodeError, Encode};
 
 /// Version sent in the hello; a peer speaking another version is refused with a readable error.
 pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Largest control frame body, in bytes.
+pub const MAX_CONTROL_FRAME: usize = 64 * 1024;
+/// Largest stream header body, in bytes (a 255-byte domain name fits many times over).
+pub const MAX_STREAM_HEADER: usize = 1024;
+/// Largest UDP datagram frame body, in bytes (65 535 payload + address).
+pub const MAX_UDP_FRAME: usize = 65_535 + 300;

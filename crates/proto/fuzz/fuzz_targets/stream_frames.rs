@@ -1,0 +1,18 @@
+//! Arbitrary bytes through the stream-header and UDP-datagram decoders.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use proxyfleet_proto::{Decode, Encode, StreamHeader, UdpDatagram};
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(h) = StreamHeader::decode_exact(data) {
+        let mut out = bytes::BytesMut::new();
+        h.encode(&mut out);
+        assert_eq!(StreamHeader::decode_exact(&out).ok(), Some(h));
+    }
+    if let Ok(d) = UdpDatagram::decode_exact(data) {
+        let mut out = bytes::BytesMut::new();
+        d.encode(&mut out);
+        assert_eq!(UdpDatagram::decode_exact(&out).ok(), Some(d));
+    }
+});
