@@ -206,12 +206,22 @@ mod tests {
             prop_assert_eq!(back, vec![d]);
         }
 
+        #[test]
+        fn enroll_messages_round_trip(code in "[A-Z2-7]{0,40}", csr in proptest::collection::vec(any::<u8>(), 0..2000), id in "[a-f0-9-]{36}") {
+            let req = crate::enroll::EnrollRequest { protocol_version: 1, code, csr_der: csr.clone() };
+            prop_assert_eq!(decode_chunked::<crate::enroll::EnrollRequest>(&frame(&req), 5, crate::enroll::MAX_ENROLL_FRAME).unwrap(), vec![req]);
+            let resp = crate::enroll::EnrollResponse::Enrolled { device_id: id, cert_der: csr.clone(), ca_der: csr };
+            prop_assert_eq!(decode_chunked::<crate::enroll::EnrollResponse>(&frame(&resp), 5, crate::enroll::MAX_ENROLL_FRAME).unwrap(), vec![resp]);
+        }
+
         /// Arbitrary bytes never panic any decoder; they decode or fail with an error.
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512), chunk in 1usize..32) {
             let _ = decode_chunked::<ControlFrame>(&bytes, chunk, crate::MAX_CONTROL_FRAME);
             let _ = decode_chunked::<StreamHeader>(&bytes, chunk, crate::MAX_STREAM_HEADER);
             let _ = decode_chunked::<UdpDatagram>(&bytes, chunk, crate::MAX_UDP_FRAME);
+            let _ = decode_chunked::<crate::enroll::EnrollRequest>(&bytes, chunk, crate::enroll::MAX_ENROLL_FRAME);
+            let _ = decode_chunked::<crate::enroll::EnrollResponse>(&bytes, chunk, crate::enroll::MAX_ENROLL_FRAME);
         }
     }
 

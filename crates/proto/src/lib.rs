@@ -8,6 +8,7 @@
 
 pub mod codec;
 pub mod control;
+pub mod enroll;
 pub mod stream;
 pub mod wire;
 
@@ -15,6 +16,7 @@ pub use codec::FrameCodec;
 pub use control::{
     ControlFrame, DeviceMetrics, Heartbeat, HeartbeatAck, Hello, HelloAck, Refusal, RefusalCode,
 };
+pub use enroll::{EnrollRequest, EnrollResponse};
 pub use stream::{Host, OpenResult, StreamHeader, Target, UdpDatagram};
 pub use wire::{Decode, DecodeError, Encode};
 

@@ -156,3 +156,21 @@ pub fn put_opt<T>(out: &mut BytesMut, v: &Option<T>, f: impl FnOnce(&mut BytesMu
         }
     }
 }
+
+/// Write a byte string as `u16` length + bytes. Callers keep values under `u16::MAX` (the decoder's limit is lower).
+pub fn put_bytes(out: &mut BytesMut, b: &[u8]) {
+    let end = b.len().min(usize::from(u16::MAX));
+    out.put_u16(end as u16);
+    out.put_slice(&b[..end]);
+}
+
+impl Reader<'_> {
+    /// `u16` length + bytes, at most `max`.
+    pub fn bytes(&mut self, what: &'static str, max: usize) -> Result<Vec<u8>, DecodeError> {
+        let len = usize::from(self.u16()?);
+        if len > max {
+            return Err(DecodeError::TooLong { what, len, max });
+        }
+        Ok(self.take(len)?.to_vec())
+    }
+}

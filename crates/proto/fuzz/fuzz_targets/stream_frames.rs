@@ -1,8 +1,8 @@
-//! Arbitrary bytes through the stream-header and UDP-datagram decoders.
+//! Arbitrary bytes through the stream-header, UDP-datagram and enrollment decoders.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use proxyfleet_proto::{Decode, Encode, StreamHeader, UdpDatagram};
+use proxyfleet_proto::{Decode, Encode, EnrollRequest, EnrollResponse, StreamHeader, UdpDatagram};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(h) = StreamHeader::decode_exact(data) {
@@ -15,4 +15,6 @@ fuzz_target!(|data: &[u8]| {
         d.encode(&mut out);
         assert_eq!(UdpDatagram::decode_exact(&out).ok(), Some(d));
     }
+    let _ = EnrollRequest::decode_exact(data);
+    let _ = EnrollResponse::decode_exact(data);
 });
