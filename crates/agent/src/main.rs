@@ -1,21 +1,103 @@
-//! `proxyfleet-agent`: the device side. A skeleton until the tunnel issue lands; it only reports its version and
-//! the wire protocol version it speaks.
+//! `proxyfleet-agent`: parse the command line, set up logging and signals, call the library.
 
-use clap::Parser;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use proxyfleet_agent::RunOptions;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(
-    name = "proxyfleet-agent",
-    version,
-    about = "proxyfleet device agent (enrollment and tunnel come next)"
-)]
-struct Cli {}
+#[command(name = "proxyfleet-agent", version, about = "proxyfleet device agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _ = Cli::parse();
-    println!(
-        "proxyfleet-agent {} (wire protocol {}); enrollment and tunnel are not implemented yet",
-        env!("CARGO_PKG_VERSION"),
-        proxyfleet_proto::PROTOCOL_VERSION
-    );
+#[derive(Subcommand)]
+enum Command {
+    /// Enroll this device with a pairing code from the dashboard.
+    Enroll {
+        /// The server's tunnel address, HOST:PORT.
+        #[arg(long, env = "PROXYFLEET_AGENT_SERVER")]
+        server: String,
+        /// The pairing code.
+        #[arg(long, env = "PROXYFLEET_AGENT_CODE", hide_env_values = true)]
+        code: String,
+        /// Where the device's key and certificate are kept.
+        #[arg(long, env = "PROXYFLEET_AGENT_STATE_DIR")]
+        state_dir: PathBuf,
+    },
+    /// Keep the tunnel to the server until stopped.
+    Run {
+        #[arg(long, env = "PROXYFLEET_AGENT_STATE_DIR")]
+        state_dir: PathBuf,
+        /// Where battery information lives.
+        #[arg(
+            long,
+            env = "PROXYFLEET_AGENT_POWER_SUPPLY_DIR",
+            default_value = "/sys/class/power_supply"
+        )]
+        power_supply_dir: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Enroll {
+                server,
+                code,
+                state_dir,
+            } => {
+                let id = proxyfleet_agent::enroll(&server, &code, &state_dir).await?;
+                println!(
+                    "enrolled as device {id}; start it with: proxyfleet-agent run --state-dir {}",
+                    state_dir.display()
+                );
+                Ok(())
+            }
+            Command::Run {
+                state_dir,
+                power_supply_dir,
+            } => {
+                let cancel = CancellationToken::new();
+                let c = cancel.clone();
+                tokio::spawn(async move {
+                    use tokio::signal::unix::{signal, SignalKind};
+                    if let (Ok(mut t), Ok(mut i)) = (
+                        signal(SignalKind::terminate()),
+                        signal(SignalKind::interrupt()),
+                    ) {
+                        tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+                    }
+                    c.cancel();
+                });
+                proxyfleet_agent::run(&state_dir, RunOptions { power_supply_dir }, cancel).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -21,8 +21,8 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Run the server: API, dashboard and (later) the device tunnel and proxy front doors.
-    Serve(ServeArgs),
+    /// Run the server: API, device tunnel and (later) the proxy front doors and dashboard.
+    Serve(Box<ServeArgs>),
     /// Manage operator accounts from the command line.
     Operator {
         #[command(subcommand)]
@@ -104,6 +104,15 @@ pub struct ServeArgs {
     /// Log level or filter (RUST_LOG syntax; RUST_LOG itself wins). Default info.
     #[arg(long, env = "PROXYFLEET_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// UDP address for device tunnels (QUIC). Unset: no device can connect.
+    #[arg(long, env = "PROXYFLEET_TUNNEL_LISTEN")]
+    pub tunnel_listen: Option<SocketAddr>,
+    /// Heartbeat interval told to agents, seconds. Default 30.
+    #[arg(long, env = "PROXYFLEET_TUNNEL_HEARTBEAT_SECS")]
+    pub tunnel_heartbeat_secs: Option<u64>,
+    /// Lifetime of a device pairing code, seconds. Default 900.
+    #[arg(long, env = "PROXYFLEET_PAIRING_TTL_SECS")]
+    pub pairing_ttl_secs: Option<u64>,
     /// Seconds to wait for open requests at shutdown. Default 10.
     #[arg(long, env = "PROXYFLEET_SHUTDOWN_TIMEOUT_SECS")]
     pub shutdown_timeout_secs: Option<u64>,
@@ -123,6 +132,9 @@ impl ServeArgs {
             log_format: self.log_format,
             log_level: self.log_level.clone(),
             shutdown_timeout_secs: self.shutdown_timeout_secs,
+            tunnel_listen: self.tunnel_listen,
+            tunnel_heartbeat_secs: self.tunnel_heartbeat_secs,
+            pairing_ttl_secs: self.pairing_ttl_secs,
             ..RawConfig::default()
         }
     }

@@ -85,6 +85,9 @@ pub struct RawConfig {
     pub log_format: Option<LogFormat>,
     pub log_level: Option<String>,
     pub shutdown_timeout_secs: Option<u64>,
+    pub tunnel_listen: Option<SocketAddr>,
+    pub tunnel_heartbeat_secs: Option<u64>,
+    pub pairing_ttl_secs: Option<u64>,
 }
 
 macro_rules! overlay_fields {
@@ -121,6 +124,9 @@ impl RawConfig {
             log_format,
             log_level,
             shutdown_timeout_secs,
+            tunnel_listen,
+            tunnel_heartbeat_secs,
+            pairing_ttl_secs,
         )
     }
 
@@ -206,6 +212,12 @@ pub struct ServeConfig {
     pub log_format: LogFormat,
     pub log_level: String,
     pub shutdown_timeout: Duration,
+    /// UDP address of the device tunnel (QUIC); `None` serves no devices.
+    pub tunnel_listen: Option<SocketAddr>,
+    /// Heartbeat interval told to agents.
+    pub tunnel_heartbeat: Duration,
+    /// Lifetime of a device pairing code.
+    pub pairing_ttl: Duration,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -283,7 +295,40 @@ impl ServeConfig {
             log_format: raw.log_format.unwrap_or_default(),
             log_level: raw.log_level.unwrap_or_else(|| "info".to_owned()),
             shutdown_timeout: Duration::from_secs(raw.shutdown_timeout_secs.unwrap_or(10)),
+            tunnel_listen: raw.tunnel_listen,
+            tunnel_heartbeat: Duration::from_secs(secs_in(
+                "tunnel_heartbeat_secs",
+                raw.tunnel_heartbeat_secs,
+                30,
+                1,
+                3600,
+            )?),
+            pairing_ttl: Duration::from_secs(secs_in(
+                "pairing_ttl_secs",
+                raw.pairing_ttl_secs,
+                900,
+                60,
+                7 * 86400,
+            )?),
         })
+    }
+}
+
+fn secs_in(
+    setting: &'static str,
+    v: Option<u64>,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<u64, ConfigError> {
+    let v = v.unwrap_or(default);
+    if (min..=max).contains(&v) {
+        Ok(v)
+    } else {
+        Err(invalid(
+            setting,
+            format!("must be between {min} and {max} seconds"),
+        ))
     }
 }
 

@@ -7,6 +7,8 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod metrics;
+pub mod pki;
 pub mod redis;
 pub mod server;
 pub mod store;
+pub mod tunnel;

@@ -43,6 +43,8 @@ pub struct RunningServer {
     pub setup_token: Option<Secret>,
     pub store: Store,
     pub state: AppState,
+    /// Where devices connect (UDP), when the tunnel is enabled.
+    pub tunnel_addr: Option<SocketAddr>,
     cancel: CancellationToken,
     tracker: TaskTracker,
     http: JoinHandle<std::io::Result<()>>,
@@ -133,7 +135,39 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
         .await
         .context("checking for a first operator")?
         .map(Secret::new);
+    let pki = Arc::new(
+        crate::pki::Pki::load_or_create(&config.data_dir).context("loading the platform PKI")?,
+    );
+    let registry = Arc::new(crate::tunnel::Registry::default());
+    let tunnel_addr = match config.tunnel_listen {
+        Some(addr) => Some(crate::tunnel::start(
+            addr,
+            crate::tunnel::TunnelContext {
+                store: store.clone(),
+                pki: pki.clone(),
+                registry: registry.clone(),
+                clock: clock.clone(),
+                heartbeat_interval: config.tunnel_heartbeat,
+                cancel: cancel.child_token(),
+                tracker: tracker.clone(),
+            },
+        )?),
+        None => None,
+    };
+    if let Some(addr) = tunnel_addr {
+        tracing::info!(%addr, "device tunnel listening (QUIC)");
+    }
+    tracker.spawn(crate::tunnel::flush_seen(
+        store.clone(),
+        registry.clone(),
+        clock.clone(),
+        std::time::Duration::from_secs(10),
+        cancel.child_token(),
+    ));
     let state = AppState(Arc::new(AppInner {
+        pki,
+        registry,
+        pairing_ttl: config.pairing_ttl,
         auth,
         store: store.clone(),
         metrics,
@@ -166,6 +200,7 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
         setup_token,
         store,
         state,
+        tunnel_addr,
         cancel,
         tracker,
         http,

@@ -1,6 +1,7 @@
 //! REST API under `/api/v1.0`, plus health and metrics endpoints. Every handler is scoped to the calling operator.
 
 mod auth;
+mod devices;
 mod error;
 mod extract;
 mod health;
@@ -69,6 +70,9 @@ pub struct AppInner {
     pub redis: Option<Redis>,
     pub trusted_proxies: Vec<IpNet>,
     pub public_url: String,
+    pub pki: Arc<crate::pki::Pki>,
+    pub registry: Arc<crate::tunnel::Registry>,
+    pub pairing_ttl: std::time::Duration,
 }
 
 /// Shared state of every handler; cheap to clone.
@@ -89,6 +93,7 @@ impl Deref for AppState {
     tags((name = "auth", description = "Operator login, sessions and password"),
          (name = "operators", description = "Operator accounts (admins only)"),
          (name = "setup", description = "First-run setup"),
+         (name = "devices", description = "Devices: enrollment, status, revocation"),
          (name = "system", description = "Health, readiness and metrics"))
 )]
 struct ApiDoc;
@@ -115,6 +120,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
     let api = OpenApiRouter::new()
         .merge(auth::router())
         .merge(operators::router())
+        .merge(devices::router())
         .merge(setup::router());
     let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1.0", api)

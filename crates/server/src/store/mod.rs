@@ -5,10 +5,12 @@
 //! collation on MySQL, foreign keys inline elsewhere). Ids are UUIDv7 strings made here, so no query needs
 //! `RETURNING`; timestamps are `BIGINT` Unix milliseconds in UTC, so no query depends on a backend's date type.
 
+mod devices;
 mod operators;
 mod sessions;
 mod setup;
 
+pub use devices::{DeviceRow, NewDevice};
 pub use operators::{NewOperator, Operator, Role};
 pub use sessions::{NewSession, SessionRow};
 pub use setup::NO_PASSWORD;

@@ -331,6 +331,16 @@ impl TestServer {
         })
     }
 
+    /// Where devices connect, when the test enabled the tunnel.
+    pub fn tunnel(&self) -> String {
+        self.running
+            .as_ref()
+            .expect("running")
+            .tunnel_addr
+            .expect("tunnel enabled")
+            .to_string()
+    }
+
     pub fn store(&self) -> &Store {
         &self.running.as_ref().expect("running").store
     }

@@ -1,0 +1,132 @@
+//! `proxyfleet-agent enroll`: trade a pairing code for a device certificate. The key pair is made here and the
+//! private key never leaves the device; only a CSR is sent.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use futures_util::StreamExt;
+use proxyfleet_proto::codec::frame;
+use proxyfleet_proto::enroll::{
+    EnrollRequest, EnrollResponse, MAX_ENROLL_FRAME, TUNNEL_SERVER_NAME,
+};
+use proxyfleet_proto::{FrameCodec, PROTOCOL_VERSION};
+use tokio_util::codec::FramedRead;
+
+use crate::state::{AgentState, StateDir};
+use crate::tls;
+
+/// Each network step of enrollment must finish within this.
+const STEP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Split `SECRET-PIN` and decode the CA pin.
+pub fn parse_code(code: &str) -> anyhow::Result<(String, Vec<u8>)> {
+    let code = code.trim().to_ascii_uppercase();
+    let (secret, pin) = code.rsplit_once('-').ok_or_else(|| {
+        anyhow::anyhow!("pairing code must look like XXXXXXXXXXXXXXXXXXXX-YYYYYYYYYYYYYYYY")
+    })?;
+    let pin = base32_decode(pin)
+        .ok_or_else(|| anyhow::anyhow!("pairing code is damaged (bad CA pin)"))?;
+    if secret.len() < 16 || pin.len() < 8 {
+        bail!("pairing code is too short; copy it whole from the dashboard");
+    }
+    Ok((secret.to_owned(), pin))
+}
+
+fn base32_decode(s: &str) -> Option<Vec<u8>> {
+    let (mut acc, mut bits, mut out) = (0u32, 0u32, Vec::new());
+    for c in s.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'2'..=b'7' => c - b'2' + 26,
+            _ => return None,
+        };
+        acc = (acc << 5) | u32::from(v);
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// Enroll with the server at `server` (`HOST:PORT` of its tunnel listener) and save the identity in `state_dir`.
+/// Returns the device id.
+pub async fn enroll(server: &str, code: &str, state_dir: &Path) -> anyhow::Result<String> {
+    let (secret, pin) = parse_code(code)?;
+    let dir = StateDir::new(state_dir);
+    dir.create()?;
+    let key = rcgen::KeyPair::generate().context("generating the device key")?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
+        .serialize_request(&key)
+        .context("making the certificate signing request")?;
+
+    let (endpoint, addr) = tls::endpoint_for(server).await?;
+    let config = tls::quic_client(tls::enroll_tls(pin)?, Duration::from_secs(5))?;
+    let conn = tokio::time::timeout(
+        STEP_TIMEOUT,
+        endpoint.connect_with(config, addr, TUNNEL_SERVER_NAME)?,
+    )
+    .await
+    .context("timed out connecting to the server")?
+    .context(
+        "could not connect to the server (is the address the tunnel port, and UDP allowed?)",
+    )?;
+    let (mut send, recv) = conn.open_bi().await?;
+    let req = EnrollRequest {
+        protocol_version: PROTOCOL_VERSION,
+        code: secret,
+        csr_der: csr.der().to_vec(),
+    };
+    send.write_all(&frame(&req)).await?;
+    send.finish()?;
+    let mut reader = FramedRead::new(recv, FrameCodec::<EnrollResponse>::new(MAX_ENROLL_FRAME));
+    let resp = tokio::time::timeout(STEP_TIMEOUT, reader.next())
+        .await
+        .context("timed out waiting for the server's answer")?
+        .context("the server closed the connection without answering")??;
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+    match resp {
+        EnrollResponse::Refused { message } => bail!("enrollment refused: {message}"),
+        EnrollResponse::Enrolled {
+            device_id,
+            cert_der,
+            ca_der,
+        } => {
+            dir.write_private(&dir.key(), key.serialize_pem().as_bytes())?;
+            dir.write_private(&dir.cert(), &cert_der)?;
+            dir.write_private(&dir.ca(), &ca_der)?;
+            let state = AgentState {
+                server: server.to_owned(),
+                device_id: device_id.clone(),
+            };
+            dir.write_private(&dir.state(), &serde_json::to_vec_pretty(&state)?)?;
+            Ok(device_id)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_parse_and_damage_is_reported() {
+        let (secret, pin) = parse_code(" abcdefghijklmnopqrst-GAYTEMZUGU3DOOBZ\n").unwrap();
+        assert_eq!(secret, "ABCDEFGHIJKLMNOPQRST");
+        assert_eq!(pin, b"0123456789");
+        assert!(
+            parse_code("abcdefghijklmnopqrst-MZXW6YTBOI").is_err(),
+            "pin too short"
+        );
+        assert!(
+            parse_code("abcdefghijklmnopqrst-GAYTEMZUGU3DOOB1").is_err(),
+            "not base32"
+        );
+        assert!(parse_code("no-dash-but-bad!").is_err());
+        assert!(parse_code("nodash").is_err());
+        assert!(parse_code("SHORT-MZXW6YTBOI").is_err());
+    }
+}

@@ -1,0 +1,137 @@
+//! TLS for the agent: during enrollment the server is authenticated by the CA pin inside the pairing code; after
+//! it, by the CA certificate saved at enrollment. The QUIC client configuration is built here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use sha2::Digest;
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Accepts a server whose chain contains a CA whose SHA-256 starts with `pin`, and whose certificate that CA
+/// signed for the tunnel name.
+#[derive(Debug)]
+pub struct PinnedCa {
+    pub pin: Vec<u8>,
+    pub provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| sha2::Sha256::digest(c.as_ref()).starts_with(&self.pin))
+            .ok_or_else(|| {
+                rustls::Error::General("the server's CA does not match the pairing code".into())
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        verifier.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A QUIC client configuration: TLS 1.3, the given ALPN, keep-alives so NAT mappings stay open.
+pub fn quic_client(
+    tls: rustls::ClientConfig,
+    keep_alive: Duration,
+) -> anyhow::Result<quinn::ClientConfig> {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(keep_alive));
+    transport.max_idle_timeout(Some(Duration::from_secs(60).try_into()?));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+pub fn enroll_tls(pin: Vec<u8>) -> anyhow::Result<rustls::ClientConfig> {
+    let provider = provider();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCa { pin, provider }))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![proxyfleet_proto::enroll::ALPN_ENROLL.to_vec()];
+    Ok(tls)
+}
+
+pub fn tunnel_tls(
+    ca: CertificateDer<'static>,
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca)?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![cert], key)?;
+    tls.alpn_protocols = vec![proxyfleet_proto::enroll::ALPN_TUNNEL.to_vec()];
+    Ok(tls)
+}
+
+/// Resolve `HOST:PORT` and open a client endpoint of the matching address family.
+pub async fn endpoint_for(server: &str) -> anyhow::Result<(quinn::Endpoint, std::net::SocketAddr)> {
+    let addr = tokio::net::lookup_host(server)
+        .await?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{server} did not resolve"))?;
+    let bind: std::net::SocketAddr = if addr.is_ipv6() {
+        "[::]:0".parse()?
+    } else {
+        "0.0.0.0:0".parse()?
+    };
+    Ok((quinn::Endpoint::client(bind)?, addr))
+}

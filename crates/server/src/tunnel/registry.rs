@@ -1,0 +1,134 @@
+//! The registry of connected devices: who is online, since when, over which transport, with what metrics.
+//!
+//! In memory; `last_seen` and the public address reach the store in batches (see [`Registry::flush`]), never as
+//! a write per heartbeat.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use proxyfleet_proto::DeviceMetrics;
+use tokio_util::sync::CancellationToken;
+
+/// One live tunnel session of a device.
+#[derive(Debug, Clone)]
+pub struct LiveDevice {
+    pub session: u64,
+    pub operator_id: String,
+    pub transport: &'static str,
+    pub agent_version: String,
+    /// Unix milliseconds, UTC.
+    pub connected_since: i64,
+    pub last_heartbeat: Option<i64>,
+    pub public_ip: String,
+    pub metrics: DeviceMetrics,
+    /// Cancelling it closes this session's tunnel.
+    pub kick: CancellationToken,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    live: Mutex<HashMap<String, LiveDevice>>,
+    dirty: Mutex<HashSet<String>>,
+    next_session: std::sync::atomic::AtomicU64,
+}
+
+impl Registry {
+    pub fn new_session_id(&self) -> u64 {
+        self.next_session
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1
+    }
+
+    /// Register a session. An older session of the same device is kicked at once: a reconnecting device (new NAT
+    /// mapping, reboot) must never wait for its stale session to time out.
+    pub fn register(&self, device_id: &str, live: LiveDevice) {
+        let old = self
+            .live
+            .lock()
+            .ok()
+            .and_then(|mut m| m.insert(device_id.to_owned(), live));
+        if let Some(old) = old {
+            old.kick.cancel();
+        }
+        self.mark_dirty(device_id);
+    }
+
+    /// Remove a session, unless a newer one has replaced it.
+    pub fn unregister(&self, device_id: &str, session: u64) {
+        if let Ok(mut m) = self.live.lock() {
+            if m.get(device_id).is_some_and(|l| l.session == session) {
+                m.remove(device_id);
+            }
+        }
+    }
+
+    pub fn heartbeat(
+        &self,
+        device_id: &str,
+        session: u64,
+        at: i64,
+        metrics: DeviceMetrics,
+        public_ip: &str,
+    ) {
+        if let Ok(mut m) = self.live.lock() {
+            if let Some(l) = m.get_mut(device_id).filter(|l| l.session == session) {
+                l.last_heartbeat = Some(at);
+                l.metrics = metrics;
+                public_ip.clone_into(&mut l.public_ip);
+            }
+        }
+        self.mark_dirty(device_id);
+    }
+
+    /// Close the device's tunnel, if it has one.
+    pub fn kick(&self, device_id: &str) -> bool {
+        let live = self.live.lock().ok().and_then(|mut m| m.remove(device_id));
+        match live {
+            Some(l) => {
+                l.kick.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn get(&self, device_id: &str) -> Option<LiveDevice> {
+        self.live
+            .lock()
+            .ok()
+            .and_then(|m| m.get(device_id).cloned())
+    }
+
+    pub fn online_count(&self) -> usize {
+        self.live.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    fn mark_dirty(&self, device_id: &str) {
+        if let Ok(mut d) = self.dirty.lock() {
+            d.insert(device_id.to_owned());
+        }
+    }
+
+    /// Take the devices seen since the last call, as `(id, last seen, public ip)` rows for the store.
+    pub fn take_seen(&self, now: i64) -> Vec<(String, i64, String)> {
+        let dirty: Vec<String> = self
+            .dirty
+            .lock()
+            .map(|mut d| d.drain().collect())
+            .unwrap_or_default();
+        let Ok(live) = self.live.lock() else {
+            return Vec::new();
+        };
+        dirty
+            .into_iter()
+            .filter_map(|id| {
+                let l = live.get(&id)?;
+                Some((
+                    id,
+                    l.last_heartbeat.unwrap_or(now).max(l.connected_since),
+                    l.public_ip.clone(),
+                ))
+            })
+            .collect()
+    }
+}

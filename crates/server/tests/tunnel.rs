@@ -1,0 +1,346 @@
+//! Devices end to end: the API creates them, the real agent library enrolls and connects over QUIC, the registry
+//! shows them, revocation kicks them.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{error_of, Db, Opts, TestServer};
+use proxyfleet::store::Role;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+async fn server() -> Option<TestServer> {
+    let mut opts = Opts::new(Db::Sqlite);
+    opts.raw.tunnel_listen = Some("127.0.0.1:0".parse().unwrap());
+    opts.raw.tunnel_heartbeat_secs = Some(1);
+    TestServer::start(opts).await
+}
+
+async fn new_device(s: &TestServer, token: &str, name: &str) -> (String, String) {
+    let r = s
+        .post(
+            "/api/v1.0/devices",
+            token,
+            json!({"name": name, "description": "test phone"}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "pending");
+    assert!(v["pairing_qr_svg"].as_str().unwrap().starts_with("<?xml"));
+    assert!(v["pairing_expires_at"].as_str().unwrap().ends_with('Z'));
+    (
+        v["id"].as_str().unwrap().to_owned(),
+        v["pairing_code"].as_str().unwrap().to_owned(),
+    )
+}
+
+async fn device(s: &TestServer, token: &str, id: &str) -> Value {
+    let r = s.get(&format!("/api/v1.0/devices/{id}"), token).await;
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+/// Poll until `pred` holds for the device (bounded).
+async fn wait_for(
+    s: &TestServer,
+    token: &str,
+    id: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v = device(s, token, id).await;
+        if pred(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "device never became {what}: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn spawn_agent(
+    dir: &std::path::Path,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let cancel = CancellationToken::new();
+    let (c, d) = (cancel.clone(), dir.to_owned());
+    let power = dir.join("no-power-supply");
+    let task = tokio::spawn(async move {
+        proxyfleet_agent::run(
+            &d,
+            proxyfleet_agent::RunOptions {
+                power_supply_dir: power,
+            },
+            c,
+        )
+        .await
+    });
+    (cancel, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_happy_path_and_every_refusal() {
+    let Some(s) = server().await else { return };
+    let token = s.admin_token().await;
+    let (id, code) = new_device(&s, &token, "pixel-7").await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // A wrong secret with the right CA pin: refused by the server, nothing saved.
+    let (_, pin) = code.split_once('-').unwrap();
+    let err = proxyfleet_agent::enroll(
+        &s.tunnel(),
+        &format!("AAAAAAAAAAAAAAAAAAAA-{pin}"),
+        dir.path(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("pairing code is invalid, already used or expired"),
+        "{err:#}"
+    );
+    assert!(!dir.path().join("device.crt").exists());
+    // The right secret with another CA's pin: the agent refuses the server before sending the code.
+    let (secret, _) = code.split_once('-').unwrap();
+    let err = proxyfleet_agent::enroll(
+        &s.tunnel(),
+        &format!("{secret}-AAAAAAAAAAAAAAAA"),
+        dir.path(),
+    )
+    .await
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("could not connect"), "{err:#}");
+
+    let enrolled = proxyfleet_agent::enroll(&s.tunnel(), &code, dir.path())
+        .await
+        .unwrap();
+    assert_eq!(enrolled, id);
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["device.key", "device.crt", "ca.crt", "agent.json"] {
+        let mode = std::fs::metadata(dir.path().join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
+    let key = std::fs::read_to_string(dir.path().join("device.key")).unwrap();
+    assert!(key.contains("PRIVATE KEY"));
+    let v = device(&s, &token, &id).await;
+    assert_eq!(v["status"], "offline");
+    assert!(v["enrolled_at"].is_string() && v["pairing_expires_at"].is_null());
+
+    // Used code.
+    let other = tempfile::tempdir().unwrap();
+    let err = proxyfleet_agent::enroll(&s.tunnel(), &code, other.path())
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("already used or expired"),
+        "{err:#}"
+    );
+    // Expired code.
+    let (_, late) = new_device(&s, &token, "late").await;
+    s.clock.advance(Duration::from_secs(16 * 60));
+    let err = proxyfleet_agent::enroll(&s.tunnel(), &late, other.path())
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("already used or expired"),
+        "{err:#}"
+    );
+
+    // Another operator sees none of it.
+    s.create_operator("other_op", "0ther-Operator-Phrase", Role::Operator)
+        .await;
+    let other_token = s.login("other_op", "0ther-Operator-Phrase").await;
+    let r = s
+        .get(&format!("/api/v1.0/devices/{id}"), &other_token)
+        .await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_of(r).await, "not found");
+    let list: Value = s
+        .get("/api/v1.0/devices", &other_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 0);
+    assert_eq!(
+        s.post(
+            &format!("/api/v1.0/devices/{id}/revoke"),
+            &other_token,
+            json!({})
+        )
+        .await
+        .status(),
+        404
+    );
+    assert_eq!(
+        s.delete(&format!("/api/v1.0/devices/{id}"), &other_token)
+            .await
+            .status(),
+        404
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_goes_online_heartbeats_and_is_kicked_on_revoke() {
+    let Some(s) = server().await else { return };
+    let token = s.admin_token().await;
+    let (id, code) = new_device(&s, &token, "lte-box").await;
+    let dir = tempfile::tempdir().unwrap();
+    proxyfleet_agent::enroll(&s.tunnel(), &code, dir.path())
+        .await
+        .unwrap();
+    let (_cancel, task) = spawn_agent(dir.path());
+
+    let v = wait_for(&s, &token, &id, "online with a heartbeat", |v| {
+        v["status"] == "online" && v["last_heartbeat_at"].is_string()
+    })
+    .await;
+    assert_eq!(v["transport"], "quic");
+    assert_eq!(v["public_ip"], "127.0.0.1");
+    assert_eq!(v["agent_version"], env!("CARGO_PKG_VERSION"));
+    assert!(v["connected_since"].is_string());
+    assert!(v["metrics"].is_object());
+
+    // Rename and describe.
+    let r = s
+        .http
+        .patch(s.url(&format!("/api/v1.0/devices/{id}")))
+        .bearer_auth(&token)
+        .json(&json!({"name": "lte-box-2"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["name"], "lte-box-2");
+
+    // Revoke: the live tunnel closes within a second and the agent stops for good.
+    let t = Instant::now();
+    let r = s
+        .post(&format!("/api/v1.0/devices/{id}/revoke"), &token, json!({}))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "revoked");
+    let end = tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("agent stopped")
+        .unwrap();
+    let took = t.elapsed();
+    let err = end.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("refused this device"),
+        "{err:#}"
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "tunnel closed after {took:?}"
+    );
+    // The certificate is refused from now on.
+    let (_c, again) = spawn_agent(dir.path());
+    let err = tokio::time::timeout(Duration::from_secs(10), again)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("refused this device"),
+        "{err:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_device_replaces_its_stale_session() {
+    let Some(s) = server().await else { return };
+    let token = s.admin_token().await;
+    let (id, code) = new_device(&s, &token, "phone").await;
+    let dir = tempfile::tempdir().unwrap();
+    proxyfleet_agent::enroll(&s.tunnel(), &code, dir.path())
+        .await
+        .unwrap();
+    let (_c1, first) = spawn_agent(dir.path());
+    let v1 = wait_for(&s, &token, &id, "online", |v| v["status"] == "online").await;
+    // The same identity connects again (a reboot, a new NAT mapping): it takes over at once.
+    s.clock.advance(Duration::from_secs(1));
+    let (c2, _second) = spawn_agent(dir.path());
+    let end = tokio::time::timeout(Duration::from_secs(5), first)
+        .await
+        .expect("old session closed")
+        .unwrap();
+    assert!(format!("{:#}", end.unwrap_err()).contains("another agent"));
+    let v2 = wait_for(&s, &token, &id, "online again", |v| v["status"] == "online").await;
+    assert_ne!(v1["connected_since"], v2["connected_since"]);
+    // Delete: kicked, and gone from the list.
+    assert_eq!(
+        s.delete(&format!("/api/v1.0/devices/{id}"), &token)
+            .await
+            .status(),
+        204
+    );
+    assert_eq!(
+        s.get(&format!("/api/v1.0/devices/{id}"), &token)
+            .await
+            .status(),
+        404
+    );
+    c2.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_close_only_that_tunnel() {
+    let Some(s) = server().await else { return };
+    let token = s.admin_token().await;
+    let (good_id, good_code) = new_device(&s, &token, "good").await;
+    let (bad_id, bad_code) = new_device(&s, &token, "bad").await;
+    let (good_dir, bad_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    proxyfleet_agent::enroll(&s.tunnel(), &good_code, good_dir.path())
+        .await
+        .unwrap();
+    proxyfleet_agent::enroll(&s.tunnel(), &bad_code, bad_dir.path())
+        .await
+        .unwrap();
+    let (_c, _good) = spawn_agent(good_dir.path());
+    wait_for(&s, &token, &good_id, "online", |v| v["status"] == "online").await;
+
+    // A fake agent with a valid certificate sends garbage on its control stream.
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let read = |f: &str| std::fs::read(bad_dir.path().join(f)).unwrap();
+    let tls = proxyfleet_agent::tls::tunnel_tls(
+        CertificateDer::from(read("ca.crt")),
+        CertificateDer::from(read("device.crt")),
+        PrivateKeyDer::from_pem_slice(&read("device.key")).unwrap(),
+    )
+    .unwrap();
+    let (endpoint, addr) = proxyfleet_agent::tls::endpoint_for(&s.tunnel())
+        .await
+        .unwrap();
+    let config = proxyfleet_agent::tls::quic_client(tls, Duration::from_secs(5)).unwrap();
+    let conn = endpoint
+        .connect_with(config, addr, proxyfleet_proto::enroll::TUNNEL_SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3])
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("server closes the bad tunnel");
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == quinn::VarInt::from_u32(1)),
+        "{closed:?}"
+    );
+    assert_eq!(device(&s, &token, &bad_id).await["status"], "offline");
+    // The well-behaved device is untouched.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(device(&s, &token, &good_id).await["status"], "online");
+}
