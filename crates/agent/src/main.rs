@@ -89,7 +89,26 @@ fn main() -> std::process::ExitCode {
                     }
                     c.cancel();
                 });
-                proxyfleet_agent::run(&state_dir, RunOptions { power_supply_dir }, cancel).await
+                // SIGHUP: the network changed; move the tunnel to a fresh socket (QUIC migrates it).
+                let rebind = std::sync::Arc::new(tokio::sync::Notify::new());
+                let r = rebind.clone();
+                tokio::spawn(async move {
+                    use tokio::signal::unix::{signal, SignalKind};
+                    if let Ok(mut hup) = signal(SignalKind::hangup()) {
+                        while hup.recv().await.is_some() {
+                            r.notify_one();
+                        }
+                    }
+                });
+                proxyfleet_agent::run(
+                    &state_dir,
+                    RunOptions {
+                        power_supply_dir,
+                        rebind: Some(rebind),
+                    },
+                    cancel,
+                )
+                .await
             }
         }
     });

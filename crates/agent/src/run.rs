@@ -41,12 +41,16 @@ const STABLE_AFTER: Duration = Duration::from_secs(60);
 pub struct RunOptions {
     /// Where battery information lives (`/sys/class/power_supply`).
     pub power_supply_dir: PathBuf,
+    /// Notified when the device's network changed (SIGHUP in the binary): the agent moves its UDP socket to a
+    /// fresh one and QUIC migrates the tunnel, open flows included, to the new address.
+    pub rebind: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
             power_supply_dir: PathBuf::from("/sys/class/power_supply"),
+            rebind: None,
         }
     }
 }
@@ -188,8 +192,21 @@ async fn drive(
     tracing::info!(device = %state.device_id, server = %state.server, "tunnel up (quic)");
     let started = Instant::now();
     let mut tick = tokio::time::interval(interval);
+    let rebind = opts.rebind.clone();
     loop {
+        let network_changed = async {
+            match &rebind {
+                Some(n) => n.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            _ = network_changed => {
+                let local = endpoint.local_addr()?;
+                let fresh = std::net::UdpSocket::bind(std::net::SocketAddr::new(local.ip(), 0))?;
+                endpoint.rebind(fresh)?;
+                tracing::info!(old = %local, new = %endpoint.local_addr()?, "moved the tunnel to a new socket");
+            }
             _ = cancel.cancelled() => {
                 conn.close(0u32.into(), b"agent stopping");
                 endpoint.wait_idle().await;

@@ -63,25 +63,27 @@ async fn wait_for(
     }
 }
 
-fn spawn_agent(
-    dir: &std::path::Path,
-) -> (
+type Agent = (
     CancellationToken,
     tokio::task::JoinHandle<anyhow::Result<()>>,
-) {
+);
+
+fn spawn_agent(dir: &std::path::Path) -> Agent {
+    spawn_agent_with(dir, None)
+}
+
+fn spawn_agent_with(
+    dir: &std::path::Path,
+    rebind: Option<std::sync::Arc<tokio::sync::Notify>>,
+) -> Agent {
     let cancel = CancellationToken::new();
     let (c, d) = (cancel.clone(), dir.to_owned());
     let power = dir.join("no-power-supply");
-    let task = tokio::spawn(async move {
-        proxyfleet_agent::run(
-            &d,
-            proxyfleet_agent::RunOptions {
-                power_supply_dir: power,
-            },
-            c,
-        )
-        .await
-    });
+    let opts = proxyfleet_agent::RunOptions {
+        power_supply_dir: power,
+        rebind,
+    };
+    let task = tokio::spawn(async move { proxyfleet_agent::run(&d, opts, c).await });
     (cancel, task)
 }
 
@@ -343,4 +345,99 @@ async fn malformed_frames_close_only_that_tunnel() {
     // The well-behaved device is untouched.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(device(&s, &token, &good_id).await["status"], "online");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_opens_flows_from_its_own_network() {
+    use proxyfleet::tunnel::link::{open_tcp, FlowError};
+    use proxyfleet_proto::{Host, OpenResult};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let Some(s) = server().await else { return };
+    let token = s.admin_token().await;
+    let (id, code) = new_device(&s, &token, "exit").await;
+    let dir = tempfile::tempdir().unwrap();
+    proxyfleet_agent::enroll(&s.tunnel(), &code, dir.path())
+        .await
+        .unwrap();
+    let rebind = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (_c, _agent) = spawn_agent_with(dir.path(), Some(rebind.clone()));
+    let before = wait_for(&s, &token, &id, "online", |v| v["status"] == "online").await;
+    let live = s.running.as_ref().unwrap().state.registry.get(&id).unwrap();
+
+    // A real target: an echo server.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = sock.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    for host in [
+        Host::V4([127, 0, 0, 1].into()),
+        Host::Domain("localhost".into()),
+    ] {
+        let (mut r, mut w) = open_tcp(&*live.link, host.clone(), port).await.unwrap();
+        let msg = format!("ping via {host}");
+        w.write_all(msg.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        r.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg.as_bytes());
+    }
+    // Connection migration: the device's UDP socket moves to a new local port (as after a Wi-Fi/cellular switch
+    // or a NAT rebinding); the tunnel and an open flow survive.
+    let (mut r, mut w) = open_tcp(&*live.link, Host::V4([127, 0, 0, 1].into()), port)
+        .await
+        .unwrap();
+    w.write_all(b"before the move").await.unwrap();
+    let mut back = [0u8; 15];
+    r.read_exact(&mut back).await.unwrap();
+    let old_peer = live.link.peer();
+    s.clock.advance(Duration::from_secs(1)); // a reconnect would now show a new connected_since
+    rebind.notify_one();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.write_all(b"after the move!").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), r.read_exact(&mut back))
+        .await
+        .expect("flow survives")
+        .unwrap();
+    assert_eq!(&back, b"after the move!");
+    let after = device(&s, &token, &id).await;
+    assert_eq!(after["status"], "online");
+    assert_eq!(
+        after["connected_since"], before["connected_since"],
+        "same session, no reconnect"
+    );
+    assert_ne!(
+        live.link.peer().port(),
+        old_peer.port(),
+        "the server follows the device to its new address"
+    );
+
+    // Target failures come back typed.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let err = open_tcp(&*live.link, Host::V4([127, 0, 0, 1].into()), closed)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, FlowError::Target(OpenResult::Refused)),
+        "{err:?}"
+    );
+    let err = open_tcp(&*live.link, Host::Domain("no-such-host.invalid".into()), 80)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, FlowError::Target(OpenResult::DnsFailure)),
+        "{err:?}"
+    );
 }

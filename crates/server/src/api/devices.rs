@@ -80,7 +80,7 @@ fn view(state: &AppState, d: DeviceRow) -> DeviceView {
             .as_ref()
             .map(|l| l.public_ip.clone())
             .or(d.last_public_ip),
-        transport: live.as_ref().map(|l| l.transport),
+        transport: live.as_ref().map(|l| l.link.transport()),
         agent_version: live.as_ref().map(|l| l.agent_version.clone()),
         metrics: live.map(|l| MetricsView {
             battery_percent: l.metrics.battery_percent,

@@ -4,6 +4,7 @@
 //! certificate out) and `proxyfleet-tunnel/1` (the device's client certificate is required and looked up by its
 //! SHA-256 fingerprint; revoked or unknown certificates are refused).
 
+pub mod link;
 pub mod pairing;
 pub mod registry;
 
@@ -237,7 +238,7 @@ async fn tunnel(conn: &Connection, ctx: &TunnelContext) -> anyhow::Result<()> {
         LiveDevice {
             session,
             operator_id: device.operator_id.clone(),
-            transport: "quic",
+            link: Arc::new(link::QuicLink(conn.clone())),
             agent_version: hello.agent_version.clone(),
             connected_since: ctx.clock.now_ms(),
             last_heartbeat: None,

@@ -10,11 +10,12 @@ use proxyfleet_proto::DeviceMetrics;
 use tokio_util::sync::CancellationToken;
 
 /// One live tunnel session of a device.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LiveDevice {
     pub session: u64,
     pub operator_id: String,
-    pub transport: &'static str,
+    /// The tunnel itself: flows are opened through it.
+    pub link: std::sync::Arc<dyn super::link::Link>,
     pub agent_version: String,
     /// Unix milliseconds, UTC.
     pub connected_since: i64,
