@@ -38,6 +38,10 @@ enum Command {
             default_value = "/sys/class/power_supply"
         )]
         power_supply_dir: PathBuf,
+        /// Shell command that rotates this device's public IP when the operator asks (for example
+        /// `mmcli -m any --simple-disconnect && mmcli -m any --simple-connect=apn=internet`).
+        #[arg(long, env = "PROXYFLEET_AGENT_ROTATE_COMMAND")]
+        rotate_command: Option<String>,
     },
 }
 
@@ -76,6 +80,7 @@ fn main() -> std::process::ExitCode {
             Command::Run {
                 state_dir,
                 power_supply_dir,
+                rotate_command,
             } => {
                 let cancel = CancellationToken::new();
                 let c = cancel.clone();
@@ -105,6 +110,7 @@ fn main() -> std::process::ExitCode {
                     RunOptions {
                         power_supply_dir,
                         rebind: Some(rebind),
+                        rotate_command,
                     },
                     cancel,
                 )

@@ -44,6 +44,9 @@ pub struct RunOptions {
     /// Notified when the device's network changed (SIGHUP in the binary): the agent moves its UDP socket to a
     /// fresh one and QUIC migrates the tunnel, open flows included, to the new address.
     pub rebind: Option<std::sync::Arc<tokio::sync::Notify>>,
+    /// Shell command that rotates the device's public IP (for example a modem reconnect through `mmcli`), run
+    /// when the operator asks. Its last line of output is reported back.
+    pub rotate_command: Option<String>,
 }
 
 impl Default for RunOptions {
@@ -51,6 +54,7 @@ impl Default for RunOptions {
         RunOptions {
             power_supply_dir: PathBuf::from("/sys/class/power_supply"),
             rebind: None,
+            rotate_command: None,
         }
     }
 }
@@ -168,7 +172,11 @@ async fn drive(
         .send(ControlFrame::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-            capabilities: caps::TCP,
+            capabilities: if opts.rotate_command.is_some() {
+                caps::TCP | caps::ROTATE_IP
+            } else {
+                caps::TCP
+            },
         }))
         .await?;
     let ack = tokio::select! {
@@ -193,6 +201,7 @@ async fn drive(
     let started = Instant::now();
     let mut tick = tokio::time::interval(interval);
     let rebind = opts.rebind.clone();
+    let (rotated_tx, mut rotated_rx) = tokio::sync::mpsc::channel::<(u64, bool, String)>(4);
     loop {
         let network_changed = async {
             match &rebind {
@@ -201,11 +210,14 @@ async fn drive(
             }
         };
         tokio::select! {
-            _ = network_changed => {
-                let local = endpoint.local_addr()?;
-                let fresh = std::net::UdpSocket::bind(std::net::SocketAddr::new(local.ip(), 0))?;
-                endpoint.rebind(fresh)?;
-                tracing::info!(old = %local, new = %endpoint.local_addr()?, "moved the tunnel to a new socket");
+            _ = network_changed => move_socket(endpoint)?,
+            Some((request_id, ok, message)) = rotated_rx.recv() => {
+                if ok {
+                    // The public address has (probably) changed: continue from a fresh socket so that the server
+                    // sees the new path at once.
+                    move_socket(endpoint)?;
+                }
+                writer.send(ControlFrame::RotateIpResult { request_id, ok, message }).await?;
             }
             _ = cancel.cancelled() => {
                 conn.close(0u32.into(), b"agent stopping");
@@ -219,13 +231,23 @@ async fn drive(
             }
             f = reader.next() => match f {
                 Some(Ok(ControlFrame::HeartbeatAck(_))) => {}
-                Some(Ok(ControlFrame::RotateIp { request_id })) => {
-                    writer.send(ControlFrame::RotateIpResult {
-                        request_id,
-                        ok: false,
-                        message: "no IP rotation command is configured on this device".into(),
-                    }).await?;
-                }
+                Some(Ok(ControlFrame::RotateIp { request_id })) => match opts.rotate_command.clone() {
+                    None => {
+                        writer.send(ControlFrame::RotateIpResult {
+                            request_id,
+                            ok: false,
+                            message: "no IP rotation command is configured on this device".into(),
+                        }).await?;
+                    }
+                    Some(cmd) => {
+                        // Run it beside the loop so heartbeats and flows carry on meanwhile.
+                        let tx = rotated_tx.clone();
+                        tokio::spawn(async move {
+                            let (ok, message) = run_rotation(&cmd).await;
+                            let _ = tx.send((request_id, ok, message)).await;
+                        });
+                    }
+                },
                 Some(Ok(other)) => anyhow::bail!("unexpected frame from server: {other:?}"),
                 Some(Err(e)) => return Err(e.into()),
                 None => return Err(conn.closed().await.into()),
@@ -238,6 +260,57 @@ async fn drive(
                     }
                 });
             }
+        }
+    }
+}
+
+fn move_socket(endpoint: &quinn::Endpoint) -> anyhow::Result<()> {
+    let local = endpoint.local_addr()?;
+    let fresh = std::net::UdpSocket::bind(std::net::SocketAddr::new(local.ip(), 0))?;
+    endpoint.rebind(fresh)?;
+    tracing::info!(old = %local, new = %endpoint.local_addr()?, "moved the tunnel to a new socket");
+    Ok(())
+}
+
+/// Longest a rotation command may run.
+const ROTATE_TIMEOUT: Duration = Duration::from_secs(150);
+
+/// Run the rotation command with `sh -c`; success is exit status 0; the message is its last line of output.
+pub async fn run_rotation(cmd: &str) -> (bool, String) {
+    let child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(ROTATE_TIMEOUT, child).await {
+        Err(_) => (
+            false,
+            format!(
+                "rotation command timed out after {} s",
+                ROTATE_TIMEOUT.as_secs()
+            ),
+        ),
+        Ok(Err(e)) => (false, format!("rotation command could not start: {e}")),
+        Ok(Ok(out)) => {
+            let text = format!(
+                "{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let last = text
+                .lines()
+                .map(str::trim)
+                .rfind(|l| !l.is_empty())
+                .unwrap_or("")
+                .chars()
+                .take(200)
+                .collect::<String>();
+            let message = match (out.status.success(), last.is_empty()) {
+                (true, true) => "rotation command succeeded".to_owned(),
+                (false, true) => format!("rotation command failed ({})", out.status),
+                (_, false) => last,
+            };
+            (out.status.success(), message)
         }
     }
 }

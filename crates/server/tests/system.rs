@@ -72,6 +72,7 @@ async fn openapi_document_describes_every_endpoint() {
         ("/api/v1.0/devices/{id}", "patch"),
         ("/api/v1.0/devices/{id}", "delete"),
         ("/api/v1.0/devices/{id}/revoke", "post"),
+        ("/api/v1.0/devices/{id}/rotate", "post"),
         ("/healthz", "get"),
         ("/readyz", "get"),
         ("/metrics", "get"),

@@ -76,13 +76,26 @@ fn spawn_agent_with(
     dir: &std::path::Path,
     rebind: Option<std::sync::Arc<tokio::sync::Notify>>,
 ) -> Agent {
+    spawn_agent_opts(
+        dir,
+        proxyfleet_agent::RunOptions {
+            rebind,
+            ..options(dir)
+        },
+    )
+}
+
+fn options(dir: &std::path::Path) -> proxyfleet_agent::RunOptions {
+    proxyfleet_agent::RunOptions {
+        power_supply_dir: dir.join("no-power-supply"),
+        rebind: None,
+        rotate_command: None,
+    }
+}
+
+fn spawn_agent_opts(dir: &std::path::Path, opts: proxyfleet_agent::RunOptions) -> Agent {
     let cancel = CancellationToken::new();
     let (c, d) = (cancel.clone(), dir.to_owned());
-    let power = dir.join("no-power-supply");
-    let opts = proxyfleet_agent::RunOptions {
-        power_supply_dir: power,
-        rebind,
-    };
     let task = tokio::spawn(async move { proxyfleet_agent::run(&d, opts, c).await });
     (cancel, task)
 }
@@ -440,4 +453,59 @@ async fn the_agent_opens_flows_from_its_own_network() {
         matches!(err, FlowError::Target(OpenResult::DnsFailure)),
         "{err:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_rotation_runs_the_devices_command_and_reports_the_addresses() {
+    let Some(s) = server().await else { return };
+    let token = s.admin_token().await;
+    let cases = [
+        (
+            Some("echo rotating; echo reconnected via modem"),
+            true,
+            "reconnected via modem",
+        ),
+        (Some("echo modem busy >&2; exit 3"), false, "modem busy"),
+        (None, false, "no IP rotation command is configured"),
+    ];
+    let mut keep = Vec::new();
+    for (i, (cmd, want_ok, want_msg)) in cases.into_iter().enumerate() {
+        let (id, code) = new_device(&s, &token, &format!("rot-{i}")).await;
+        let dir = tempfile::tempdir().unwrap();
+        proxyfleet_agent::enroll(&s.tunnel(), &code, dir.path())
+            .await
+            .unwrap();
+        let opts = proxyfleet_agent::RunOptions {
+            rotate_command: cmd.map(str::to_owned),
+            ..options(dir.path())
+        };
+        keep.push((spawn_agent_opts(dir.path(), opts), dir));
+        wait_for(&s, &token, &id, "online", |v| v["status"] == "online").await;
+        let r = s
+            .post(&format!("/api/v1.0/devices/{id}/rotate"), &token, json!({}))
+            .await;
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["ok"], want_ok, "{v}");
+        assert!(v["message"].as_str().unwrap().contains(want_msg), "{v}");
+        assert_eq!(v["ip_before"], "127.0.0.1");
+        assert_eq!(v["ip_after"], "127.0.0.1");
+        assert_eq!(v["changed"], false, "loopback cannot change its address");
+        assert_eq!(
+            device(&s, &token, &id).await["status"],
+            "online",
+            "rotation keeps the tunnel"
+        );
+    }
+    // An offline device cannot rotate.
+    let (offline, _) = new_device(&s, &token, "never-connected").await;
+    let r = s
+        .post(
+            &format!("/api/v1.0/devices/{offline}/rotate"),
+            &token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status(), 409);
+    assert_eq!(error_of(r).await, "device is offline");
 }

@@ -19,6 +19,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_devices, create_device))
         .routes(routes!(get_device, update_device, delete_device))
         .routes(routes!(revoke_device))
+        .routes(routes!(rotate_ip))
 }
 
 /// What the device reports about itself (absent fields: the device does not expose them).
@@ -273,4 +274,74 @@ async fn delete_device(
     }
     state.registry.kick(&id);
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The outcome of an IP rotation, with the address before and after as this server saw it.
+#[derive(Serialize, ToSchema)]
+pub struct RotateResult {
+    /// Whether the device's rotation command succeeded.
+    ok: bool,
+    /// The command's last line of output, or why nothing ran.
+    message: String,
+    ip_before: String,
+    ip_after: String,
+    /// True when the public address actually changed.
+    changed: bool,
+}
+
+/// How long a rotation command may take on the device.
+const ROTATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
+/// How long to watch for the device's new address after the command finished.
+const ROTATE_SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Ask the device to rotate its public IP (it runs its configured rotation command, for example a modem
+/// reconnect) and report the address before and after.
+#[utoipa::path(post, path = "/devices/{id}/rotate", tag = "devices", security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = RotateResult), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "device offline"), (status = 504, body = ErrorBody)))]
+async fn rotate_ip(
+    State(state): State<AppState>,
+    AuthSession(s): AuthSession,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<RotateResult>, ApiError> {
+    own_device(&state, &s.operator_id, &id).await?;
+    let live = state
+        .registry
+        .get(&id)
+        .filter(|l| l.operator_id == s.operator_id)
+        .ok_or_else(|| ApiError::Conflict("device is offline".into()))?;
+    let ip_before = live.link.peer().ip().to_canonical();
+    let (reply, outcome) = tokio::sync::oneshot::channel();
+    live.commands
+        .send(crate::tunnel::DeviceCommand::RotateIp { reply })
+        .await
+        .map_err(|_| ApiError::Conflict("device is offline".into()))?;
+    let outcome = match tokio::time::timeout(ROTATE_TIMEOUT, outcome).await {
+        Ok(Ok(o)) => o,
+        Ok(Err(_)) => {
+            return Err(ApiError::Conflict(
+                "device went offline during the rotation".into(),
+            ))
+        }
+        Err(_) => {
+            return Err(ApiError::GatewayTimeout(
+                "device did not finish rotating in time".into(),
+            ))
+        }
+    };
+    // The device moves its tunnel to a fresh socket after rotating; give the new address a moment to show.
+    let deadline = tokio::time::Instant::now() + ROTATE_SETTLE;
+    let mut ip_after = live.link.peer().ip().to_canonical();
+    while outcome.ok && ip_after == ip_before && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        ip_after = live.link.peer().ip().to_canonical();
+    }
+    tracing::info!(device = %id, ok = outcome.ok, %ip_before, %ip_after, "IP rotation");
+    Ok(Json(RotateResult {
+        ok: outcome.ok,
+        message: outcome.message,
+        ip_before: ip_before.to_string(),
+        ip_after: ip_after.to_string(),
+        changed: ip_before != ip_after,
+    }))
 }

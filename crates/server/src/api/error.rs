@@ -43,6 +43,8 @@ pub enum ApiError {
     TooManyRequests(Duration),
     #[error("service unavailable")]
     Unavailable,
+    #[error("{0}")]
+    GatewayTimeout(String),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -65,6 +67,7 @@ impl ApiError {
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -29,6 +29,20 @@ use crate::pki::{fingerprint, hex, Pki};
 use crate::store::Store;
 pub use registry::{LiveDevice, Registry};
 
+/// A request for a device's control loop.
+pub enum DeviceCommand {
+    /// Run the device's IP rotation command; the outcome comes back on `reply`.
+    RotateIp {
+        reply: tokio::sync::oneshot::Sender<RotateOutcome>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct RotateOutcome {
+    pub ok: bool,
+    pub message: String,
+}
+
 /// Every handshake step (QUIC handshake, first stream, hello, enrollment request) must finish within this.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -233,6 +247,7 @@ async fn tunnel(conn: &Connection, ctx: &TunnelContext) -> anyhow::Result<()> {
     let public_ip = conn.remote_address().ip().to_canonical().to_string();
     let session = ctx.registry.new_session_id();
     let kick = ctx.cancel.child_token();
+    let (commands, mut command_rx) = tokio::sync::mpsc::channel(8);
     ctx.registry.register(
         &device.id,
         LiveDevice {
@@ -245,6 +260,7 @@ async fn tunnel(conn: &Connection, ctx: &TunnelContext) -> anyhow::Result<()> {
             public_ip: public_ip.clone(),
             metrics: Default::default(),
             kick: kick.clone(),
+            commands,
         },
     );
     tracing::info!(device = %device.id, %public_ip, agent = %hello.agent_version, "device online");
@@ -255,16 +271,12 @@ async fn tunnel(conn: &Connection, ctx: &TunnelContext) -> anyhow::Result<()> {
             public_ip: public_ip.clone(),
         }))
         .await?;
-    let result = control_loop(
-        conn,
-        ctx,
-        &device.id,
-        session,
-        &kick,
-        &mut reader,
-        &mut writer,
-    )
-    .await;
+    let mut io = ControlIo {
+        reader: &mut reader,
+        writer: &mut writer,
+        commands: &mut command_rx,
+    };
+    let result = control_loop(conn, ctx, &device.id, session, &kick, &mut io).await;
     ctx.registry.unregister(&device.id, session);
     tracing::info!(device = %device.id, "device offline");
     result
@@ -273,30 +285,39 @@ async fn tunnel(conn: &Connection, ctx: &TunnelContext) -> anyhow::Result<()> {
 type ControlReader = FramedRead<quinn::RecvStream, FrameCodec<ControlFrame>>;
 type ControlWriter = FramedWrite<quinn::SendStream, FrameCodec<ControlFrame>>;
 
+struct ControlIo<'a> {
+    reader: &'a mut ControlReader,
+    writer: &'a mut ControlWriter,
+    commands: &'a mut tokio::sync::mpsc::Receiver<DeviceCommand>,
+}
+
 async fn control_loop(
     conn: &Connection,
     ctx: &TunnelContext,
     device_id: &str,
     session: u64,
     kick: &CancellationToken,
-    reader: &mut ControlReader,
-    writer: &mut ControlWriter,
+    io: &mut ControlIo<'_>,
 ) -> anyhow::Result<()> {
+    let mut pending: std::collections::HashMap<u64, tokio::sync::oneshot::Sender<RotateOutcome>> =
+        Default::default();
+    let mut next_request = 0u64;
     loop {
         let next = tokio::select! {
             _ = kick.cancelled() => {
-                let (code, why): (u32, &[u8]) = if ctx.cancel.is_cancelled() {
-                    (close::SHUTDOWN, b"server shutting down")
-                } else if ctx.registry.get(device_id).is_some_and(|l| l.session != session) {
-                    (close::REPLACED, b"replaced by a newer session")
-                } else {
-                    (close::REVOKED, b"device revoked")
-                };
-                conn.close(code.into(), why);
+                close_kicked(conn, ctx, device_id, session);
                 return Ok(());
             }
             _ = conn.closed() => return Ok(()),
-            f = reader.next() => f,
+            Some(cmd) = io.commands.recv() => {
+                let DeviceCommand::RotateIp { reply } = cmd;
+                next_request += 1;
+                pending.retain(|_, r| !r.is_closed());
+                pending.insert(next_request, reply);
+                io.writer.send(ControlFrame::RotateIp { request_id: next_request }).await?;
+                continue;
+            }
+            f = io.reader.next() => f,
         };
         match next {
             None => return Ok(()),
@@ -305,14 +326,37 @@ async fn control_loop(
                 let ip = conn.remote_address().ip().to_canonical().to_string();
                 ctx.registry
                     .heartbeat(device_id, session, ctx.clock.now_ms(), hb.metrics, &ip);
-                writer
+                io.writer
                     .send(ControlFrame::HeartbeatAck(HeartbeatAck { public_ip: ip }))
                     .await?;
             }
-            Some(Ok(ControlFrame::RotateIpResult { .. })) => {}
+            Some(Ok(ControlFrame::RotateIpResult {
+                request_id,
+                ok,
+                message,
+            })) => {
+                if let Some(reply) = pending.remove(&request_id) {
+                    let _ = reply.send(RotateOutcome { ok, message });
+                }
+            }
             Some(Ok(other)) => anyhow::bail!("unexpected frame from agent: {other:?}"),
         }
     }
+}
+
+fn close_kicked(conn: &Connection, ctx: &TunnelContext, device_id: &str, session: u64) {
+    let (code, why): (u32, &[u8]) = if ctx.cancel.is_cancelled() {
+        (close::SHUTDOWN, b"server shutting down")
+    } else if ctx
+        .registry
+        .get(device_id)
+        .is_some_and(|l| l.session != session)
+    {
+        (close::REPLACED, b"replaced by a newer session")
+    } else {
+        (close::REVOKED, b"device revoked")
+    };
+    conn.close(code.into(), why);
 }
 
 /// Every `interval`: write the devices seen since the last flush to the store in one transaction.

@@ -24,6 +24,8 @@ pub struct LiveDevice {
     pub metrics: DeviceMetrics,
     /// Cancelling it closes this session's tunnel.
     pub kick: CancellationToken,
+    /// Commands for this session's control loop.
+    pub commands: tokio::sync::mpsc::Sender<super::DeviceCommand>,
 }
 
 #[derive(Default)]
