@@ -29,19 +29,71 @@ pub fn battery(power_supply_dir: &Path) -> (Option<u8>, Option<bool>) {
     (None, None)
 }
 
+/// Signal quality, carrier and access technology from `mmcli -m any -J` (ModemManager's JSON output).
+pub fn parse_mmcli(json: &str) -> (Option<u8>, Option<String>, Option<String>) {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return (None, None, None);
+    };
+    let modem = &v["modem"];
+    let signal = modem["generic"]["signal-quality"]["value"]
+        .as_str()
+        .and_then(|s| s.trim().parse::<u8>().ok())
+        .map(|v| v.min(100));
+    let text = |x: &serde_json::Value| {
+        x.as_str()
+            .map(str::trim)
+            .filter(|s| !s.is_empty() && *s != "--")
+            .map(str::to_owned)
+    };
+    let carrier = text(&modem["3gpp"]["operator-name"]);
+    let network = modem["generic"]["access-technologies"]
+        .as_array()
+        .and_then(|a| a.first())
+        .and_then(text);
+    (signal, carrier, network)
+}
+
+/// Ask ModemManager, if it is installed; nothing when it is not or does not answer within 5 s.
+async fn modem() -> (Option<u8>, Option<String>, Option<String>) {
+    let run = tokio::process::Command::new("mmcli")
+        .args(["-m", "any", "-J"])
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(std::time::Duration::from_secs(5), run).await {
+        Ok(Ok(out)) if out.status.success() => parse_mmcli(&String::from_utf8_lossy(&out.stdout)),
+        _ => (None, None, None),
+    }
+}
+
 /// Collect what is available on this device.
 pub async fn collect(power_supply_dir: &Path) -> DeviceMetrics {
     let (battery_percent, charging) = battery(power_supply_dir);
+    let (signal_percent, carrier, network_type) = modem().await;
     DeviceMetrics {
         battery_percent,
         charging,
-        ..DeviceMetrics::default()
+        signal_percent,
+        carrier,
+        network_type,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_modemmanager_json_and_tolerates_garbage() {
+        let json = r#"{"modem":{"3gpp":{"operator-name":"Vodafone DE","registration-state":"home"},
+            "generic":{"access-technologies":["lte"],"signal-quality":{"recent":"yes","value":"67"}}}}"#;
+        assert_eq!(
+            parse_mmcli(json),
+            (Some(67), Some("Vodafone DE".into()), Some("lte".into()))
+        );
+        let sparse = r#"{"modem":{"3gpp":{"operator-name":"--"},"generic":{"access-technologies":[],"signal-quality":{"value":"x"}}}}"#;
+        assert_eq!(parse_mmcli(sparse), (None, None, None));
+        assert_eq!(parse_mmcli("not json"), (None, None, None));
+    }
 
     #[test]
     fn reads_a_sysfs_battery_and_tolerates_absence() {
