@@ -7,10 +7,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use futures_util::StreamExt;
 use proxyfleet_proto::codec::frame;
-use proxyfleet_proto::enroll::{
-    EnrollRequest, EnrollResponse, MAX_ENROLL_FRAME, TUNNEL_SERVER_NAME,
-};
+use proxyfleet_proto::enroll::{EnrollRequest, EnrollResponse, MAX_ENROLL_FRAME};
 use proxyfleet_proto::{FrameCodec, PROTOCOL_VERSION};
+use tokio::io::AsyncWriteExt;
 use tokio_util::codec::FramedRead;
 
 use crate::state::{AgentState, StateDir};
@@ -62,32 +61,23 @@ pub async fn enroll(server: &str, code: &str, state_dir: &Path) -> anyhow::Resul
         .serialize_request(&key)
         .context("making the certificate signing request")?;
 
-    let (endpoint, addr) = tls::endpoint_for(server).await?;
-    let config = tls::quic_client(tls::enroll_tls(pin)?, Duration::from_secs(5))?;
-    let conn = tokio::time::timeout(
-        STEP_TIMEOUT,
-        endpoint.connect_with(config, addr, TUNNEL_SERVER_NAME)?,
-    )
-    .await
-    .context("timed out connecting to the server")?
-    .context(
-        "could not connect to the server (is the address the tunnel port, and UDP allowed?)",
-    )?;
-    let (mut send, recv) = conn.open_bi().await?;
+    let conn = crate::conn::connect(server, || tls::enroll_tls(pin.clone()))
+        .await
+        .context("could not connect to the server (is the address the tunnel port?)")?;
+    let (recv, mut send) = conn.open_bi().await?;
     let req = EnrollRequest {
         protocol_version: PROTOCOL_VERSION,
         code: secret,
         csr_der: csr.der().to_vec(),
     };
     send.write_all(&frame(&req)).await?;
-    send.finish()?;
+    send.flush().await?;
     let mut reader = FramedRead::new(recv, FrameCodec::<EnrollResponse>::new(MAX_ENROLL_FRAME));
     let resp = tokio::time::timeout(STEP_TIMEOUT, reader.next())
         .await
         .context("timed out waiting for the server's answer")?
         .context("the server closed the connection without answering")??;
-    conn.close(0u32.into(), b"done");
-    endpoint.wait_idle().await;
+    conn.close().await;
     match resp {
         EnrollResponse::Refused { message } => bail!("enrollment refused: {message}"),
         EnrollResponse::Enrolled {

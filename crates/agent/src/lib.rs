@@ -3,7 +3,9 @@
 //! It needs no root and no inbound port.
 #![forbid(unsafe_code)]
 
+pub mod conn;
 pub mod enroll;
+mod flow;
 pub mod metrics;
 pub mod run;
 pub mod state;

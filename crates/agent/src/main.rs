@@ -111,6 +111,7 @@ fn main() -> std::process::ExitCode {
                         power_supply_dir,
                         rebind: Some(rebind),
                         rotate_command,
+                        ..RunOptions::default()
                     },
                     cancel,
                 )

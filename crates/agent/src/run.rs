@@ -1,23 +1,19 @@
-//! `proxyfleet-agent run`: hold the tunnel, send heartbeats, open connections on request; reconnect with capped
-//! exponential backoff and jitter, reset after a stable period.
+//! `proxyfleet-agent run`: hold the tunnel (QUIC, or TLS over TCP when UDP is blocked), send heartbeats, open
+//! connections on request; reconnect with capped exponential backoff and jitter, reset after a stable period.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
-use proxyfleet_proto::control::{caps, ControlFrame, Heartbeat, Hello};
-use proxyfleet_proto::enroll::TUNNEL_SERVER_NAME;
-use proxyfleet_proto::{
-    Decode, FrameCodec, Host, OpenResult, StreamHeader, Target, MAX_CONTROL_FRAME,
-    MAX_STREAM_HEADER, PROTOCOL_VERSION,
-};
-use quinn::{ConnectionError, RecvStream, SendStream};
+use proxyfleet_proto::control::{caps, ControlFrame, Heartbeat, Hello, RefusalCode};
+use proxyfleet_proto::{FrameCodec, MAX_CONTROL_FRAME, PROTOCOL_VERSION};
+use quinn::ConnectionError;
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
+use crate::conn::{self, Conn};
 use crate::state::StateDir;
 use crate::tls;
 
@@ -29,8 +25,6 @@ const CLOSE_VERSION: u32 = 6;
 
 /// Every handshake step must finish within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connecting to a target (DNS + TCP) must finish within this.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Backoff bounds between reconnection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -47,6 +41,8 @@ pub struct RunOptions {
     /// Shell command that rotates the device's public IP (for example a modem reconnect through `mmcli`), run
     /// when the operator asks. Its last line of output is reported back.
     pub rotate_command: Option<String>,
+    /// While on the TCP fallback, how often to check whether QUIC works again (then the agent moves to it).
+    pub quic_retry: Duration,
 }
 
 impl Default for RunOptions {
@@ -55,6 +51,7 @@ impl Default for RunOptions {
             power_supply_dir: PathBuf::from("/sys/class/power_supply"),
             rebind: None,
             rotate_command: None,
+            quic_retry: Duration::from_secs(300),
         }
     }
 }
@@ -65,7 +62,9 @@ pub enum SessionEnd {
     Cancelled,
     /// The server will not take this device again; retrying is pointless.
     Refused(String),
-    /// Anything else: reconnect.
+    /// QUIC works again after a TCP fallback: reconnect at once.
+    UpgradeToQuic,
+    /// Anything else: reconnect after a backoff.
     Lost(anyhow::Error),
 }
 
@@ -81,6 +80,9 @@ pub async fn run(
         match try_run(state_dir, &opts, &cancel).await {
             SessionEnd::Cancelled => return Ok(()),
             SessionEnd::Refused(why) => anyhow::bail!("{why}"),
+            SessionEnd::UpgradeToQuic => {
+                tracing::info!("UDP to the server works again; moving the tunnel to QUIC");
+            }
             SessionEnd::Lost(e) => {
                 if started.elapsed() >= STABLE_AFTER {
                     delay = BACKOFF_MIN;
@@ -106,14 +108,16 @@ fn classify(e: &ConnectionError) -> Option<String> {
             CLOSE_UNKNOWN | CLOSE_REVOKED => {
                 Some(format!("the server refused this device: {reason}"))
             }
-            CLOSE_REPLACED => {
-                Some("another agent with this device's identity connected; this one stops".into())
-            }
+            CLOSE_REPLACED => Some(replaced()),
             CLOSE_VERSION => Some(format!("the server refused this agent: {reason}")),
             _ => None,
         };
     }
     None
+}
+
+fn replaced() -> String {
+    "another agent with this device's identity connected; this one stops".to_owned()
 }
 
 /// One tunnel session.
@@ -131,41 +135,83 @@ pub async fn try_run(
     }
 }
 
+struct Identity {
+    ca: CertificateDer<'static>,
+    cert: CertificateDer<'static>,
+    key: Vec<u8>,
+}
+
+impl Identity {
+    fn tls(&self) -> anyhow::Result<rustls::ClientConfig> {
+        let key = PrivateKeyDer::from_pem_slice(&self.key).context("reading the device key")?;
+        tls::tunnel_tls(self.ca.clone(), self.cert.clone(), key)
+    }
+}
+
+/// One session forced onto the TCP transport (what a UDP outage leads to); for tests of the move back to QUIC.
+pub async fn try_run_on_tcp(
+    state_dir: &Path,
+    opts: &RunOptions,
+    cancel: &CancellationToken,
+) -> SessionEnd {
+    let run = async {
+        let (state, id) = load(state_dir)?;
+        let conn = conn::connect_tcp(&state.server, id.tls()?).await?;
+        drive(conn, &id, &state, opts, cancel).await
+    };
+    match run.await {
+        Ok(end) => end,
+        Err(e) => SessionEnd::Lost(e),
+    }
+}
+
+fn load(state_dir: &Path) -> anyhow::Result<(crate::state::AgentState, Identity)> {
+    let dir = StateDir::new(state_dir);
+    let state = dir.load()?;
+    let id = Identity {
+        ca: CertificateDer::from(dir.read(&dir.ca())?),
+        cert: CertificateDer::from(dir.read(&dir.cert())?),
+        key: dir.read(&dir.key())?,
+    };
+    Ok((state, id))
+}
+
 async fn session(
     state_dir: &Path,
     opts: &RunOptions,
     cancel: &CancellationToken,
 ) -> anyhow::Result<SessionEnd> {
-    let dir = StateDir::new(state_dir);
-    let state = dir.load()?;
-    let ca = CertificateDer::from(dir.read(&dir.ca())?);
-    let cert = CertificateDer::from(dir.read(&dir.cert())?);
-    let key =
-        PrivateKeyDer::from_pem_slice(&dir.read(&dir.key())?).context("reading the device key")?;
-    let (endpoint, addr) = tls::endpoint_for(&state.server).await?;
-    let config = tls::quic_client(tls::tunnel_tls(ca, cert, key)?, Duration::from_secs(10))?;
-    let conn = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        endpoint.connect_with(config, addr, TUNNEL_SERVER_NAME)?,
-    )
-    .await
-    .context("timed out connecting")??;
-    let result = drive(&conn, &endpoint, &state, opts, cancel).await;
-    // However the failure surfaced (a write, a read, the close itself), the server's close reason says why.
-    match (result, conn.close_reason()) {
-        (Err(_), Some(reason)) => Err(reason.into()),
-        (result, _) => result,
-    }
+    let (state, id) = load(state_dir)?;
+    let conn = conn::connect(&state.server, || id.tls()).await?;
+    drive(conn, &id, &state, opts, cancel).await
 }
 
 async fn drive(
-    conn: &quinn::Connection,
-    endpoint: &quinn::Endpoint,
+    conn: Conn,
+    id: &Identity,
     state: &crate::state::AgentState,
     opts: &RunOptions,
     cancel: &CancellationToken,
 ) -> anyhow::Result<SessionEnd> {
-    let (send, recv) = conn.open_bi().await?;
+    let result = drive_inner(&conn, id, state, opts, cancel).await;
+    // However the failure surfaced (a write, a read, the close itself), the server's close reason says why.
+    let result = match (result, conn.close_reason()) {
+        (Err(_), Some(reason)) => Err(reason.into()),
+        (result, _) => result,
+    };
+    // Hang up properly whatever happened (the server waits for it after a refusal).
+    conn.close().await;
+    result
+}
+
+async fn drive_inner(
+    conn: &Conn,
+    id: &Identity,
+    state: &crate::state::AgentState,
+    opts: &RunOptions,
+    cancel: &CancellationToken,
+) -> anyhow::Result<SessionEnd> {
+    let (recv, send) = conn.open_bi().await?;
     let mut writer = FramedWrite::new(send, FrameCodec::<ControlFrame>::new(MAX_CONTROL_FRAME));
     let mut reader = FramedRead::new(recv, FrameCodec::<ControlFrame>::new(MAX_CONTROL_FRAME));
     writer
@@ -181,25 +227,25 @@ async fn drive(
         .await?;
     let ack = tokio::select! {
         f = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()) => f.context("timed out waiting for the hello answer")?,
-        e = conn.closed() => return Err(e.into()),
+        e = conn.closed() => return Err(e),
     };
     let interval = match ack {
         Some(Ok(ControlFrame::HelloAck(a))) => {
             Duration::from_secs(u64::from(a.heartbeat_interval_secs.max(1)))
         }
-        Some(Ok(ControlFrame::Refused(r))) => {
-            return Ok(SessionEnd::Refused(format!(
-                "the server refused this agent: {}",
-                r.message
-            )))
-        }
+        Some(Ok(ControlFrame::Refused(r))) => return Ok(refused(r.code, &r.message)),
         Some(Ok(other)) => anyhow::bail!("unexpected answer to hello: {other:?}"),
         Some(Err(e)) => return Err(e.into()),
-        None => return Err(conn.closed().await.into()),
+        None => return Err(conn.closed().await),
     };
-    tracing::info!(device = %state.device_id, server = %state.server, "tunnel up (quic)");
+    tracing::info!(device = %state.device_id, server = %state.server, transport = conn.transport(), "tunnel up");
     let started = Instant::now();
     let mut tick = tokio::time::interval(interval);
+    let mut quic_check = tokio::time::interval_at(
+        tokio::time::Instant::now() + opts.quic_retry,
+        opts.quic_retry,
+    );
+    let on_tcp = matches!(conn, Conn::Tcp { .. });
     let rebind = opts.rebind.clone();
     let (rotated_tx, mut rotated_rx) = tokio::sync::mpsc::channel::<(u64, bool, String)>(4);
     loop {
@@ -210,27 +256,35 @@ async fn drive(
             }
         };
         tokio::select! {
-            _ = network_changed => move_socket(endpoint)?,
+            _ = network_changed => conn.rebind()?,
+            _ = quic_check.tick(), if on_tcp => {
+                // Only a completed QUIC handshake moves the tunnel; a failed probe leaves the TCP session alone.
+                if let Ok(probe) = conn::connect_quic(&state.server, id.tls()?).await {
+                    probe.close().await;
+                    conn.close().await;
+                    return Ok(SessionEnd::UpgradeToQuic);
+                }
+            }
             Some((request_id, ok, message)) = rotated_rx.recv() => {
                 if ok {
                     // The public address has (probably) changed: continue from a fresh socket so that the server
                     // sees the new path at once.
-                    move_socket(endpoint)?;
+                    conn.rebind()?;
                 }
                 writer.send(ControlFrame::RotateIpResult { request_id, ok, message }).await?;
             }
             _ = cancel.cancelled() => {
-                conn.close(0u32.into(), b"agent stopping");
-                endpoint.wait_idle().await;
+                conn.close().await;
                 return Ok(SessionEnd::Cancelled);
             }
-            e = conn.closed() => return Err(e.into()),
+            e = conn.closed() => return Err(e),
             _ = tick.tick() => {
                 let metrics = crate::metrics::collect(&opts.power_supply_dir).await;
                 writer.send(ControlFrame::Heartbeat(Heartbeat { uptime_secs: started.elapsed().as_secs(), metrics })).await?;
             }
             f = reader.next() => match f {
                 Some(Ok(ControlFrame::HeartbeatAck(_))) => {}
+                Some(Ok(ControlFrame::Refused(r))) => return Ok(refused(r.code, &r.message)),
                 Some(Ok(ControlFrame::RotateIp { request_id })) => match opts.rotate_command.clone() {
                     None => {
                         writer.send(ControlFrame::RotateIpResult {
@@ -250,12 +304,12 @@ async fn drive(
                 },
                 Some(Ok(other)) => anyhow::bail!("unexpected frame from server: {other:?}"),
                 Some(Err(e)) => return Err(e.into()),
-                None => return Err(conn.closed().await.into()),
+                None => return Err(conn.closed().await),
             },
             s = conn.accept_bi() => {
-                let (send, recv) = s?;
+                let (recv, send) = s?;
                 tokio::spawn(async move {
-                    if let Err(e) = serve_flow(send, recv).await {
+                    if let Err(e) = crate::flow::serve_flow(recv, send).await {
                         tracing::debug!(error = %format!("{e:#}"), "flow ended with an error");
                     }
                 });
@@ -264,12 +318,20 @@ async fn drive(
     }
 }
 
-fn move_socket(endpoint: &quinn::Endpoint) -> anyhow::Result<()> {
-    let local = endpoint.local_addr()?;
-    let fresh = std::net::UdpSocket::bind(std::net::SocketAddr::new(local.ip(), 0))?;
-    endpoint.rebind(fresh)?;
-    tracing::info!(old = %local, new = %endpoint.local_addr()?, "moved the tunnel to a new socket");
-    Ok(())
+/// What a `Refused` frame from the server means for this agent.
+fn refused(code: RefusalCode, message: &str) -> SessionEnd {
+    match code {
+        RefusalCode::Revoked => {
+            SessionEnd::Refused(format!("the server refused this device: {message}"))
+        }
+        RefusalCode::VersionMismatch => {
+            SessionEnd::Refused(format!("the server refused this agent: {message}"))
+        }
+        RefusalCode::Replaced => SessionEnd::Refused(replaced()),
+        RefusalCode::Shutdown | RefusalCode::Internal => {
+            SessionEnd::Lost(anyhow::anyhow!("server: {message}"))
+        }
+    }
 }
 
 /// Longest a rotation command may run.
@@ -313,75 +375,4 @@ pub async fn run_rotation(cmd: &str) -> (bool, String) {
             (out.status.success(), message)
         }
     }
-}
-
-/// A flow stream: read the header, connect from this device's network, answer, then copy bytes both ways.
-async fn serve_flow(mut send: SendStream, mut recv: RecvStream) -> anyhow::Result<()> {
-    let header = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_header(&mut recv))
-        .await
-        .context("header timeout")??;
-    let Target::Tcp { host, port } = header.target else {
-        send.write_all(&[OpenResult::NotAllowed as u8]).await?;
-        send.finish()?;
-        return Ok(());
-    };
-    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, connect(&host, port)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(result)) => {
-            send.write_all(&[result as u8]).await?;
-            send.finish()?;
-            return Ok(());
-        }
-        Err(_) => {
-            send.write_all(&[OpenResult::Timeout as u8]).await?;
-            send.finish()?;
-            return Ok(());
-        }
-    };
-    let _ = tcp.set_nodelay(true);
-    send.write_all(&[OpenResult::Ok as u8]).await?;
-    let (mut tr, mut tw) = tcp.into_split();
-    let up = async {
-        tokio::io::copy(&mut recv, &mut tw).await?;
-        tw.shutdown().await
-    };
-    let down = async {
-        tokio::io::copy(&mut tr, &mut send).await?;
-        send.finish().map_err(std::io::Error::other)
-    };
-    let _ = tokio::try_join!(up, down);
-    Ok(())
-}
-
-async fn read_header(recv: &mut RecvStream) -> anyhow::Result<StreamHeader> {
-    let len = recv.read_u32().await? as usize;
-    if len > MAX_STREAM_HEADER {
-        anyhow::bail!("stream header of {len} bytes is too large");
-    }
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await?;
-    Ok(StreamHeader::decode_exact(&body)?)
-}
-
-/// Resolve on the device (so DNS answers match its network) and connect.
-async fn connect(host: &Host, port: u16) -> Result<tokio::net::TcpStream, OpenResult> {
-    let addrs: Vec<std::net::SocketAddr> = match host {
-        Host::V4(a) => vec![(*a, port).into()],
-        Host::V6(a) => vec![(*a, port).into()],
-        Host::Domain(d) => match tokio::net::lookup_host((d.as_str(), port)).await {
-            Ok(a) => a.collect(),
-            Err(_) => return Err(OpenResult::DnsFailure),
-        },
-    };
-    if addrs.is_empty() {
-        return Err(OpenResult::DnsFailure);
-    }
-    let mut last = OpenResult::Unreachable;
-    for a in addrs {
-        match tokio::net::TcpStream::connect(a).await {
-            Ok(s) => return Ok(s),
-            Err(e) => last = OpenResult::from_io(&e),
-        }
-    }
-    Err(last)
 }

@@ -131,7 +131,7 @@ mod tests {
                     public_ip: ip
                 }
             )),
-            (1u8..=4, short()).prop_map(|(c, m)| ControlFrame::Refused(Refusal {
+            (1u8..=5, short()).prop_map(|(c, m)| ControlFrame::Refused(Refusal {
                 code: RefusalCode::try_from(c).unwrap(),
                 message: m
             })),

@@ -41,6 +41,8 @@ pub enum RefusalCode {
     Revoked = 2,
     Replaced = 3,
     Internal = 4,
+    /// The server is shutting down; reconnect later.
+    Shutdown = 5,
 }
 
 impl TryFrom<u8> for RefusalCode {
@@ -51,6 +53,7 @@ impl TryFrom<u8> for RefusalCode {
             2 => RefusalCode::Revoked,
             3 => RefusalCode::Replaced,
             4 => RefusalCode::Internal,
+            5 => RefusalCode::Shutdown,
             tag => {
                 return Err(DecodeError::UnknownTag {
                     what: "refusal code",

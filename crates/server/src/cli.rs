@@ -107,6 +107,10 @@ pub struct ServeArgs {
     /// UDP address for device tunnels (QUIC). Unset: no device can connect.
     #[arg(long, env = "PROXYFLEET_TUNNEL_LISTEN")]
     pub tunnel_listen: Option<SocketAddr>,
+    /// Serve QUIC on the tunnel port (UDP). Default true; the TLS-over-TCP fallback on the same port number is
+    /// always served.
+    #[arg(long, env = "PROXYFLEET_TUNNEL_QUIC")]
+    pub tunnel_quic: Option<bool>,
     /// Heartbeat interval told to agents, seconds. Default 30.
     #[arg(long, env = "PROXYFLEET_TUNNEL_HEARTBEAT_SECS")]
     pub tunnel_heartbeat_secs: Option<u64>,
@@ -133,6 +137,7 @@ impl ServeArgs {
             log_level: self.log_level.clone(),
             shutdown_timeout_secs: self.shutdown_timeout_secs,
             tunnel_listen: self.tunnel_listen,
+            tunnel_quic: self.tunnel_quic,
             tunnel_heartbeat_secs: self.tunnel_heartbeat_secs,
             pairing_ttl_secs: self.pairing_ttl_secs,
             ..RawConfig::default()

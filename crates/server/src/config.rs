@@ -86,6 +86,7 @@ pub struct RawConfig {
     pub log_level: Option<String>,
     pub shutdown_timeout_secs: Option<u64>,
     pub tunnel_listen: Option<SocketAddr>,
+    pub tunnel_quic: Option<bool>,
     pub tunnel_heartbeat_secs: Option<u64>,
     pub pairing_ttl_secs: Option<u64>,
 }
@@ -125,6 +126,7 @@ impl RawConfig {
             log_level,
             shutdown_timeout_secs,
             tunnel_listen,
+            tunnel_quic,
             tunnel_heartbeat_secs,
             pairing_ttl_secs,
         )
@@ -214,6 +216,8 @@ pub struct ServeConfig {
     pub shutdown_timeout: Duration,
     /// UDP address of the device tunnel (QUIC); `None` serves no devices.
     pub tunnel_listen: Option<SocketAddr>,
+    /// Serve QUIC on the tunnel port (the TCP fallback is always served). Off only for UDP-hostile setups and tests.
+    pub tunnel_quic: bool,
     /// Heartbeat interval told to agents.
     pub tunnel_heartbeat: Duration,
     /// Lifetime of a device pairing code.
@@ -296,6 +300,7 @@ impl ServeConfig {
             log_level: raw.log_level.unwrap_or_else(|| "info".to_owned()),
             shutdown_timeout: Duration::from_secs(raw.shutdown_timeout_secs.unwrap_or(10)),
             tunnel_listen: raw.tunnel_listen,
+            tunnel_quic: raw.tunnel_quic.unwrap_or(true),
             tunnel_heartbeat: Duration::from_secs(secs_in(
                 "tunnel_heartbeat_secs",
                 raw.tunnel_heartbeat_secs,

@@ -140,22 +140,31 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
     );
     let registry = Arc::new(crate::tunnel::Registry::default());
     let tunnel_addr = match config.tunnel_listen {
-        Some(addr) => Some(crate::tunnel::start(
-            addr,
-            crate::tunnel::TunnelContext {
-                store: store.clone(),
-                pki: pki.clone(),
-                registry: registry.clone(),
-                clock: clock.clone(),
-                heartbeat_interval: config.tunnel_heartbeat,
-                cancel: cancel.child_token(),
-                tracker: tracker.clone(),
-            },
-        )?),
+        Some(addr) => Some(
+            crate::tunnel::start(
+                addr,
+                crate::tunnel::TunnelContext {
+                    quic: config.tunnel_quic,
+                    store: store.clone(),
+                    pki: pki.clone(),
+                    registry: registry.clone(),
+                    clock: clock.clone(),
+                    heartbeat_interval: config.tunnel_heartbeat,
+                    cancel: cancel.child_token(),
+                    tracker: tracker.clone(),
+                },
+            )
+            .await?,
+        ),
         None => None,
     };
     if let Some(addr) = tunnel_addr {
-        tracing::info!(%addr, "device tunnel listening (QUIC)");
+        let transports = if config.tunnel_quic {
+            "QUIC on UDP, TLS fallback on TCP"
+        } else {
+            "TLS on TCP only"
+        };
+        tracing::info!(%addr, transports, "device tunnel listening");
     }
     tracker.spawn(crate::tunnel::flush_seen(
         store.clone(),

@@ -13,9 +13,15 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 async fn server() -> Option<TestServer> {
+    server_with(true).await
+}
+
+/// `quic: false` serves only the TLS-over-TCP transport, as if UDP to the server were blocked.
+async fn server_with(quic: bool) -> Option<TestServer> {
     let mut opts = Opts::new(Db::Sqlite);
     opts.raw.tunnel_listen = Some("127.0.0.1:0".parse().unwrap());
     opts.raw.tunnel_heartbeat_secs = Some(1);
+    opts.raw.tunnel_quic = Some(quic);
     TestServer::start(opts).await
 }
 
@@ -90,6 +96,7 @@ fn options(dir: &std::path::Path) -> proxyfleet_agent::RunOptions {
         power_supply_dir: dir.join("no-power-supply"),
         rebind: None,
         rotate_command: None,
+        ..Default::default()
     }
 }
 
@@ -508,4 +515,115 @@ async fn ip_rotation_runs_the_devices_command_and_reports_the_addresses() {
         .await;
     assert_eq!(r.status(), 409);
     assert_eq!(error_of(r).await, "device is offline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_udp_the_agent_falls_back_to_tls_over_tcp() {
+    use proxyfleet::tunnel::link::open_tcp;
+    use proxyfleet_proto::Host;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let Some(s) = server_with(false).await else {
+        return;
+    };
+    let token = s.admin_token().await;
+    let (id, code) = new_device(&s, &token, "udp-blocked").await;
+    let dir = tempfile::tempdir().unwrap();
+    // Enrollment falls back too.
+    proxyfleet_agent::enroll(&s.tunnel(), &code, dir.path())
+        .await
+        .unwrap();
+    let (_c, agent) = spawn_agent(dir.path());
+    let v = wait_for(&s, &token, &id, "online", |v| {
+        v["status"] == "online" && v["last_heartbeat_at"].is_string()
+    })
+    .await;
+    assert_eq!(v["transport"], "tcp");
+    assert_eq!(v["public_ip"], "127.0.0.1");
+
+    // Flows work the same through the multiplexer.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = sock.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let live = s.running.as_ref().unwrap().state.registry.get(&id).unwrap();
+    let mut flows = Vec::new();
+    for i in 0..3 {
+        let (mut r, mut w) = open_tcp(&*live.link, Host::V4([127, 0, 0, 1].into()), port)
+            .await
+            .unwrap();
+        let msg = format!("flow {i} over tcp");
+        w.write_all(msg.as_bytes()).await.unwrap();
+        flows.push((r.read_u8().await.unwrap(), msg, r, w));
+    }
+    for (first, msg, mut r, _w) in flows {
+        let mut rest = vec![0u8; msg.len() - 1];
+        r.read_exact(&mut rest).await.unwrap();
+        assert_eq!([vec![first], rest].concat(), msg.as_bytes());
+    }
+
+    // Revocation reaches a TCP agent too, with its reason.
+    let t = Instant::now();
+    assert_eq!(
+        s.post(&format!("/api/v1.0/devices/{id}/revoke"), &token, json!({}))
+            .await
+            .status(),
+        200
+    );
+    let end = tokio::time::timeout(Duration::from_secs(5), agent)
+        .await
+        .expect("agent stopped")
+        .unwrap();
+    assert!(format!("{:#}", end.unwrap_err()).contains("refused this device"));
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "tunnel closed after {:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_agent_moves_to_quic_when_udp_works() {
+    // With both transports served, an agent that starts on TCP (as after a UDP outage) probes QUIC and moves.
+    let Some(s) = server().await else { return };
+    let token = s.admin_token().await;
+    let (id, code) = new_device(&s, &token, "roamer").await;
+    let dir = tempfile::tempdir().unwrap();
+    proxyfleet_agent::enroll(&s.tunnel(), &code, dir.path())
+        .await
+        .unwrap();
+    // Start one session on TCP by hand, then let the agent's run loop (which prefers QUIC) take over.
+    let opts = proxyfleet_agent::RunOptions {
+        quic_retry: Duration::from_millis(300),
+        ..options(dir.path())
+    };
+    let state = dir.path().to_owned();
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    let first =
+        tokio::spawn(async move { proxyfleet_agent::run::try_run_on_tcp(&state, &opts, &c).await });
+    wait_for(&s, &token, &id, "online over tcp", |v| {
+        v["transport"] == "tcp"
+    })
+    .await;
+    let end = tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .expect("probe ran")
+        .unwrap();
+    assert!(
+        matches!(end, proxyfleet_agent::run::SessionEnd::UpgradeToQuic),
+        "{end:?}"
+    );
+    let (_c2, _agent) = spawn_agent(dir.path());
+    wait_for(&s, &token, &id, "online over quic", |v| {
+        v["transport"] == "quic"
+    })
+    .await;
+    cancel.cancel();
 }

@@ -1,18 +1,22 @@
-//! The one interface the rest of the server sees of a device tunnel, whatever carries it: open a flow stream.
-//! QUIC is the only transport so far; the TLS-over-TCP fallback will implement the same trait.
+//! The one interface the rest of the server sees of a device tunnel, whatever carries it: QUIC streams or
+//! yamux streams inside TLS over TCP.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use proxyfleet_proto::codec::frame;
 use proxyfleet_proto::{Host, OpenResult, StreamHeader, Target};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
-type OpenFuture<'a> =
+pub type StreamFuture<'a> =
     Pin<Box<dyn Future<Output = Result<(BoxRead, BoxWrite), FlowError>> + Send + 'a>>;
+pub type ClosedFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 /// How long the device may take to connect to a target and answer.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
@@ -30,14 +34,24 @@ pub enum FlowError {
     Target(OpenResult),
 }
 
-/// A device tunnel, as the relay sees it.
+fn tunnel_err(e: impl std::error::Error + Send + Sync + 'static) -> FlowError {
+    FlowError::Tunnel(std::io::Error::other(e))
+}
+
+/// A device tunnel, as the rest of the server sees it.
 pub trait Link: Send + Sync {
     /// `quic` or `tcp`.
     fn transport(&self) -> &'static str;
-    /// Open a raw stream to the agent.
-    fn open_stream(&self) -> OpenFuture<'_>;
-    /// The device's current address as this server sees it (it changes when the device migrates).
-    fn peer(&self) -> std::net::SocketAddr;
+    /// Open a stream to the agent.
+    fn open_stream(&self) -> StreamFuture<'_>;
+    /// The next stream the agent opened.
+    fn accept_stream(&self) -> StreamFuture<'_>;
+    /// Close the tunnel; `code` reaches the agent where the transport can carry it (QUIC).
+    fn close(&self, code: u32, reason: &'static [u8]);
+    /// Resolves once the tunnel is closed, by either side.
+    fn closed(&self) -> ClosedFuture<'_>;
+    /// The device's current address as this server sees it (it changes when a QUIC device migrates).
+    fn peer(&self) -> SocketAddr;
 }
 
 pub struct QuicLink(pub quinn::Connection);
@@ -47,19 +61,94 @@ impl Link for QuicLink {
         "quic"
     }
 
-    fn peer(&self) -> std::net::SocketAddr {
-        self.0.remote_address()
-    }
-
-    fn open_stream(&self) -> OpenFuture<'_> {
+    fn open_stream(&self) -> StreamFuture<'_> {
         Box::pin(async move {
-            let (send, recv) = self
-                .0
-                .open_bi()
-                .await
-                .map_err(|e| FlowError::Tunnel(std::io::Error::other(e)))?;
+            let (send, recv) = self.0.open_bi().await.map_err(tunnel_err)?;
             Ok((Box::new(recv) as BoxRead, Box::new(send) as BoxWrite))
         })
+    }
+
+    fn accept_stream(&self) -> StreamFuture<'_> {
+        Box::pin(async move {
+            let (send, recv) = self.0.accept_bi().await.map_err(tunnel_err)?;
+            Ok((Box::new(recv) as BoxRead, Box::new(send) as BoxWrite))
+        })
+    }
+
+    fn close(&self, code: u32, reason: &'static [u8]) {
+        self.0.close(code.into(), reason);
+    }
+
+    fn closed(&self) -> ClosedFuture<'_> {
+        Box::pin(async move {
+            self.0.closed().await;
+        })
+    }
+
+    fn peer(&self) -> SocketAddr {
+        self.0.remote_address()
+    }
+}
+
+/// A yamux session over TLS over TCP. The session itself is driven by a task (see `tunnel::tcp`), which hands
+/// over the agent's streams through `incoming` and ends when `done` is cancelled or the connection drops.
+pub struct TcpLink {
+    pub control: tokio_yamux::Control,
+    pub incoming: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<tokio_yamux::StreamHandle>>,
+    pub done: CancellationToken,
+    pub peer: SocketAddr,
+    pub close_code: Mutex<Option<u32>>,
+}
+
+impl Link for TcpLink {
+    fn transport(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn open_stream(&self) -> StreamFuture<'_> {
+        Box::pin(async move {
+            let mut control = self.control.clone();
+            let stream = control
+                .open_stream()
+                .await
+                .map_err(|e| FlowError::Tunnel(std::io::Error::other(format!("{e:?}"))))?;
+            let (r, w) = tokio::io::split(stream);
+            Ok((Box::new(r) as BoxRead, Box::new(w) as BoxWrite))
+        })
+    }
+
+    fn accept_stream(&self) -> StreamFuture<'_> {
+        Box::pin(async move {
+            let mut incoming = self.incoming.lock().await;
+            let stream = tokio::select! {
+                s = incoming.recv() => s,
+                _ = self.done.cancelled() => None,
+            };
+            let stream =
+                stream.ok_or_else(|| FlowError::Tunnel(std::io::Error::other("tunnel closed")))?;
+            let (r, w) = tokio::io::split(stream);
+            Ok((Box::new(r) as BoxRead, Box::new(w) as BoxWrite))
+        })
+    }
+
+    fn close(&self, code: u32, _reason: &'static [u8]) {
+        if let Ok(mut c) = self.close_code.lock() {
+            c.get_or_insert(code);
+        }
+        // Let yamux flush and say goodbye, but never wait on a dead peer for long.
+        let (mut control, done) = (self.control.clone(), self.done.clone());
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(1), control.close()).await;
+            done.cancel();
+        });
+    }
+
+    fn closed(&self) -> ClosedFuture<'_> {
+        Box::pin(self.done.cancelled())
+    }
+
+    fn peer(&self) -> SocketAddr {
+        self.peer
     }
 }
 

@@ -1,12 +1,16 @@
-//! The device endpoint: enrollment and tunnels over QUIC (quinn) with mutual TLS.
+//! The device endpoint: enrollment and tunnels with mutual TLS, over QUIC (quinn, UDP) and, as a fallback for
+//! networks that block UDP, TLS over TCP with a yamux stream multiplexer on the same port number.
 //!
-//! One UDP port serves both ALPNs: `proxyfleet-enroll/1` (no client certificate; pairing code + CSR in, signed
+//! Both transports serve both ALPNs: `proxyfleet-enroll/1` (no client certificate; pairing code + CSR in, signed
 //! certificate out) and `proxyfleet-tunnel/1` (the device's client certificate is required and looked up by its
-//! SHA-256 fingerprint; revoked or unknown certificates are refused).
+//! SHA-256 fingerprint; revoked or unknown certificates are refused). Past the handshake everything goes through
+//! the [`link::Link`] trait, so nothing else knows which transport a device uses.
 
 pub mod link;
 pub mod pairing;
+mod quic;
 pub mod registry;
+mod tcp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +23,8 @@ use proxyfleet_proto::enroll::{
     EnrollRequest, EnrollResponse, ALPN_ENROLL, ALPN_TUNNEL, MAX_ENROLL_FRAME,
 };
 use proxyfleet_proto::{codec::frame, FrameCodec, MAX_CONTROL_FRAME, PROTOCOL_VERSION};
-use quinn::{Connection, Endpoint};
+use rustls::pki_types::CertificateDer;
+use tokio::io::AsyncWriteExt;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -27,6 +32,7 @@ use tokio_util::task::TaskTracker;
 use crate::clock::Clock;
 use crate::pki::{fingerprint, hex, Pki};
 use crate::store::Store;
+use link::{BoxRead, BoxWrite, Link};
 pub use registry::{LiveDevice, Registry};
 
 /// A request for a device's control loop.
@@ -46,7 +52,7 @@ pub struct RotateOutcome {
 /// Every handshake step (QUIC handshake, first stream, hello, enrollment request) must finish within this.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// QUIC application close codes, so the agent can tell why it was closed.
+/// Close codes (QUIC application codes; over TCP the same reason travels as a `Refused` frame first).
 pub mod close {
     pub const PROTOCOL_ERROR: u32 = 1;
     pub const UNKNOWN_DEVICE: u32 = 2;
@@ -58,6 +64,8 @@ pub mod close {
 
 #[derive(Clone)]
 pub struct TunnelContext {
+    /// Serve QUIC (UDP). Off only to exercise or force the TCP fallback.
+    pub quic: bool,
     pub store: Store,
     pub pki: Arc<Pki>,
     pub registry: Arc<Registry>,
@@ -68,16 +76,22 @@ pub struct TunnelContext {
 }
 
 /// Bind the QUIC endpoint and serve it until `ctx.cancel`.
-pub fn start(addr: SocketAddr, ctx: TunnelContext) -> anyhow::Result<SocketAddr> {
-    let endpoint = Endpoint::server(server_config(&ctx.pki)?, addr)
-        .with_context(|| format!("binding the tunnel listener on UDP {addr}"))?;
-    let local = endpoint.local_addr()?;
-    let tracker = ctx.tracker.clone();
-    tracker.spawn(accept_loop(endpoint, ctx));
-    Ok(local)
+/// Bind the tunnel listeners (UDP for QUIC unless disabled, TCP for the fallback, same port number) and serve
+/// them until `ctx.cancel`. Returns the bound address.
+pub async fn start(addr: SocketAddr, ctx: TunnelContext) -> anyhow::Result<SocketAddr> {
+    let tls = tls_config(&ctx.pki)?;
+    let addr = if ctx.quic {
+        let local = quic::start(addr, tls.clone(), ctx.clone())?;
+        tcp::start(local, tls, ctx).await.map(|_| local)?
+    } else {
+        tcp::start(addr, tls, ctx).await?
+    };
+    Ok(addr)
 }
 
-fn server_config(pki: &Pki) -> anyhow::Result<quinn::ServerConfig> {
+/// The TLS configuration both transports share: TLS 1.3, the platform's server certificate, device certificates
+/// verified against the platform CA (optional at this layer so enrollment can connect without one).
+fn tls_config(pki: &Pki) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca_der.clone())?;
@@ -92,67 +106,51 @@ fn server_config(pki: &Pki) -> anyhow::Result<quinn::ServerConfig> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(pki.server_chain.clone(), pki.server_key())?;
     tls.alpn_protocols = vec![ALPN_TUNNEL.to_vec(), ALPN_ENROLL.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    let mut transport = quinn::TransportConfig::default();
-    transport.max_idle_timeout(Some(Duration::from_secs(60).try_into()?));
-    config.transport_config(Arc::new(transport));
-    Ok(config)
+    Ok(Arc::new(tls))
 }
 
-async fn accept_loop(endpoint: Endpoint, ctx: TunnelContext) {
-    loop {
-        let incoming = tokio::select! {
-            _ = ctx.cancel.cancelled() => break,
-            i = endpoint.accept() => i,
-        };
-        let Some(incoming) = incoming else { break };
-        let ctx2 = ctx.clone();
-        ctx.tracker.spawn(async move {
-            let remote = incoming.remote_address();
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
-                Ok(Ok(conn)) => serve_connection(conn, ctx2).await,
-                Ok(Err(e)) => tracing::debug!(%remote, error = %e, "tunnel handshake failed"),
-                Err(_) => tracing::debug!(%remote, "tunnel handshake timed out"),
-            }
-        });
-    }
-    endpoint.close(close::SHUTDOWN.into(), b"server shutting down");
-    endpoint.wait_idle().await;
+/// A connection past its TLS handshake, from either transport.
+pub(crate) struct Handshaken {
+    pub link: Arc<dyn Link>,
+    pub alpn: Option<Vec<u8>>,
+    pub peer_cert: Option<CertificateDer<'static>>,
 }
 
-fn alpn(conn: &Connection) -> Option<Vec<u8>> {
-    conn.handshake_data()?
-        .downcast::<quinn::crypto::rustls::HandshakeData>()
-        .ok()?
-        .protocol
-}
-
-async fn serve_connection(conn: Connection, ctx: TunnelContext) {
-    let remote = conn.remote_address();
-    let result = match alpn(&conn).as_deref() {
-        Some(ALPN_ENROLL) => enroll(&conn, &ctx).await,
-        Some(ALPN_TUNNEL) => tunnel(&conn, &ctx).await,
+pub(crate) async fn serve_link(conn: Handshaken, ctx: TunnelContext) {
+    let remote = conn.link.peer();
+    let result = match conn.alpn.as_deref() {
+        Some(ALPN_ENROLL) => enroll(&*conn.link, &ctx).await,
+        Some(ALPN_TUNNEL) => tunnel(conn.link.clone(), conn.peer_cert, &ctx).await,
         _ => Err(anyhow::anyhow!("no known ALPN")),
     };
     if let Err(e) = result {
         // Whose fault: the device's (bad frames, bad certificate) unless the store failed.
-        tracing::info!(%remote, error = %format!("{e:#}"), source = "device", "tunnel connection ended");
-        conn.close(close::PROTOCOL_ERROR.into(), b"protocol error");
+        tracing::info!(%remote, transport = conn.link.transport(), error = %format!("{e:#}"), source = "device",
+            "tunnel connection ended");
+        conn.link.close(close::PROTOCOL_ERROR, b"protocol error");
     }
 }
 
-async fn enroll(conn: &Connection, ctx: &TunnelContext) -> anyhow::Result<()> {
-    let (mut send, recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await??;
+async fn accept_first_stream(link: &dyn Link) -> anyhow::Result<(BoxRead, BoxWrite)> {
+    Ok(
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, link.accept_stream())
+            .await
+            .context("no stream opened in time")??,
+    )
+}
+
+async fn enroll(link: &dyn Link, ctx: &TunnelContext) -> anyhow::Result<()> {
+    let (recv, mut send) = accept_first_stream(link).await?;
     let mut reader = FramedRead::new(recv, FrameCodec::<EnrollRequest>::new(MAX_ENROLL_FRAME));
     let req = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next())
         .await?
         .context("stream ended before the enrollment request")??;
     let resp = answer_enrollment(&req, ctx).await?;
     send.write_all(&frame(&resp)).await?;
-    send.finish()?;
+    send.shutdown().await?;
     // Let the agent read the answer and close; do not hold the connection longer than a handshake.
-    let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.closed()).await;
+    let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, link.closed()).await;
+    link.close(0, b"done");
     Ok(())
 }
 
@@ -199,52 +197,73 @@ async fn answer_enrollment(
     })
 }
 
-async fn tunnel(conn: &Connection, ctx: &TunnelContext) -> anyhow::Result<()> {
-    let certs = conn.peer_identity().and_then(|id| {
-        id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-            .ok()
+type ControlReader = FramedRead<BoxRead, FrameCodec<ControlFrame>>;
+type ControlWriter = FramedWrite<BoxWrite, FrameCodec<ControlFrame>>;
+
+/// Tell the agent why, on the control stream (the only channel TCP has), give it a moment to hang up, then
+/// close the link.
+async fn refuse(
+    link: &dyn Link,
+    writer: &mut ControlWriter,
+    code: RefusalCode,
+    close_code: u32,
+    message: &'static str,
+) {
+    let frame = ControlFrame::Refused(Refusal {
+        code,
+        message: message.to_owned(),
     });
-    let Some(cert) = certs.as_ref().and_then(|c| c.first()) else {
-        conn.close(
-            close::UNKNOWN_DEVICE.into(),
-            b"a device certificate is required",
-        );
-        return Ok(());
-    };
-    let Some(device) = ctx
-        .store
-        .device_by_fingerprint(&hex(&fingerprint(cert)))
-        .await?
-    else {
-        conn.close(close::REVOKED.into(), b"device revoked or unknown");
-        return Ok(());
-    };
-    let (send, recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await??;
+    let told = tokio::time::timeout(Duration::from_secs(1), async {
+        writer.send(frame).await?;
+        writer.get_mut().shutdown().await?;
+        Ok::<(), proxyfleet_proto::codec::CodecError>(())
+    })
+    .await;
+    if matches!(told, Ok(Ok(()))) {
+        let _ = tokio::time::timeout(Duration::from_millis(500), link.closed()).await;
+    }
+    link.close(close_code, message.as_bytes());
+}
+
+async fn tunnel(
+    link: Arc<dyn Link>,
+    cert: Option<CertificateDer<'static>>,
+    ctx: &TunnelContext,
+) -> anyhow::Result<()> {
+    let (recv, send) = accept_first_stream(&*link).await?;
     let mut reader = FramedRead::new(recv, FrameCodec::<ControlFrame>::new(MAX_CONTROL_FRAME));
     let mut writer = FramedWrite::new(send, FrameCodec::<ControlFrame>::new(MAX_CONTROL_FRAME));
+    let device = match &cert {
+        Some(cert) => {
+            ctx.store
+                .device_by_fingerprint(&hex(&fingerprint(cert)))
+                .await?
+        }
+        None => None,
+    };
+    let Some(device) = device else {
+        refuse(
+            &*link,
+            &mut writer,
+            RefusalCode::Revoked,
+            close::REVOKED,
+            "device revoked or unknown",
+        )
+        .await;
+        return Ok(());
+    };
     let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await? {
         Some(Ok(ControlFrame::Hello(h))) => h,
         Some(Ok(_)) => anyhow::bail!("expected a hello"),
         Some(Err(e)) => return Err(e.into()),
-        None => anyhow::bail!("control stream ended before the hello"),
+        None => return Ok(()), // a probe: the agent checks that this transport works, then leaves
     };
     if hello.protocol_version != PROTOCOL_VERSION {
-        let message = format!(
-            "this server speaks protocol version {PROTOCOL_VERSION}, the agent {}; install a matching agent",
-            hello.protocol_version
-        );
-        writer
-            .send(ControlFrame::Refused(Refusal {
-                code: RefusalCode::VersionMismatch,
-                message,
-            }))
-            .await?;
-        let _ = writer.get_mut().finish();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        conn.close(close::VERSION.into(), b"protocol version mismatch");
+        refuse(&*link, &mut writer, RefusalCode::VersionMismatch, close::VERSION,
+            "this server speaks another protocol version; install the agent that matches the server").await;
         return Ok(());
     }
-    let public_ip = conn.remote_address().ip().to_canonical().to_string();
+    let public_ip = link.peer().ip().to_canonical().to_string();
     let session = ctx.registry.new_session_id();
     let kick = ctx.cancel.child_token();
     let (commands, mut command_rx) = tokio::sync::mpsc::channel(8);
@@ -253,7 +272,7 @@ async fn tunnel(conn: &Connection, ctx: &TunnelContext) -> anyhow::Result<()> {
         LiveDevice {
             session,
             operator_id: device.operator_id.clone(),
-            link: Arc::new(link::QuicLink(conn.clone())),
+            link: link.clone(),
             agent_version: hello.agent_version.clone(),
             connected_since: ctx.clock.now_ms(),
             last_heartbeat: None,
@@ -263,12 +282,12 @@ async fn tunnel(conn: &Connection, ctx: &TunnelContext) -> anyhow::Result<()> {
             commands,
         },
     );
-    tracing::info!(device = %device.id, %public_ip, agent = %hello.agent_version, "device online");
+    tracing::info!(device = %device.id, %public_ip, transport = link.transport(), agent = %hello.agent_version, "device online");
     writer
         .send(ControlFrame::HelloAck(HelloAck {
             protocol_version: PROTOCOL_VERSION,
             heartbeat_interval_secs: u32::try_from(ctx.heartbeat_interval.as_secs()).unwrap_or(30),
-            public_ip: public_ip.clone(),
+            public_ip,
         }))
         .await?;
     let mut io = ControlIo {
@@ -276,14 +295,11 @@ async fn tunnel(conn: &Connection, ctx: &TunnelContext) -> anyhow::Result<()> {
         writer: &mut writer,
         commands: &mut command_rx,
     };
-    let result = control_loop(conn, ctx, &device.id, session, &kick, &mut io).await;
+    let result = control_loop(&*link, ctx, &device.id, session, &kick, &mut io).await;
     ctx.registry.unregister(&device.id, session);
     tracing::info!(device = %device.id, "device offline");
     result
 }
-
-type ControlReader = FramedRead<quinn::RecvStream, FrameCodec<ControlFrame>>;
-type ControlWriter = FramedWrite<quinn::SendStream, FrameCodec<ControlFrame>>;
 
 struct ControlIo<'a> {
     reader: &'a mut ControlReader,
@@ -292,7 +308,7 @@ struct ControlIo<'a> {
 }
 
 async fn control_loop(
-    conn: &Connection,
+    link: &dyn Link,
     ctx: &TunnelContext,
     device_id: &str,
     session: u64,
@@ -305,10 +321,17 @@ async fn control_loop(
     loop {
         let next = tokio::select! {
             _ = kick.cancelled() => {
-                close_kicked(conn, ctx, device_id, session);
+                let (code, close_code, why) = if ctx.cancel.is_cancelled() {
+                    (RefusalCode::Shutdown, close::SHUTDOWN, "server shutting down")
+                } else if ctx.registry.get(device_id).is_some_and(|l| l.session != session) {
+                    (RefusalCode::Replaced, close::REPLACED, "replaced by a newer session")
+                } else {
+                    (RefusalCode::Revoked, close::REVOKED, "device revoked")
+                };
+                refuse(link, io.writer, code, close_code, why).await;
                 return Ok(());
             }
-            _ = conn.closed() => return Ok(()),
+            _ = link.closed() => return Ok(()),
             Some(cmd) = io.commands.recv() => {
                 let DeviceCommand::RotateIp { reply } = cmd;
                 next_request += 1;
@@ -323,7 +346,7 @@ async fn control_loop(
             None => return Ok(()),
             Some(Err(e)) => return Err(e.into()),
             Some(Ok(ControlFrame::Heartbeat(hb))) => {
-                let ip = conn.remote_address().ip().to_canonical().to_string();
+                let ip = link.peer().ip().to_canonical().to_string();
                 ctx.registry
                     .heartbeat(device_id, session, ctx.clock.now_ms(), hb.metrics, &ip);
                 io.writer
@@ -342,21 +365,6 @@ async fn control_loop(
             Some(Ok(other)) => anyhow::bail!("unexpected frame from agent: {other:?}"),
         }
     }
-}
-
-fn close_kicked(conn: &Connection, ctx: &TunnelContext, device_id: &str, session: u64) {
-    let (code, why): (u32, &[u8]) = if ctx.cancel.is_cancelled() {
-        (close::SHUTDOWN, b"server shutting down")
-    } else if ctx
-        .registry
-        .get(device_id)
-        .is_some_and(|l| l.session != session)
-    {
-        (close::REPLACED, b"replaced by a newer session")
-    } else {
-        (close::REVOKED, b"device revoked")
-    };
-    conn.close(code.into(), why);
 }
 
 /// Every `interval`: write the devices seen since the last flush to the store in one transaction.

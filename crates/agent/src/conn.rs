@@ -1,0 +1,193 @@
+//! The agent's side of a tunnel, whichever transport carries it: QUIC, or TLS over TCP with yamux when UDP to
+//! the server is blocked.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use proxyfleet_proto::enroll::TUNNEL_SERVER_NAME;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+
+pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// How long the QUIC handshake may take before the agent tries TCP instead.
+pub const QUIC_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long the TCP + TLS handshake may take.
+pub const TCP_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub enum Conn {
+    Quic {
+        conn: quinn::Connection,
+        endpoint: quinn::Endpoint,
+    },
+    Tcp {
+        control: tokio_yamux::Control,
+        incoming: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<tokio_yamux::StreamHandle>>,
+        done: CancellationToken,
+    },
+}
+
+fn split<S: AsyncRead + AsyncWrite + Send + 'static>(s: S) -> (BoxRead, BoxWrite) {
+    let (r, w) = tokio::io::split(s);
+    (Box::new(r), Box::new(w))
+}
+
+impl Conn {
+    pub fn transport(&self) -> &'static str {
+        match self {
+            Conn::Quic { .. } => "quic",
+            Conn::Tcp { .. } => "tcp",
+        }
+    }
+
+    pub async fn open_bi(&self) -> anyhow::Result<(BoxRead, BoxWrite)> {
+        match self {
+            Conn::Quic { conn, .. } => {
+                let (send, recv) = conn.open_bi().await?;
+                Ok((Box::new(recv), Box::new(send)))
+            }
+            Conn::Tcp { control, .. } => {
+                let stream = control
+                    .clone()
+                    .open_stream()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("yamux: {e:?}"))?;
+                Ok(split(stream))
+            }
+        }
+    }
+
+    pub async fn accept_bi(&self) -> anyhow::Result<(BoxRead, BoxWrite)> {
+        match self {
+            Conn::Quic { conn, .. } => {
+                let (send, recv) = conn.accept_bi().await?;
+                Ok((Box::new(recv), Box::new(send)))
+            }
+            Conn::Tcp { incoming, .. } => {
+                let stream = incoming
+                    .lock()
+                    .await
+                    .recv()
+                    .await
+                    .context("tunnel closed")?;
+                Ok(split(stream))
+            }
+        }
+    }
+
+    /// Resolves when the tunnel is closed, with the reason.
+    pub async fn closed(&self) -> anyhow::Error {
+        match self {
+            Conn::Quic { conn, .. } => conn.closed().await.into(),
+            Conn::Tcp { done, .. } => {
+                done.cancelled().await;
+                anyhow::anyhow!("the TCP tunnel closed")
+            }
+        }
+    }
+
+    /// The server's close reason, when it gave one (QUIC only; over TCP it comes as a `Refused` frame).
+    pub fn close_reason(&self) -> Option<quinn::ConnectionError> {
+        match self {
+            Conn::Quic { conn, .. } => conn.close_reason(),
+            Conn::Tcp { .. } => None,
+        }
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Conn::Quic { conn, endpoint } => {
+                conn.close(0u32.into(), b"agent stopping");
+                endpoint.wait_idle().await;
+            }
+            Conn::Tcp { control, done, .. } => {
+                control.clone().close().await;
+                done.cancel();
+            }
+        }
+    }
+
+    /// Move a QUIC tunnel to a fresh UDP socket (the network changed); QUIC migrates the session. No-op on TCP.
+    pub fn rebind(&self) -> anyhow::Result<()> {
+        if let Conn::Quic { endpoint, .. } = self {
+            let local = endpoint.local_addr()?;
+            let fresh = std::net::UdpSocket::bind(std::net::SocketAddr::new(local.ip(), 0))?;
+            endpoint.rebind(fresh)?;
+            tracing::info!(old = %local, new = %endpoint.local_addr()?, "moved the tunnel to a new socket");
+        }
+        Ok(())
+    }
+}
+
+/// Connect over QUIC.
+pub async fn connect_quic(server: &str, tls: rustls::ClientConfig) -> anyhow::Result<Conn> {
+    let (endpoint, addr) = crate::tls::endpoint_for(server).await?;
+    let config = crate::tls::quic_client(tls, Duration::from_secs(10))?;
+    let conn = tokio::time::timeout(
+        QUIC_TIMEOUT,
+        endpoint.connect_with(config, addr, TUNNEL_SERVER_NAME)?,
+    )
+    .await
+    .context("QUIC handshake timed out (is UDP blocked?)")??;
+    Ok(Conn::Quic { conn, endpoint })
+}
+
+/// Connect over TLS on TCP, multiplexing streams with yamux.
+pub async fn connect_tcp(server: &str, tls: rustls::ClientConfig) -> anyhow::Result<Conn> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let name = rustls::pki_types::ServerName::try_from(TUNNEL_SERVER_NAME)?;
+    let handshake = async {
+        let tcp = tokio::net::TcpStream::connect(server).await?;
+        let _ = tcp.set_nodelay(true);
+        connector.connect(name, tcp).await
+    };
+    let tls = tokio::time::timeout(TCP_TIMEOUT, handshake)
+        .await
+        .context("TCP/TLS handshake timed out")??;
+    let mut session = tokio_yamux::Session::new_client(tls, tokio_yamux::Config::default());
+    let control = session.control();
+    let (tx, incoming) = tokio::sync::mpsc::channel(64);
+    let done = CancellationToken::new();
+    let driver_done = done.clone();
+    // The session only moves bytes while polled: drive it for the tunnel's whole life.
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = driver_done.cancelled() => break,
+                next = session.next() => match next {
+                    Some(Ok(stream)) => {
+                        if tx.send(stream).await.is_err() {
+                            break;
+                        }
+                    }
+                    _ => break,
+                },
+            }
+        }
+        driver_done.cancel();
+    });
+    Ok(Conn::Tcp {
+        control,
+        incoming: tokio::sync::Mutex::new(incoming),
+        done,
+    })
+}
+
+/// QUIC first; TCP when QUIC cannot connect.
+pub async fn connect(
+    server: &str,
+    tls: impl Fn() -> anyhow::Result<rustls::ClientConfig>,
+) -> anyhow::Result<Conn> {
+    match connect_quic(server, tls()?).await {
+        Ok(c) => Ok(c),
+        Err(quic) => {
+            tracing::info!(error = %format!("{quic:#}"), "QUIC failed; trying TLS over TCP");
+            connect_tcp(server, tls()?)
+                .await
+                .map_err(|tcp| anyhow::anyhow!("QUIC: {quic:#}; TCP: {tcp:#}"))
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! The QUIC transport: a quinn endpoint on UDP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use quinn::{Connection, Endpoint};
+use rustls::pki_types::CertificateDer;
+
+use super::link::QuicLink;
+use super::{close, serve_link, Handshaken, TunnelContext, HANDSHAKE_TIMEOUT};
+
+pub(super) fn start(
+    addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    ctx: TunnelContext,
+) -> anyhow::Result<SocketAddr> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(Duration::from_secs(60).try_into()?));
+    config.transport_config(Arc::new(transport));
+    let endpoint = Endpoint::server(config, addr)
+        .with_context(|| format!("binding the tunnel listener on UDP {addr}"))?;
+    let local = endpoint.local_addr()?;
+    let tracker = ctx.tracker.clone();
+    tracker.spawn(accept_loop(endpoint, ctx));
+    Ok(local)
+}
+
+async fn accept_loop(endpoint: Endpoint, ctx: TunnelContext) {
+    loop {
+        let incoming = tokio::select! {
+            _ = ctx.cancel.cancelled() => break,
+            i = endpoint.accept() => i,
+        };
+        let Some(incoming) = incoming else { break };
+        let ctx2 = ctx.clone();
+        ctx.tracker.spawn(async move {
+            let remote = incoming.remote_address();
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+                Ok(Ok(conn)) => serve_link(handshaken(conn), ctx2).await,
+                Ok(Err(e)) => tracing::debug!(%remote, error = %e, "QUIC handshake failed"),
+                Err(_) => tracing::debug!(%remote, "QUIC handshake timed out"),
+            }
+        });
+    }
+    endpoint.close(close::SHUTDOWN.into(), b"server shutting down");
+    endpoint.wait_idle().await;
+}
+
+fn handshaken(conn: Connection) -> Handshaken {
+    let alpn = conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol);
+    let peer_cert = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|certs| certs.first().cloned());
+    Handshaken {
+        link: Arc::new(QuicLink(conn)),
+        alpn,
+        peer_cert,
+    }
+}

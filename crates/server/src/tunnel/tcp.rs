@@ -1,0 +1,102 @@
+//! The fallback transport for networks that block UDP: TLS over TCP, with streams multiplexed by yamux.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::link::TcpLink;
+use super::{serve_link, Handshaken, TunnelContext, HANDSHAKE_TIMEOUT};
+
+/// Most agent-opened streams waiting to be accepted per tunnel; more means a misbehaving agent.
+const INCOMING_BACKLOG: usize = 64;
+
+pub(super) async fn start(
+    addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    ctx: TunnelContext,
+) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the tunnel listener on TCP {addr}"))?;
+    let local = listener.local_addr()?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let tracker = ctx.tracker.clone();
+    tracker.spawn(accept_loop(listener, acceptor, ctx));
+    Ok(local)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    ctx: TunnelContext,
+) {
+    let mut backoff = std::time::Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.cancel.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => {
+                backoff = std::time::Duration::from_millis(10);
+                a
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning or dying.
+                tracing::warn!(error = %e, "tunnel accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, ctx2) = (acceptor.clone(), ctx.clone());
+        ctx.tracker.spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+            };
+            let (_, conn) = tls.get_ref();
+            let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+            let peer_cert = conn.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
+            let mut session = tokio_yamux::Session::new_server(tls, tokio_yamux::Config::default());
+            let control = session.control();
+            let (tx, rx) = tokio::sync::mpsc::channel(INCOMING_BACKLOG);
+            let done = CancellationToken::new();
+            let driver_done = done.clone();
+            let cancel = ctx2.cancel.clone();
+            // The session only moves bytes while polled: this task drives it for the tunnel's whole life.
+            ctx2.tracker.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = driver_done.cancelled() => break,
+                        _ = cancel.cancelled() => break,
+                        next = session.next() => match next {
+                            Some(Ok(stream)) => {
+                                if tx.try_send(stream).is_err() {
+                                    tracing::info!(%peer, "agent opened too many streams; closing its tunnel");
+                                    break;
+                                }
+                            }
+                            _ => break,
+                        },
+                    }
+                }
+                driver_done.cancel();
+            });
+            let link = TcpLink {
+                control,
+                incoming: tokio::sync::Mutex::new(rx),
+                done,
+                peer,
+                close_code: Mutex::new(None),
+            };
+            serve_link(Handshaken { link: Arc::new(link), alpn, peer_cert }, ctx2).await;
+        });
+    }
+}
