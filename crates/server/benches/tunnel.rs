@@ -1,0 +1,213 @@
+//! Device-tunnel benchmark: server memory per idle connected device, server CPU spent on heartbeats, and the time
+//! from agent start to "online" in the registry, all on loopback.
+//!
+//! Run: `cargo bench -p proxyfleet-server --bench tunnel` (see bench/README.md). The server is the real
+//! `proxyfleet` binary in its own process (so its memory and CPU are measured alone, from /proc); the devices are
+//! real `proxyfleet_agent` sessions (QUIC, one UDP socket each) in this process.
+//!
+//! Settings (environment): `BENCH_DEVICES` (default `1000,10000`), `BENCH_HEARTBEAT_SECS` (default 5: heartbeats
+//! are sped up so the CPU window sees many; the per-heartbeat cost is then scaled to the 30 s default),
+//! `BENCH_CPU_SECS` (default 30), `BENCH_TRANSPORT` (`quic` or `tcp`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Resident memory of a process, bytes.
+fn rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
+/// User + system CPU time of a process, seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &s[s.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0 // USER_HZ is 100 on Linux
+}
+
+struct Server {
+    child: std::process::Child,
+    api: String,
+    tunnel: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(heartbeat: u64, quic: bool) -> Server {
+    let bin = env!("CARGO_BIN_EXE_proxyfleet");
+    let dir = tempfile::tempdir().unwrap();
+    let mut create = Command::new(bin)
+        .args(["operator", "create", "--username", "loadtest", "--password-stdin"])
+        .env("PROXYFLEET_DATA_DIR", dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    create.stdin.take().unwrap().write_all(b"Bench-Mark-Passw0rd\n").unwrap();
+    assert!(create.wait().unwrap().success());
+    let (api, tunnel) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let child = Command::new(bin)
+        .args(["serve", "--listen", &api, "--tunnel-listen", &tunnel, "--log-level", "warn"])
+        .args(["--tunnel-heartbeat-secs", &heartbeat.to_string(), "--tunnel-quic", &quic.to_string()])
+        .env("PROXYFLEET_DATA_DIR", dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    Server { child, api: format!("http://{api}"), tunnel, _dir: dir }
+}
+
+async fn online_count(http: &reqwest::Client, s: &Server, token: &str) -> usize {
+    let v: Value = http.get(format!("{}/api/v1.0/devices", s.api)).bearer_auth(token).send().await.unwrap().json().await.unwrap();
+    v.as_array().unwrap().iter().filter(|d| d["status"] == "online").count()
+}
+
+#[tokio::main]
+async fn main() {
+    let counts: Vec<usize> = std::env::var("BENCH_DEVICES")
+        .unwrap_or_else(|_| "1000,10000".into())
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    let heartbeat = env_num("BENCH_HEARTBEAT_SECS", 5);
+    let cpu_window = env_num("BENCH_CPU_SECS", 30);
+    let quic = std::env::var("BENCH_TRANSPORT").as_deref() != Ok("tcp");
+    let http = reqwest::Client::new();
+    println!("proxyfleet tunnel benchmark: transport {}, heartbeat every {heartbeat} s", if quic { "quic" } else { "tcp" });
+
+    for n in counts {
+        let server = start_server(heartbeat, quic);
+        // Wait for the API.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http.get(format!("{}/healthz", server.api)).send().await.is_err() {
+            assert!(Instant::now() < deadline, "server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let login: Value = http
+            .post(format!("{}/api/v1.0/auth/login", server.api))
+            .json(&json!({"username": "loadtest", "password": "Bench-Mark-Passw0rd"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let token = login["token"].as_str().unwrap().to_owned();
+        let pid = server.child.id();
+
+        // Devices and enrollment (not measured).
+        let states = tempfile::tempdir().unwrap();
+        let t = Instant::now();
+        let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            let (http, api, token, tunnel, sem) = (http.clone(), server.api.clone(), token.clone(), server.tunnel.clone(), sem.clone());
+            let dir = states.path().join(format!("d{i}"));
+            tasks.push(tokio::spawn(async move {
+                let _p = sem.acquire().await.unwrap();
+                let v: Value = http
+                    .post(format!("{api}/api/v1.0/devices"))
+                    .bearer_auth(&token)
+                    .json(&json!({"name": format!("sim-{i}")}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                proxyfleet_agent::enroll(&tunnel, v["pairing_code"].as_str().unwrap(), &dir).await.unwrap();
+                dir
+            }));
+        }
+        let mut dirs = Vec::new();
+        for t in tasks {
+            dirs.push(t.await.unwrap());
+        }
+        println!("[{n} devices] created and enrolled in {:.1} s", t.elapsed().as_secs_f64());
+
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rss_before = rss(pid);
+
+        // Time to online, for the first devices one at a time; then the rest all at once.
+        let cancel = CancellationToken::new();
+        let opts = proxyfleet_agent::RunOptions { power_supply_dir: "/nonexistent".into(), ..Default::default() };
+        let mut to_online = Vec::new();
+        let sample = n.min(20);
+        for dir in dirs.iter().take(sample) {
+            let t = Instant::now();
+            let (d, o, c) = (dir.clone(), opts.clone(), cancel.clone());
+            tokio::spawn(async move { proxyfleet_agent::run(&d, o, c).await });
+            let want = to_online.len() + 1;
+            while online_count(&http, &server, &token).await < want {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            to_online.push(t.elapsed());
+        }
+        to_online.sort();
+        let t = Instant::now();
+        for dir in dirs.iter().skip(sample) {
+            let (d, o, c) = (dir.clone(), opts.clone(), cancel.clone());
+            tokio::spawn(async move { proxyfleet_agent::run(&d, o, c).await });
+        }
+        loop {
+            let online = online_count(&http, &server, &token).await;
+            if online >= n {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(600), "only {online}/{n} online");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        println!(
+            "[{n} devices] start to online (loopback, one at a time): p50 {:.1} ms, max {:.1} ms; all {n} online {:.1} s after the rest started",
+            to_online[to_online.len() / 2].as_secs_f64() * 1e3,
+            to_online.last().unwrap().as_secs_f64() * 1e3,
+            t.elapsed().as_secs_f64()
+        );
+        // Let every device send a few heartbeats, then measure.
+        tokio::time::sleep(Duration::from_secs(heartbeat * 2 + 2)).await;
+        let rss_after = rss(pid);
+        let per_device = (rss_after.saturating_sub(rss_before)) as f64 / n as f64;
+        println!(
+            "[{n} devices] server RSS {:.1} MiB idle-enrolled -> {:.1} MiB connected: {:.1} KiB per connected idle device",
+            rss_before as f64 / 1048576.0,
+            rss_after as f64 / 1048576.0,
+            per_device / 1024.0
+        );
+        let cpu0 = cpu_secs(pid);
+        let t = Instant::now();
+        tokio::time::sleep(Duration::from_secs(cpu_window)).await;
+        let cpu = cpu_secs(pid) - cpu0;
+        let secs = t.elapsed().as_secs_f64();
+        let heartbeats = n as f64 * secs / heartbeat as f64;
+        let per_hb_us = cpu / heartbeats * 1e6;
+        let at_30s = per_hb_us * 1e-6 * n as f64 / 30.0 * 100.0;
+        println!(
+            "[{n} devices] server CPU {:.2} s over {secs:.0} s ({:.1} % of one core) for ~{heartbeats:.0} heartbeats (plus QUIC keep-alives): {per_hb_us:.0} µs each; at the default 30 s interval: {at_30s:.2} % of one core",
+            cpu,
+            cpu / secs * 100.0
+        );
+        cancel.cancel();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
