@@ -18,17 +18,32 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Resident memory of a process, bytes.
 fn rss(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let kb: u64 = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     kb * 1024
 }
 
@@ -59,28 +74,72 @@ fn start_server(heartbeat: u64, quic: bool) -> Server {
     let bin = env!("CARGO_BIN_EXE_proxyfleet");
     let dir = tempfile::tempdir().unwrap();
     let mut create = Command::new(bin)
-        .args(["operator", "create", "--username", "loadtest", "--password-stdin"])
+        .args([
+            "operator",
+            "create",
+            "--username",
+            "loadtest",
+            "--password-stdin",
+        ])
         .env("PROXYFLEET_DATA_DIR", dir.path())
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    create.stdin.take().unwrap().write_all(b"Bench-Mark-Passw0rd\n").unwrap();
+    create
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Bench-Mark-Passw0rd\n")
+        .unwrap();
     assert!(create.wait().unwrap().success());
-    let (api, tunnel) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let (api, tunnel) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
     let child = Command::new(bin)
-        .args(["serve", "--listen", &api, "--tunnel-listen", &tunnel, "--log-level", "warn"])
-        .args(["--tunnel-heartbeat-secs", &heartbeat.to_string(), "--tunnel-quic", &quic.to_string()])
+        .args([
+            "serve",
+            "--listen",
+            &api,
+            "--tunnel-listen",
+            &tunnel,
+            "--log-level",
+            "warn",
+        ])
+        .args([
+            "--tunnel-heartbeat-secs",
+            &heartbeat.to_string(),
+            "--tunnel-quic",
+            &quic.to_string(),
+        ])
         .env("PROXYFLEET_DATA_DIR", dir.path())
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    Server { child, api: format!("http://{api}"), tunnel, _dir: dir }
+    Server {
+        child,
+        api: format!("http://{api}"),
+        tunnel,
+        _dir: dir,
+    }
 }
 
 async fn online_count(http: &reqwest::Client, s: &Server, token: &str) -> usize {
-    let v: Value = http.get(format!("{}/api/v1.0/devices", s.api)).bearer_auth(token).send().await.unwrap().json().await.unwrap();
-    v.as_array().unwrap().iter().filter(|d| d["status"] == "online").count()
+    let v: Value = http
+        .get(format!("{}/api/v1.0/devices", s.api))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["status"] == "online")
+        .count()
 }
 
 #[tokio::main]
@@ -94,13 +153,21 @@ async fn main() {
     let cpu_window = env_num("BENCH_CPU_SECS", 30);
     let quic = std::env::var("BENCH_TRANSPORT").as_deref() != Ok("tcp");
     let http = reqwest::Client::new();
-    println!("proxyfleet tunnel benchmark: transport {}, heartbeat every {heartbeat} s", if quic { "quic" } else { "tcp" });
+    println!(
+        "proxyfleet tunnel benchmark: transport {}, heartbeat every {heartbeat} s",
+        if quic { "quic" } else { "tcp" }
+    );
 
     for n in counts {
         let server = start_server(heartbeat, quic);
         // Wait for the API.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while http.get(format!("{}/healthz", server.api)).send().await.is_err() {
+        while http
+            .get(format!("{}/healthz", server.api))
+            .send()
+            .await
+            .is_err()
+        {
             assert!(Instant::now() < deadline, "server did not start");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -122,7 +189,13 @@ async fn main() {
         let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
         let mut tasks = Vec::new();
         for i in 0..n {
-            let (http, api, token, tunnel, sem) = (http.clone(), server.api.clone(), token.clone(), server.tunnel.clone(), sem.clone());
+            let (http, api, token, tunnel, sem) = (
+                http.clone(),
+                server.api.clone(),
+                token.clone(),
+                server.tunnel.clone(),
+                sem.clone(),
+            );
             let dir = states.path().join(format!("d{i}"));
             tasks.push(tokio::spawn(async move {
                 let _p = sem.acquire().await.unwrap();
@@ -136,7 +209,9 @@ async fn main() {
                     .json()
                     .await
                     .unwrap();
-                proxyfleet_agent::enroll(&tunnel, v["pairing_code"].as_str().unwrap(), &dir).await.unwrap();
+                proxyfleet_agent::enroll(&tunnel, v["pairing_code"].as_str().unwrap(), &dir)
+                    .await
+                    .unwrap();
                 dir
             }));
         }
@@ -144,14 +219,20 @@ async fn main() {
         for t in tasks {
             dirs.push(t.await.unwrap());
         }
-        println!("[{n} devices] created and enrolled in {:.1} s", t.elapsed().as_secs_f64());
+        println!(
+            "[{n} devices] created and enrolled in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
 
         tokio::time::sleep(Duration::from_secs(2)).await;
         let rss_before = rss(pid);
 
         // Time to online, for the first devices one at a time; then the rest all at once.
         let cancel = CancellationToken::new();
-        let opts = proxyfleet_agent::RunOptions { power_supply_dir: "/nonexistent".into(), ..Default::default() };
+        let opts = proxyfleet_agent::RunOptions {
+            power_supply_dir: "/nonexistent".into(),
+            ..Default::default()
+        };
         let mut to_online = Vec::new();
         let sample = n.min(20);
         for dir in dirs.iter().take(sample) {
@@ -175,7 +256,10 @@ async fn main() {
             if online >= n {
                 break;
             }
-            assert!(t.elapsed() < Duration::from_secs(600), "only {online}/{n} online");
+            assert!(
+                t.elapsed() < Duration::from_secs(600),
+                "only {online}/{n} online"
+            );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         println!(

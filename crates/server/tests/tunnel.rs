@@ -8,6 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{error_of, Db, Opts, TestServer};
+use proxyfleet::clock::Clock;
 use proxyfleet::store::Role;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -42,6 +43,17 @@ async fn new_device(s: &TestServer, token: &str, name: &str) -> (String, String)
         v["id"].as_str().unwrap().to_owned(),
         v["pairing_code"].as_str().unwrap().to_owned(),
     )
+}
+
+/// The operator id behind a token (from the sessions listing's owner, via the operators API for admins).
+async fn v_operator(s: &TestServer, token: &str) -> String {
+    let ops: Value = s
+        .get("/api/v1.0/operators", token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    ops[0]["id"].as_str().unwrap().to_owned()
 }
 
 async fn device(s: &TestServer, token: &str, id: &str) -> Value {
@@ -232,6 +244,22 @@ async fn agent_goes_online_heartbeats_and_is_kicked_on_revoke() {
     assert_eq!(v["agent_version"], env!("CARGO_PKG_VERSION"));
     assert!(v["connected_since"].is_string());
     assert!(v["metrics"].is_object());
+
+    // last_seen reaches the store in batches, from what the registry collected since the last flush.
+    let running = s.running.as_ref().unwrap();
+    let seen = running.state.registry.take_seen(s.clock.now_ms());
+    assert!(
+        seen.iter().any(|(d, _, ip)| d == &id && ip == "127.0.0.1"),
+        "{seen:?}"
+    );
+    running.store.record_seen(&seen).await.unwrap();
+    let row = running
+        .store
+        .device(&v_operator(&s, &token).await, &id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(row.last_seen_at.is_some() && row.last_public_ip.as_deref() == Some("127.0.0.1"));
 
     // Rename and describe.
     let r = s
