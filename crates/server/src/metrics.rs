@@ -17,6 +17,7 @@ pub struct Metrics {
     pub login_failures: IntCounterVec,
     pub logins: IntCounterVec,
     pub redis_up: IntGauge,
+    pub devices_online: IntGauge,
 }
 
 impl Metrics {
@@ -48,11 +49,16 @@ impl Metrics {
             &["kind"],
         )?;
         let redis_up = IntGauge::new("redis_up", "1 when Redis is configured and reachable")?;
+        let devices_online = IntGauge::new(
+            "devices_online",
+            "Devices with a live tunnel to this server",
+        )?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
         registry.register(Box::new(login_failures.clone()))?;
         registry.register(Box::new(logins.clone()))?;
         registry.register(Box::new(redis_up.clone()))?;
+        registry.register(Box::new(devices_online.clone()))?;
         Ok(Metrics {
             registry,
             http_requests,
@@ -60,6 +66,7 @@ impl Metrics {
             login_failures,
             logins,
             redis_up,
+            devices_online,
         })
     }
 

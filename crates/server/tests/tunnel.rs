@@ -320,7 +320,7 @@ async fn a_reconnecting_device_replaces_its_stale_session() {
     let v1 = wait_for(&s, &token, &id, "online", |v| v["status"] == "online").await;
     // The same identity connects again (a reboot, a new NAT mapping): it takes over at once.
     s.clock.advance(Duration::from_secs(1));
-    let (c2, _second) = spawn_agent(dir.path());
+    let (c2, second) = spawn_agent(dir.path());
     let end = tokio::time::timeout(Duration::from_secs(5), first)
         .await
         .expect("old session closed")
@@ -328,12 +328,25 @@ async fn a_reconnecting_device_replaces_its_stale_session() {
     assert!(format!("{:#}", end.unwrap_err()).contains("another agent"));
     let v2 = wait_for(&s, &token, &id, "online again", |v| v["status"] == "online").await;
     assert_ne!(v1["connected_since"], v2["connected_since"]);
-    // Delete: kicked, and gone from the list.
+    let m = s.text("/metrics").await;
+    assert!(m.contains("proxyfleet_devices_online 1"), "{m}");
+    // Delete: kicked at once, and gone from the list.
+    let t = Instant::now();
     assert_eq!(
         s.delete(&format!("/api/v1.0/devices/{id}"), &token)
             .await
             .status(),
         204
+    );
+    let end = tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .expect("deleted device's agent stops")
+        .unwrap();
+    assert!(format!("{:#}", end.unwrap_err()).contains("refused this device"));
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "tunnel closed after {:?}",
+        t.elapsed()
     );
     assert_eq!(
         s.get(&format!("/api/v1.0/devices/{id}"), &token)

@@ -69,6 +69,10 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) 
 /// Prometheus metrics in the text exposition format.
 #[utoipa::path(get, path = "/metrics", tag = "system", responses((status = 200, content_type = "text/plain", body = String)))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    state
+        .metrics
+        .devices_online
+        .set(i64::try_from(state.registry.online_count()).unwrap_or(i64::MAX));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
