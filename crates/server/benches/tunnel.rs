@@ -2,8 +2,10 @@
 //! from agent start to "online" in the registry, all on loopback.
 //!
 //! Run: `cargo bench -p proxyfleet-server --bench tunnel` (see bench/README.md). The server is the real
-//! `proxyfleet` binary in its own process (so its memory and CPU are measured alone, from /proc); the devices are
-//! real `proxyfleet_agent` sessions (QUIC, one UDP socket each) in this process.
+//! `proxyfleet` binary in its own process (so its memory and CPU are measured alone, from /proc). The first 20
+//! devices run the real agent (`proxyfleet_agent::run`) to time start-to-online; the rest are lightweight simulated
+//! devices in this process that speak the same protocol (enrolled certificate, hello, heartbeats) over QUIC
+//! connections sharing a few client endpoints, so that 10 000 of them fit on one machine.
 //!
 //! Settings (environment): `BENCH_DEVICES` (default `1000,10000`), `BENCH_HEARTBEAT_SECS` (default 5: heartbeats
 //! are sped up so the CPU window sees many; the per-heartbeat cost is then scaled to the 30 s default),
@@ -142,6 +144,56 @@ async fn online_count(http: &reqwest::Client, s: &Server, token: &str) -> usize 
         .count()
 }
 
+/// A simulated device: the agent's tunnel handshake and heartbeats, nothing else, on a shared client endpoint.
+async fn sim_device(
+    endpoint: quinn::Endpoint,
+    server: std::net::SocketAddr,
+    dir: std::path::PathBuf,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    use futures_util::{SinkExt, StreamExt};
+    use proxyfleet_proto::control::{ControlFrame, Heartbeat, Hello};
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let read = |f: &str| std::fs::read(dir.join(f));
+    let tls = proxyfleet_agent::tls::tunnel_tls(
+        CertificateDer::from(read("ca.crt")?),
+        CertificateDer::from(read("device.crt")?),
+        PrivateKeyDer::from_pem_slice(&read("device.key")?)?,
+    )?;
+    let config = proxyfleet_agent::tls::quic_client(tls, Duration::from_secs(10))?;
+    let conn = endpoint
+        .connect_with(config, server, proxyfleet_proto::enroll::TUNNEL_SERVER_NAME)?
+        .await?;
+    let (send, recv) = conn.open_bi().await?;
+    let codec =
+        || proxyfleet_proto::FrameCodec::<ControlFrame>::new(proxyfleet_proto::MAX_CONTROL_FRAME);
+    let mut w = tokio_util::codec::FramedWrite::new(send, codec());
+    let mut r = tokio_util::codec::FramedRead::new(recv, codec());
+    w.send(ControlFrame::Hello(Hello {
+        protocol_version: proxyfleet_proto::PROTOCOL_VERSION,
+        agent_version: "sim".into(),
+        capabilities: 1,
+    }))
+    .await?;
+    let Some(Ok(ControlFrame::HelloAck(ack))) = r.next().await else {
+        anyhow::bail!("no hello ack")
+    };
+    let mut tick =
+        tokio::time::interval(Duration::from_secs(u64::from(ack.heartbeat_interval_secs)));
+    let started = Instant::now();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {
+                w.send(ControlFrame::Heartbeat(Heartbeat { uptime_secs: started.elapsed().as_secs(), metrics: Default::default() })).await?;
+            }
+            f = r.next() => if f.is_none() { break },
+        }
+    }
+    conn.close(0u32.into(), b"done");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() {
     let counts: Vec<usize> = std::env::var("BENCH_DEVICES")
@@ -247,9 +299,25 @@ async fn main() {
         }
         to_online.sort();
         let t = Instant::now();
-        for dir in dirs.iter().skip(sample) {
-            let (d, o, c) = (dir.clone(), opts.clone(), cancel.clone());
-            tokio::spawn(async move { proxyfleet_agent::run(&d, o, c).await });
+        let server_addr: std::net::SocketAddr = server.tunnel.parse().unwrap();
+        let mut endpoints = Vec::new();
+        for (i, dir) in dirs.iter().skip(sample).enumerate() {
+            if i % 500 == 0 {
+                endpoints.push(quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap());
+            }
+            let (e, d, c) = (
+                endpoints.last().unwrap().clone(),
+                dir.clone(),
+                cancel.clone(),
+            );
+            tokio::spawn(async move {
+                if let Err(err) = sim_device(e, server_addr, d, c).await {
+                    eprintln!("simulated device failed: {err:#}");
+                }
+            });
+            if i % 100 == 99 {
+                tokio::task::yield_now().await;
+            }
         }
         loop {
             let online = online_count(&http, &server, &token).await;
