@@ -292,12 +292,15 @@ async fn main() {
                 proxyfleet_agent::enroll(&tunnel, v["pairing_code"].as_str().unwrap(), &dir)
                     .await
                     .unwrap();
-                dir
+                (dir, v["id"].as_str().unwrap().to_owned())
             }));
         }
         let mut dirs = Vec::new();
+        let mut ids = Vec::new();
         for t in tasks {
-            dirs.push(t.await.unwrap());
+            let (dir, id) = t.await.unwrap();
+            dirs.push(dir);
+            ids.push(id);
         }
         println!(
             "[{n} devices] created and enrolled in {:.1} s",
@@ -315,13 +318,25 @@ async fn main() {
         };
         let mut to_online = Vec::new();
         let sample = n.min(20);
-        for dir in dirs.iter().take(sample) {
+        for (dir, id) in dirs.iter().zip(&ids).take(sample) {
             let t = Instant::now();
             let (d, o, c) = (dir.clone(), opts.clone(), cancel.clone());
             tokio::spawn(async move { proxyfleet_agent::run(&d, o, c).await });
-            let want = to_online.len() + 1;
-            while online_count(&http, &server, &token).await < want {
-                tokio::time::sleep(Duration::from_millis(2)).await;
+            let url = format!("{}/api/v1.0/devices/{id}", server.api);
+            loop {
+                let v: Value = http
+                    .get(&url)
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if v["status"] == "online" {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
             to_online.push(t.elapsed());
         }

@@ -29,17 +29,28 @@ pub(super) fn start(
     Ok(local)
 }
 
+/// Most QUIC handshakes in flight at once. Past it new connections are refused at once (the agent backs off and
+/// retries) instead of all timing out together when a whole fleet reconnects after a server restart.
+pub(super) const MAX_HANDSHAKES: usize = 512;
+
 async fn accept_loop(endpoint: Endpoint, ctx: TunnelContext) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
         let incoming = tokio::select! {
             _ = ctx.cancel.cancelled() => break,
             i = endpoint.accept() => i,
         };
         let Some(incoming) = incoming else { break };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            incoming.refuse();
+            continue;
+        };
         let ctx2 = ctx.clone();
         ctx.tracker.spawn(async move {
             let remote = incoming.remote_address();
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await;
+            drop(permit);
+            match handshake {
                 Ok(Ok(conn)) => serve_link(handshaken(conn), ctx2).await,
                 Ok(Err(e)) => tracing::debug!(%remote, error = %e, "QUIC handshake failed"),
                 Err(_) => tracing::debug!(%remote, "QUIC handshake timed out"),

@@ -35,6 +35,8 @@ async fn accept_loop(
     ctx: TunnelContext,
 ) {
     let mut backoff = std::time::Duration::from_millis(10);
+    // Same bound as QUIC: past it, new connections are dropped at once and the agent retries later.
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(super::quic::MAX_HANDSHAKES));
     loop {
         let accepted = tokio::select! {
             _ = ctx.cancel.cancelled() => break,
@@ -53,10 +55,16 @@ async fn accept_loop(
                 continue;
             }
         };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let (acceptor, ctx2) = (acceptor.clone(), ctx.clone());
         ctx.tracker.spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+            drop(permit);
+            let tls = match handshake {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
