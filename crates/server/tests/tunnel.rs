@@ -668,3 +668,58 @@ async fn a_tcp_agent_moves_to_quic_when_udp_works() {
     .await;
     cancel.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_with_another_protocol_version_is_refused_readably() {
+    use futures_util::{SinkExt, StreamExt};
+    use proxyfleet_proto::control::{ControlFrame, Hello, RefusalCode};
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+
+    let Some(s) = server().await else { return };
+    let token = s.admin_token().await;
+    let (id, code) = new_device(&s, &token, "old-agent").await;
+    let dir = tempfile::tempdir().unwrap();
+    proxyfleet_agent::enroll(&s.tunnel(), &code, dir.path())
+        .await
+        .unwrap();
+    let read = |f: &str| std::fs::read(dir.path().join(f)).unwrap();
+    let tls = proxyfleet_agent::tls::tunnel_tls(
+        CertificateDer::from(read("ca.crt")),
+        CertificateDer::from(read("device.crt")),
+        PrivateKeyDer::from_pem_slice(&read("device.key")).unwrap(),
+    )
+    .unwrap();
+    let conn = proxyfleet_agent::conn::connect_quic(&s.tunnel(), tls)
+        .await
+        .unwrap();
+    let (recv, send) = conn.open_bi().await.unwrap();
+    let codec =
+        || proxyfleet_proto::FrameCodec::<ControlFrame>::new(proxyfleet_proto::MAX_CONTROL_FRAME);
+    let mut w = tokio_util::codec::FramedWrite::new(send, codec());
+    let mut r = tokio_util::codec::FramedRead::new(recv, codec());
+    let hello = Hello {
+        protocol_version: proxyfleet_proto::PROTOCOL_VERSION + 1,
+        agent_version: "9.9.9".into(),
+        capabilities: 1,
+    };
+    w.send(ControlFrame::Hello(hello)).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), r.next())
+        .await
+        .unwrap()
+    {
+        Some(Ok(ControlFrame::Refused(refusal))) => {
+            assert_eq!(refusal.code, RefusalCode::VersionMismatch);
+            assert!(
+                refusal.message.contains("protocol version"),
+                "{}",
+                refusal.message
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(
+        device(&s, &token, &id).await["status"],
+        "offline",
+        "never registered"
+    );
+}
