@@ -56,6 +56,28 @@ async fn v_operator(s: &TestServer, token: &str) -> String {
     ops[0]["id"].as_str().unwrap().to_owned()
 }
 
+/// A new device of the admin's, enrolled by the real agent library into a fresh state directory.
+async fn enrolled(s: &TestServer, token: &str, name: &str) -> (String, tempfile::TempDir) {
+    let (id, code) = new_device(s, token, name).await;
+    let dir = tempfile::tempdir().unwrap();
+    proxyfleet_agent::enroll(&s.tunnel(), &code, dir.path())
+        .await
+        .unwrap();
+    (id, dir)
+}
+
+/// The TLS identity an agent enrolled into `dir`, for tests that speak the protocol by hand.
+fn device_tls(dir: &std::path::Path) -> rustls::ClientConfig {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    proxyfleet_agent::tls::tunnel_tls(
+        CertificateDer::from(read("ca.crt")),
+        CertificateDer::from(read("device.crt")),
+        PrivateKeyDer::from_pem_slice(&read("device.key")).unwrap(),
+    )
+    .unwrap()
+}
+
 async fn device(s: &TestServer, token: &str, id: &str) -> Value {
     let r = s.get(&format!("/api/v1.0/devices/{id}"), token).await;
     assert_eq!(r.status(), 200);
@@ -228,11 +250,7 @@ async fn enrollment_happy_path_and_every_refusal() {
 async fn agent_goes_online_heartbeats_and_is_kicked_on_revoke() {
     let Some(s) = server().await else { return };
     let token = s.admin_token().await;
-    let (id, code) = new_device(&s, &token, "lte-box").await;
-    let dir = tempfile::tempdir().unwrap();
-    proxyfleet_agent::enroll(&s.tunnel(), &code, dir.path())
-        .await
-        .unwrap();
+    let (id, dir) = enrolled(&s, &token, "lte-box").await;
     let (_cancel, task) = spawn_agent(dir.path());
 
     let v = wait_for(&s, &token, &id, "online with a heartbeat", |v| {
@@ -311,11 +329,7 @@ async fn agent_goes_online_heartbeats_and_is_kicked_on_revoke() {
 async fn a_reconnecting_device_replaces_its_stale_session() {
     let Some(s) = server().await else { return };
     let token = s.admin_token().await;
-    let (id, code) = new_device(&s, &token, "phone").await;
-    let dir = tempfile::tempdir().unwrap();
-    proxyfleet_agent::enroll(&s.tunnel(), &code, dir.path())
-        .await
-        .unwrap();
+    let (id, dir) = enrolled(&s, &token, "phone").await;
     let (_c1, first) = spawn_agent(dir.path());
     let v1 = wait_for(&s, &token, &id, "online", |v| v["status"] == "online").await;
     // The same identity connects again (a reboot, a new NAT mapping): it takes over at once.
@@ -374,14 +388,7 @@ async fn malformed_frames_close_only_that_tunnel() {
     wait_for(&s, &token, &good_id, "online", |v| v["status"] == "online").await;
 
     // A fake agent with a valid certificate sends garbage on its control stream.
-    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
-    let read = |f: &str| std::fs::read(bad_dir.path().join(f)).unwrap();
-    let tls = proxyfleet_agent::tls::tunnel_tls(
-        CertificateDer::from(read("ca.crt")),
-        CertificateDer::from(read("device.crt")),
-        PrivateKeyDer::from_pem_slice(&read("device.key")).unwrap(),
-    )
-    .unwrap();
+    let tls = device_tls(bad_dir.path());
     let (endpoint, addr) = proxyfleet_agent::tls::endpoint_for(&s.tunnel())
         .await
         .unwrap();
@@ -416,11 +423,7 @@ async fn the_agent_opens_flows_from_its_own_network() {
 
     let Some(s) = server().await else { return };
     let token = s.admin_token().await;
-    let (id, code) = new_device(&s, &token, "exit").await;
-    let dir = tempfile::tempdir().unwrap();
-    proxyfleet_agent::enroll(&s.tunnel(), &code, dir.path())
-        .await
-        .unwrap();
+    let (id, dir) = enrolled(&s, &token, "exit").await;
     let rebind = std::sync::Arc::new(tokio::sync::Notify::new());
     let (_c, _agent) = spawn_agent_with(dir.path(), Some(rebind.clone()));
     let before = wait_for(&s, &token, &id, "online", |v| v["status"] == "online").await;
@@ -634,11 +637,7 @@ async fn a_tcp_agent_moves_to_quic_when_udp_works() {
     // With both transports served, an agent that starts on TCP (as after a UDP outage) probes QUIC and moves.
     let Some(s) = server().await else { return };
     let token = s.admin_token().await;
-    let (id, code) = new_device(&s, &token, "roamer").await;
-    let dir = tempfile::tempdir().unwrap();
-    proxyfleet_agent::enroll(&s.tunnel(), &code, dir.path())
-        .await
-        .unwrap();
+    let (id, dir) = enrolled(&s, &token, "roamer").await;
     // Start one session on TCP by hand, then let the agent's run loop (which prefers QUIC) take over.
     let opts = proxyfleet_agent::RunOptions {
         quic_retry: Duration::from_millis(300),
@@ -673,22 +672,11 @@ async fn a_tcp_agent_moves_to_quic_when_udp_works() {
 async fn a_hello_with_another_protocol_version_is_refused_readably() {
     use futures_util::{SinkExt, StreamExt};
     use proxyfleet_proto::control::{ControlFrame, Hello, RefusalCode};
-    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 
     let Some(s) = server().await else { return };
     let token = s.admin_token().await;
-    let (id, code) = new_device(&s, &token, "old-agent").await;
-    let dir = tempfile::tempdir().unwrap();
-    proxyfleet_agent::enroll(&s.tunnel(), &code, dir.path())
-        .await
-        .unwrap();
-    let read = |f: &str| std::fs::read(dir.path().join(f)).unwrap();
-    let tls = proxyfleet_agent::tls::tunnel_tls(
-        CertificateDer::from(read("ca.crt")),
-        CertificateDer::from(read("device.crt")),
-        PrivateKeyDer::from_pem_slice(&read("device.key")).unwrap(),
-    )
-    .unwrap();
+    let (id, dir) = enrolled(&s, &token, "old-agent").await;
+    let tls = device_tls(dir.path());
     let conn = proxyfleet_agent::conn::connect_quic(&s.tunnel(), tls)
         .await
         .unwrap();
