@@ -104,7 +104,7 @@ impl Conn {
                 endpoint.wait_idle().await;
             }
             Conn::Tcp { control, done, .. } => {
-                control.clone().close().await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), control.clone().close()).await;
                 done.cancel();
             }
         }
@@ -149,7 +149,7 @@ pub async fn connect_tcp(server: &str, tls: rustls::ClientConfig) -> anyhow::Res
         .context("TCP/TLS handshake timed out")??;
     let mut session = tokio_yamux::Session::new_client(tls, tokio_yamux::Config::default());
     let control = session.control();
-    let (tx, incoming) = tokio::sync::mpsc::channel(64);
+    let (tx, incoming) = tokio::sync::mpsc::channel(1024);
     let done = CancellationToken::new();
     let driver_done = done.clone();
     // The session only moves bytes while polled: drive it for the tunnel's whole life.
@@ -159,7 +159,8 @@ pub async fn connect_tcp(server: &str, tls: rustls::ClientConfig) -> anyhow::Res
                 _ = driver_done.cancelled() => break,
                 next = session.next() => match next {
                     Some(Ok(stream)) => {
-                        if tx.send(stream).await.is_err() {
+                        // Never stop driving the session for a slow consumer: that would freeze the whole tunnel.
+                        if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) = tx.try_send(stream) {
                             break;
                         }
                     }

@@ -56,6 +56,12 @@ impl Default for RunOptions {
     }
 }
 
+/// The server refuses this device or agent for good (revoked, deleted, replaced, wrong version): the binary exits
+/// with status 3, which its systemd unit does not restart.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
 /// How a tunnel session ended.
 #[derive(Debug)]
 pub enum SessionEnd {
@@ -79,7 +85,7 @@ pub async fn run(
         let started = Instant::now();
         match try_run(state_dir, &opts, &cancel).await {
             SessionEnd::Cancelled => return Ok(()),
-            SessionEnd::Refused(why) => anyhow::bail!("{why}"),
+            SessionEnd::Refused(why) => return Err(Refused(why).into()),
             SessionEnd::UpgradeToQuic => {
                 tracing::info!("UDP to the server works again; moving the tunnel to QUIC");
             }
@@ -248,6 +254,7 @@ async fn drive_inner(
     let on_tcp = matches!(conn, Conn::Tcp { .. });
     let rebind = opts.rebind.clone();
     let (rotated_tx, mut rotated_rx) = tokio::sync::mpsc::channel::<(u64, bool, String)>(4);
+    let mut rotating = false;
     loop {
         let network_changed = async {
             match &rebind {
@@ -266,6 +273,7 @@ async fn drive_inner(
                 }
             }
             Some((request_id, ok, message)) = rotated_rx.recv() => {
+                rotating = false;
                 if ok {
                     // The public address has (probably) changed: continue from a fresh socket so that the server
                     // sees the new path at once.
@@ -286,6 +294,13 @@ async fn drive_inner(
                 Some(Ok(ControlFrame::HeartbeatAck(_))) => {}
                 Some(Ok(ControlFrame::Refused(r))) => return Ok(refused(r.code, &r.message)),
                 Some(Ok(ControlFrame::RotateIp { request_id })) => match opts.rotate_command.clone() {
+                    Some(_) if rotating => {
+                        writer.send(ControlFrame::RotateIpResult {
+                            request_id,
+                            ok: false,
+                            message: "a rotation is already running on this device".into(),
+                        }).await?;
+                    }
                     None => {
                         writer.send(ControlFrame::RotateIpResult {
                             request_id,
@@ -295,6 +310,7 @@ async fn drive_inner(
                     }
                     Some(cmd) => {
                         // Run it beside the loop so heartbeats and flows carry on meanwhile.
+                        rotating = true;
                         let tx = rotated_tx.clone();
                         tokio::spawn(async move {
                             let (ok, message) = run_rotation(&cmd).await;

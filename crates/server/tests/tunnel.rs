@@ -711,3 +711,63 @@ async fn a_hello_with_another_protocol_version_is_refused_readably() {
         "never registered"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabling_or_deleting_an_operator_closes_their_devices_tunnels() {
+    let Some(s) = server().await else { return };
+    let admin = s.admin_token().await;
+    let mut agents = Vec::new();
+    for name in ["fleet_a", "fleet_b"] {
+        let op = s
+            .create_operator(name, "Fl33t-Operator-Phrase", Role::Operator)
+            .await;
+        let token = s.login(name, "Fl33t-Operator-Phrase").await;
+        let (id, dir) = enrolled(&s, &token, "phone").await;
+        let (_c, task) = spawn_agent(dir.path());
+        wait_for(&s, &token, &id, "online", |v| v["status"] == "online").await;
+        agents.push((op.id, task, dir, _c));
+    }
+    let (a_id, a_task, a_dir, _ca) = agents.remove(0);
+    let (b_id, b_task, _bd, _cb) = agents.remove(0);
+
+    let t = Instant::now();
+    assert_eq!(
+        s.post(
+            &format!("/api/v1.0/operators/{a_id}/disable"),
+            &admin,
+            json!({})
+        )
+        .await
+        .status(),
+        200
+    );
+    let end = tokio::time::timeout(Duration::from_secs(5), a_task)
+        .await
+        .expect("agent stopped")
+        .unwrap();
+    assert!(format!("{:#}", end.unwrap_err()).contains("refused this device"));
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "closed after {:?}",
+        t.elapsed()
+    );
+    // A disabled operator's device is refused when it comes back.
+    let (_c, again) = spawn_agent(a_dir.path());
+    let end = tokio::time::timeout(Duration::from_secs(10), again)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(format!("{:#}", end.unwrap_err()).contains("refused this device"));
+
+    assert_eq!(
+        s.delete(&format!("/api/v1.0/operators/{b_id}"), &admin)
+            .await
+            .status(),
+        204
+    );
+    let end = tokio::time::timeout(Duration::from_secs(5), b_task)
+        .await
+        .expect("agent stopped")
+        .unwrap();
+    assert!(format!("{:#}", end.unwrap_err()).contains("refused this device"));
+}

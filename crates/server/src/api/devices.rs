@@ -291,6 +291,8 @@ pub struct RotateResult {
 
 /// How long a rotation command may take on the device.
 const ROTATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
+/// How long to wait for a device whose tunnel dropped during the rotation to come back.
+const ROTATE_RECONNECT: std::time::Duration = std::time::Duration::from_secs(90);
 /// How long to watch for the device's new address after the command finished.
 const ROTATE_SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
 
@@ -316,26 +318,44 @@ async fn rotate_ip(
         .send(crate::tunnel::DeviceCommand::RotateIp { reply })
         .await
         .map_err(|_| ApiError::Conflict("device is offline".into()))?;
-    let outcome = match tokio::time::timeout(ROTATE_TIMEOUT, outcome).await {
-        Ok(Ok(o)) => o,
-        Ok(Err(_)) => {
-            return Err(ApiError::Conflict(
-                "device went offline during the rotation".into(),
-            ))
-        }
+    let (outcome, settle) = match tokio::time::timeout(ROTATE_TIMEOUT, outcome).await {
+        Ok(Ok(o)) => (o, ROTATE_SETTLE),
+        // A modem reconnect often drops the tunnel with the old address: wait for the device to come back.
+        Ok(Err(_)) => (
+            crate::tunnel::RotateOutcome {
+                ok: true,
+                message: "the device reconnected during the rotation".into(),
+            },
+            ROTATE_RECONNECT,
+        ),
         Err(_) => {
             return Err(ApiError::GatewayTimeout(
                 "device did not finish rotating in time".into(),
             ))
         }
     };
-    // The device moves its tunnel to a fresh socket after rotating; give the new address a moment to show.
-    let deadline = tokio::time::Instant::now() + ROTATE_SETTLE;
-    let mut ip_after = live.link.peer().ip().to_canonical();
-    while outcome.ok && ip_after == ip_before && tokio::time::Instant::now() < deadline {
+    // Read the address from whatever session the device has now (it may have reconnected), until it differs from
+    // the old one or the settle time is over.
+    let current = || {
+        state
+            .registry
+            .get(&id)
+            .map(|l| l.link.peer().ip().to_canonical())
+    };
+    let deadline = tokio::time::Instant::now() + settle;
+    let mut ip_after = current();
+    while outcome.ok
+        && ip_after.is_none_or(|ip| ip == ip_before)
+        && tokio::time::Instant::now() < deadline
+    {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        ip_after = live.link.peer().ip().to_canonical();
+        ip_after = current();
     }
+    let Some(ip_after) = ip_after else {
+        return Err(ApiError::Conflict(
+            "device went offline during the rotation and has not come back".into(),
+        ));
+    };
     tracing::info!(device = %id, ok = outcome.ok, %ip_before, %ip_after, "IP rotation");
     Ok(Json(RotateResult {
         ok: outcome.ok,

@@ -162,6 +162,7 @@ async fn disable_operator(
         .revoke_all(&id, None, "operator_disabled")
         .await
         .map_err(ApiError::internal)?;
+    kick_devices(&state, &id).await?;
     tracing::info!(admin = %admin.username, username = %target.username, "operator disabled");
     target.disabled_at = Some(now);
     Ok(Json(target.into()))
@@ -204,7 +205,19 @@ async fn delete_operator(
         .revoke_all(&id, None, "operator_deleted")
         .await
         .map_err(ApiError::internal)?;
+    let devices = state.store.device_ids(&id).await?;
     state.store.delete_operator(&id).await?;
+    for device in devices {
+        state.registry.kick(&device);
+    }
     tracing::info!(admin = %admin.username, username = %target.username, "operator deleted");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Close the tunnels of an operator's devices (they are refused from now on: see `Store::device_by_fingerprint`).
+async fn kick_devices(state: &AppState, operator_id: &str) -> Result<(), ApiError> {
+    for device in state.store.device_ids(operator_id).await? {
+        state.registry.kick(&device);
+    }
+    Ok(())
 }

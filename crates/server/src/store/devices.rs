@@ -168,13 +168,15 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// The live (enrolled, not revoked) device holding the certificate with this fingerprint.
+    /// The live (enrolled, not revoked, operator enabled) device holding the certificate with this fingerprint.
     pub async fn device_by_fingerprint(
         &self,
         fingerprint: &str,
     ) -> Result<Option<DeviceRow>, StoreError> {
+        // A disabled operator's devices are refused too: nobody may be served through them.
         let q = format!(
-            "SELECT {COLUMNS} FROM devices WHERE cert_fingerprint = ? AND revoked_at IS NULL"
+            "SELECT {COLUMNS} FROM devices WHERE cert_fingerprint = ? AND revoked_at IS NULL \
+             AND operator_id IN (SELECT id FROM operators WHERE disabled_at IS NULL)"
         );
         Ok(sqlx::query_as(&self.sql(&q))
             .bind(fingerprint)
@@ -202,5 +204,17 @@ impl Store {
         }
         tx.commit().await?;
         Ok(())
+    }
+}
+
+impl Store {
+    /// Ids of every device of an operator (to close their tunnels when the operator goes away).
+    pub async fn device_ids(&self, operator_id: &str) -> Result<Vec<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar(&self.sql("SELECT id FROM devices WHERE operator_id = ?"))
+                .bind(operator_id)
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 }

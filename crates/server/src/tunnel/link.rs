@@ -158,16 +158,21 @@ pub async fn open_tcp(
     host: Host,
     port: u16,
 ) -> Result<(BoxRead, BoxWrite), FlowError> {
-    let (mut read, mut write) = link.open_stream().await?;
     let header = frame(&StreamHeader {
         target: Target::Tcp { host, port },
     });
     let answer = async {
+        let (mut read, mut write) = link
+            .open_stream()
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         write.write_all(&header).await?;
         write.flush().await?;
-        read.read_u8().await
+        let code = read.read_u8().await?;
+        Ok::<_, std::io::Error>((code, read, write))
     };
-    let code = tokio::time::timeout(OPEN_TIMEOUT, answer)
+    // The whole open, stream credit included, is bounded: a saturated tunnel answers "timeout", never hangs.
+    let (code, read, write) = tokio::time::timeout(OPEN_TIMEOUT, answer)
         .await
         .map_err(|_| FlowError::Timeout)?
         .map_err(FlowError::Tunnel)?;

@@ -125,7 +125,7 @@ pub(crate) async fn serve_link(conn: Handshaken, ctx: TunnelContext) {
     };
     if let Err(e) = result {
         // Whose fault: the device's (bad frames, bad certificate) unless the store failed.
-        tracing::info!(%remote, transport = conn.link.transport(), error = %format!("{e:#}"), source = "device",
+        tracing::debug!(%remote, transport = conn.link.transport(), error = %format!("{e:#}"), source = "device",
             "tunnel connection ended");
         conn.link.close(close::PROTOCOL_ERROR, b"protocol error");
     }
@@ -282,6 +282,19 @@ async fn tunnel(
             commands,
         },
     );
+    // A revoke or delete that ran between the certificate check and this registration found nothing to kick;
+    // look again now that the session is visible to it.
+    let still_valid = match &cert {
+        Some(cert) => ctx
+            .store
+            .device_by_fingerprint(&hex(&fingerprint(cert)))
+            .await?
+            .is_some(),
+        None => false,
+    };
+    if !still_valid {
+        ctx.registry.kick(&device.id);
+    }
     tracing::info!(device = %device.id, %public_ip, transport = link.transport(), agent = %hello.agent_version, "device online");
     writer
         .send(ControlFrame::HelloAck(HelloAck {
@@ -299,6 +312,16 @@ async fn tunnel(
     ctx.registry.unregister(&device.id, session);
     tracing::info!(device = %device.id, "device offline");
     result
+}
+
+/// Longest a control-stream write may wait on the agent (one that stops reading is cut off).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn send(writer: &mut ControlWriter, frame: ControlFrame) -> anyhow::Result<()> {
+    tokio::time::timeout(WRITE_TIMEOUT, writer.send(frame))
+        .await
+        .context("agent stopped reading its control stream")??;
+    Ok(())
 }
 
 struct ControlIo<'a> {
@@ -337,7 +360,7 @@ async fn control_loop(
                 next_request += 1;
                 pending.retain(|_, r| !r.is_closed());
                 pending.insert(next_request, reply);
-                io.writer.send(ControlFrame::RotateIp { request_id: next_request }).await?;
+                send(io.writer, ControlFrame::RotateIp { request_id: next_request }).await?;
                 continue;
             }
             f = io.reader.next() => f,
@@ -349,9 +372,11 @@ async fn control_loop(
                 let ip = link.peer().ip().to_canonical().to_string();
                 ctx.registry
                     .heartbeat(device_id, session, ctx.clock.now_ms(), hb.metrics, &ip);
-                io.writer
-                    .send(ControlFrame::HeartbeatAck(HeartbeatAck { public_ip: ip }))
-                    .await?;
+                send(
+                    io.writer,
+                    ControlFrame::HeartbeatAck(HeartbeatAck { public_ip: ip }),
+                )
+                .await?;
             }
             Some(Ok(ControlFrame::RotateIpResult {
                 request_id,

@@ -20,6 +20,12 @@ pub(super) fn start(
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.max_idle_timeout(Some(Duration::from_secs(60).try_into()?));
+    // The agent opens one stream (the control stream); flows are opened by the server. Bounding what a peer may
+    // open and how much it may make us buffer keeps a hostile or broken client from pinning memory.
+    transport.max_concurrent_uni_streams(0u32.into());
+    transport.max_concurrent_bidi_streams(4u32.into());
+    transport.stream_receive_window((2u32 * 1024 * 1024).into());
+    transport.receive_window((16u32 * 1024 * 1024).into());
     config.transport_config(Arc::new(transport));
     let endpoint = Endpoint::server(config, addr)
         .with_context(|| format!("binding the tunnel listener on UDP {addr}"))?;

@@ -28,10 +28,25 @@ pub struct LiveDevice {
     pub commands: tokio::sync::mpsc::Sender<super::DeviceCommand>,
 }
 
+/// How long a kicked session's control loop gets to tell the agent why before the link is closed regardless.
+const KICK_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Ask the session's control loop to end (it tells the agent why), and close the link after a grace period even
+/// if the loop is stuck, for example on an agent that stopped reading.
+fn end_session(l: &LiveDevice, code: u32) {
+    l.kick.cancel();
+    let link = l.link.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(KICK_GRACE).await;
+        link.close(code, b"session ended");
+    });
+}
+
 #[derive(Default)]
 pub struct Registry {
     live: Mutex<HashMap<String, LiveDevice>>,
     dirty: Mutex<HashSet<String>>,
+    departed: Mutex<Vec<(String, i64, String)>>,
     next_session: std::sync::atomic::AtomicU64,
 }
 
@@ -51,17 +66,27 @@ impl Registry {
             .ok()
             .and_then(|mut m| m.insert(device_id.to_owned(), live));
         if let Some(old) = old {
-            old.kick.cancel();
+            end_session(&old, super::close::REPLACED);
         }
         self.mark_dirty(device_id);
     }
 
     /// Remove a session, unless a newer one has replaced it.
     pub fn unregister(&self, device_id: &str, session: u64) {
-        if let Ok(mut m) = self.live.lock() {
+        let gone = self.live.lock().ok().and_then(|mut m| {
             if m.get(device_id).is_some_and(|l| l.session == session) {
-                m.remove(device_id);
+                m.remove(device_id)
+            } else {
+                None
             }
+        });
+        // Its last heartbeat still reaches the store with the next flush.
+        if let (Some(l), Ok(mut d)) = (gone, self.departed.lock()) {
+            d.push((
+                device_id.to_owned(),
+                l.last_heartbeat.unwrap_or(l.connected_since),
+                l.public_ip,
+            ));
         }
     }
 
@@ -88,7 +113,7 @@ impl Registry {
         let live = self.live.lock().ok().and_then(|mut m| m.remove(device_id));
         match live {
             Some(l) => {
-                l.kick.cancel();
+                end_session(&l, super::close::REVOKED);
                 true
             }
             None => false,
@@ -119,19 +144,22 @@ impl Registry {
             .lock()
             .map(|mut d| d.drain().collect())
             .unwrap_or_default();
+        let mut rows: Vec<(String, i64, String)> = self
+            .departed
+            .lock()
+            .map(|mut d| d.drain(..).collect())
+            .unwrap_or_default();
         let Ok(live) = self.live.lock() else {
-            return Vec::new();
+            return rows;
         };
-        dirty
-            .into_iter()
-            .filter_map(|id| {
-                let l = live.get(&id)?;
-                Some((
-                    id,
-                    l.last_heartbeat.unwrap_or(now).max(l.connected_since),
-                    l.public_ip.clone(),
-                ))
-            })
-            .collect()
+        rows.extend(dirty.into_iter().filter_map(|id| {
+            let l = live.get(&id)?;
+            Some((
+                id,
+                l.last_heartbeat.unwrap_or(now).max(l.connected_since),
+                l.public_ip.clone(),
+            ))
+        }));
+        rows
     }
 }
