@@ -80,13 +80,36 @@ pub struct TunnelContext {
 /// them until `ctx.cancel`. Returns the bound address.
 pub async fn start(addr: SocketAddr, ctx: TunnelContext) -> anyhow::Result<SocketAddr> {
     let tls = tls_config(&ctx.pki)?;
-    let addr = if ctx.quic {
-        let local = quic::start(addr, tls.clone(), ctx.clone())?;
-        tcp::start(local, tls, ctx).await.map(|_| local)?
-    } else {
-        tcp::start(addr, tls, ctx).await?
-    };
-    Ok(addr)
+    if !ctx.quic {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the tunnel listener on TCP {addr}"))?;
+        return tcp::start(tcp, tls, ctx);
+    }
+    let (udp, tcp) = bind_pair(addr).await?;
+    let local = quic::start(udp, tls.clone(), ctx.clone())?;
+    tcp::start(tcp, tls, ctx)?;
+    Ok(local)
+}
+
+/// Bind UDP and TCP on the same port number. With port 0 the system picks a free UDP port whose TCP twin may be
+/// taken; try a few picks before giving up.
+async fn bind_pair(
+    addr: SocketAddr,
+) -> anyhow::Result<(std::net::UdpSocket, tokio::net::TcpListener)> {
+    let attempts = if addr.port() == 0 { 20 } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let udp = std::net::UdpSocket::bind(addr)
+            .with_context(|| format!("binding the tunnel listener on UDP {addr}"))?;
+        let port = udp.local_addr()?.port();
+        match tokio::net::TcpListener::bind(SocketAddr::new(addr.ip(), port)).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) => last = Some(e),
+        }
+    }
+    let e = last.unwrap_or_else(|| std::io::Error::other("no attempt made"));
+    Err(anyhow::Error::new(e).context(format!("binding the tunnel listener on TCP {addr}")))
 }
 
 /// The TLS configuration both transports share: TLS 1.3, the platform's server certificate, device certificates

@@ -12,7 +12,7 @@ use super::link::QuicLink;
 use super::{close, serve_link, Handshaken, TunnelContext, HANDSHAKE_TIMEOUT};
 
 pub(super) fn start(
-    addr: SocketAddr,
+    socket: std::net::UdpSocket,
     tls: Arc<rustls::ServerConfig>,
     ctx: TunnelContext,
 ) -> anyhow::Result<SocketAddr> {
@@ -27,8 +27,13 @@ pub(super) fn start(
     transport.stream_receive_window((2u32 * 1024 * 1024).into());
     transport.receive_window((16u32 * 1024 * 1024).into());
     config.transport_config(Arc::new(transport));
-    let endpoint = Endpoint::server(config, addr)
-        .with_context(|| format!("binding the tunnel listener on UDP {addr}"))?;
+    let endpoint = Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .context("starting the QUIC endpoint")?;
     let local = endpoint.local_addr()?;
     let tracker = ctx.tracker.clone();
     tracker.spawn(accept_loop(endpoint, ctx));

@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use anyhow::Context;
 use futures_util::StreamExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -14,14 +13,11 @@ use super::{serve_link, Handshaken, TunnelContext, HANDSHAKE_TIMEOUT};
 /// Most agent-opened streams waiting to be accepted per tunnel; more means a misbehaving agent.
 const INCOMING_BACKLOG: usize = 64;
 
-pub(super) async fn start(
-    addr: SocketAddr,
+pub(super) fn start(
+    listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     ctx: TunnelContext,
 ) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the tunnel listener on TCP {addr}"))?;
     let local = listener.local_addr()?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let tracker = ctx.tracker.clone();
