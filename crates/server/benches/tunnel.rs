@@ -153,10 +153,11 @@ async fn sim_device_retrying(
     cancel: CancellationToken,
     handshakes: std::sync::Arc<tokio::sync::Semaphore>,
     failures: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tcp: bool,
 ) {
     let mut delay = Duration::from_millis(500);
     while !cancel.is_cancelled() {
-        if sim_device(&endpoint, server, &dir, &cancel, &handshakes)
+        if sim_device(&endpoint, server, &dir, &cancel, &handshakes, tcp)
             .await
             .is_ok()
         {
@@ -175,6 +176,7 @@ async fn sim_device(
     dir: &std::path::Path,
     cancel: &CancellationToken,
     handshakes: &tokio::sync::Semaphore,
+    tcp: bool,
 ) -> anyhow::Result<()> {
     use futures_util::{SinkExt, StreamExt};
     use proxyfleet_proto::control::{ControlFrame, Heartbeat, Hello};
@@ -185,12 +187,24 @@ async fn sim_device(
         CertificateDer::from(read("device.crt")?),
         PrivateKeyDer::from_pem_slice(&read("device.key")?)?,
     )?;
-    let config = proxyfleet_agent::tls::quic_client(tls, Duration::from_secs(10))?;
     let permit = handshakes.acquire().await?;
-    let conn = endpoint
-        .connect_with(config, server, proxyfleet_proto::enroll::TUNNEL_SERVER_NAME)?
-        .await?;
-    let (send, recv) = conn.open_bi().await?;
+    // Over QUIC the device shares a client endpoint; over TCP it gets its own TLS connection and yamux session.
+    let (held, recv, send): (
+        Box<dyn std::any::Any + Send>,
+        proxyfleet_agent::conn::BoxRead,
+        proxyfleet_agent::conn::BoxWrite,
+    ) = if tcp {
+        let conn = proxyfleet_agent::conn::connect_tcp(&server.to_string(), tls).await?;
+        let (recv, send) = conn.open_bi().await?;
+        (Box::new(conn), recv, send)
+    } else {
+        let config = proxyfleet_agent::tls::quic_client(tls, Duration::from_secs(10))?;
+        let conn = endpoint
+            .connect_with(config, server, proxyfleet_proto::enroll::TUNNEL_SERVER_NAME)?
+            .await?;
+        let (send, recv) = conn.open_bi().await?;
+        (Box::new(conn), Box::new(recv), Box::new(send))
+    };
     let codec =
         || proxyfleet_proto::FrameCodec::<ControlFrame>::new(proxyfleet_proto::MAX_CONTROL_FRAME);
     let mut w = tokio_util::codec::FramedWrite::new(send, codec());
@@ -218,7 +232,7 @@ async fn sim_device(
             f = r.next() => if f.is_none() { break },
         }
     }
-    conn.close(0u32.into(), b"done");
+    drop(held);
     Ok(())
 }
 
@@ -359,7 +373,7 @@ async fn main() {
                 cancel.clone(),
             );
             let (h, f) = (handshakes.clone(), failures.clone());
-            tokio::spawn(sim_device_retrying(e, server_addr, d, c, h, f));
+            tokio::spawn(sim_device_retrying(e, server_addr, d, c, h, f, !quic));
             if i % 100 == 99 {
                 tokio::task::yield_now().await;
             }
