@@ -24,30 +24,12 @@ pub fn parse_code(code: &str) -> anyhow::Result<(String, Vec<u8>)> {
     let (secret, pin) = code.rsplit_once('-').ok_or_else(|| {
         anyhow::anyhow!("pairing code must look like XXXXXXXXXXXXXXXXXXXX-YYYYYYYYYYYYYYYY")
     })?;
-    let pin = base32_decode(pin)
+    let pin = proxyfleet_proto::base32::decode(pin)
         .ok_or_else(|| anyhow::anyhow!("pairing code is damaged (bad CA pin)"))?;
     if secret.len() < 16 || pin.len() < 8 {
         bail!("pairing code is too short; copy it whole from the dashboard");
     }
     Ok((secret.to_owned(), pin))
-}
-
-fn base32_decode(s: &str) -> Option<Vec<u8>> {
-    let (mut acc, mut bits, mut out) = (0u32, 0u32, Vec::new());
-    for c in s.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'2'..=b'7' => c - b'2' + 26,
-            _ => return None,
-        };
-        acc = (acc << 5) | u32::from(v);
-        bits += 5;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Some(out)
 }
 
 /// Enroll with the server at `server` (`HOST:PORT` of its tunnel listener) and save the identity in `state_dir`.

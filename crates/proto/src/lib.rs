@@ -6,6 +6,7 @@
 //! [`DecodeError`] instead of panicking.
 #![forbid(unsafe_code)]
 
+pub mod base32;
 pub mod codec;
 pub mod control;
 pub mod enroll;

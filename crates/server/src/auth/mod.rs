@@ -226,10 +226,7 @@ pub fn new_setup_token() -> (String, String) {
 /// SHA-256 of a setup token, hex. The token is random and high-entropy, so a fast hash is enough.
 pub fn setup_token_hash(token: &str) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::pki::hex(&sha2::Sha256::digest(token.as_bytes()))
 }
 
 /// If no operator exists, store a fresh setup token and return it (to be shown once to whoever started the

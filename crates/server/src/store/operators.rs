@@ -95,6 +95,31 @@ const COLUMNS: &str =
     "id, username, password_hash, role, created_at, updated_at, password_changed_at, disabled_at";
 
 impl Store {
+    /// The one INSERT for operators, on the pool or inside a transaction. Returns the new id; a taken username is
+    /// `StoreError::Conflict`.
+    pub(crate) async fn insert_operator(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        new: &NewOperator<'_>,
+    ) -> Result<String, StoreError> {
+        let id = new_id();
+        sqlx::query(&self.sql(
+            "INSERT INTO operators (id, username, password_hash, role, created_at, updated_at, \
+             password_changed_at, disabled_at) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+        ))
+        .bind(&id)
+        .bind(new.username)
+        .bind(new.password_hash)
+        .bind(new.role.as_str())
+        .bind(new.now)
+        .bind(new.now)
+        .bind(new.now)
+        .execute(conn)
+        .await
+        .map_err(|e| conflict_or(e, "username"))?;
+        Ok(id)
+    }
+
     pub async fn count_operators(&self) -> Result<i64, StoreError> {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM operators")
             .fetch_one(&self.pool)
@@ -103,21 +128,8 @@ impl Store {
     }
 
     pub async fn create_operator(&self, new: NewOperator<'_>) -> Result<Operator, StoreError> {
-        let id = new_id();
-        let q =
-            "INSERT INTO operators (id, username, password_hash, role, created_at, updated_at, \
-                 password_changed_at, disabled_at) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)";
-        sqlx::query(&self.sql(q))
-            .bind(&id)
-            .bind(new.username)
-            .bind(new.password_hash)
-            .bind(new.role.as_str())
-            .bind(new.now)
-            .bind(new.now)
-            .bind(new.now)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| conflict_or(e, "username"))?;
+        let mut conn = self.pool.acquire().await?;
+        let id = self.insert_operator(&mut conn, &new).await?;
         Ok(Operator {
             id,
             username: new.username.to_owned(),
@@ -156,21 +168,16 @@ impl Store {
             tx.commit().await?;
             return Ok(None);
         }
-        let id = new_id();
-        let q =
-            "INSERT INTO operators (id, username, password_hash, role, created_at, updated_at, \
-                 password_changed_at, disabled_at) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)";
-        sqlx::query(&self.sql(q))
-            .bind(&id)
-            .bind(new.username)
-            .bind(new.password_hash)
-            .bind(Role::Admin.as_str())
-            .bind(new.now)
-            .bind(new.now)
-            .bind(new.now)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| conflict_or(e, "username"))?;
+        // The first operator is always an admin.
+        let id = self
+            .insert_operator(
+                &mut tx,
+                &NewOperator {
+                    role: Role::Admin,
+                    ..new
+                },
+            )
+            .await?;
         sqlx::query("DELETE FROM setup_tokens")
             .execute(&mut *tx)
             .await?;

@@ -57,21 +57,13 @@ impl Store {
         expires_at: i64,
     ) -> Result<super::Operator, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let id = new_id();
-        sqlx::query(&self.sql(
-            "INSERT INTO operators (id, username, password_hash, role, created_at, updated_at, \
-             password_changed_at, disabled_at) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
-        ))
-        .bind(&id)
-        .bind(username)
-        .bind(NO_PASSWORD)
-        .bind(role.as_str())
-        .bind(now)
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| super::conflict_or(e, "username"))?;
+        let new = super::NewOperator {
+            username,
+            password_hash: NO_PASSWORD,
+            role,
+            now,
+        };
+        let id = self.insert_operator(&mut tx, &new).await?;
         sqlx::query(&self.sql(
             "INSERT INTO invitations (id, operator_id, token_hash, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
         ))

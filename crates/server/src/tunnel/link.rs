@@ -4,7 +4,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use proxyfleet_proto::codec::frame;
@@ -97,7 +96,6 @@ pub struct TcpLink {
     pub incoming: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<tokio_yamux::StreamHandle>>,
     pub done: CancellationToken,
     pub peer: SocketAddr,
-    pub close_code: Mutex<Option<u32>>,
 }
 
 impl Link for TcpLink {
@@ -131,11 +129,9 @@ impl Link for TcpLink {
         })
     }
 
-    fn close(&self, code: u32, _reason: &'static [u8]) {
-        if let Ok(mut c) = self.close_code.lock() {
-            c.get_or_insert(code);
-        }
-        // Let yamux flush and say goodbye, but never wait on a dead peer for long.
+    fn close(&self, _code: u32, _reason: &'static [u8]) {
+        // yamux carries no close code (the reason went out as a `Refused` frame); let it flush and say goodbye,
+        // but never wait on a dead peer for long.
         let (mut control, done) = (self.control.clone(), self.done.clone());
         tokio::spawn(async move {
             let _ = tokio::time::timeout(Duration::from_secs(1), control.close()).await;

@@ -1,7 +1,7 @@
 //! The fallback transport for networks that block UDP: TLS over TCP, with streams multiplexed by yamux.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use futures_util::StreamExt;
 use tokio::net::TcpListener;
@@ -98,7 +98,6 @@ async fn accept_loop(
                 incoming: tokio::sync::Mutex::new(rx),
                 done,
                 peer,
-                close_code: Mutex::new(None),
             };
             serve_link(Handshaken { link: Arc::new(link), alpn, peer_cert }, ctx2).await;
         });
