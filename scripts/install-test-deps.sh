@@ -7,6 +7,8 @@ need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v kill >/dev/null 2>&1 || need+=(procps)
+# PySocks: the SOCKS5 client library the UDP ASSOCIATE test drives.
+/usr/bin/python3 -c 'import socks' >/dev/null 2>&1 || need+=(python3-socks)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -1,6 +1,8 @@
-//! Flow streams: the server asks for a connection; the agent resolves the name on the device, connects from the
-//! device's own network, answers one result byte, then copies bytes both ways.
+//! Flow streams: the server asks for a connection; the agent resolves the name on the device, checks the target
+//! against its [`TargetPolicy`], connects from the device's own network, answers one result byte, then copies
+//! bytes both ways (TCP) or relays datagram frames (a UDP association, see [`crate::udp`]).
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -8,20 +10,28 @@ use proxyfleet_proto::{Decode, Host, OpenResult, StreamHeader, Target, MAX_STREA
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::conn::{BoxRead, BoxWrite};
+use crate::policy::TargetPolicy;
 
 /// Every header read must finish within this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connecting to a target (DNS + TCP) must finish within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn serve_flow(mut recv: BoxRead, mut send: BoxWrite) -> anyhow::Result<()> {
+/// Serve one flow stream the server opened: read its header, then relay a TCP connection or a UDP association
+/// until either side ends it. Targets the policy refuses are answered `NotAllowed` (TCP) or dropped (UDP).
+pub async fn serve_flow(
+    mut recv: BoxRead,
+    mut send: BoxWrite,
+    policy: TargetPolicy,
+) -> anyhow::Result<()> {
     let header = tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut recv))
         .await
         .context("header timeout")??;
-    let Target::Tcp { host, port } = header.target else {
-        return answer(&mut send, OpenResult::NotAllowed).await;
+    let (host, port) = match header.target {
+        Target::Tcp { host, port } => (host, port),
+        Target::Udp => return crate::udp::serve_udp(recv, send, policy).await,
     };
-    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, connect(&host, port)).await {
+    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, connect(&host, port, policy)).await {
         Ok(Ok(s)) => s,
         Ok(Err(result)) => return answer(&mut send, result).await,
         Err(_) => return answer(&mut send, OpenResult::Timeout).await,
@@ -57,22 +67,40 @@ async fn read_header(recv: &mut BoxRead) -> anyhow::Result<StreamHeader> {
     Ok(StreamHeader::decode_exact(&body)?)
 }
 
-/// Resolve on the device (so DNS answers match its network) and connect.
-async fn connect(host: &Host, port: u16) -> Result<tokio::net::TcpStream, OpenResult> {
-    let addrs: Vec<std::net::SocketAddr> = match host {
-        Host::V4(a) => vec![(*a, port).into()],
-        Host::V6(a) => vec![(*a, port).into()],
-        Host::Domain(d) => match tokio::net::lookup_host((d.as_str(), port)).await {
-            Ok(a) => a.collect(),
-            Err(_) => return Err(OpenResult::DnsFailure),
+/// What the device's resolver answers for `name`.
+pub(crate) async fn resolve_name(name: &str) -> std::io::Result<Vec<IpAddr>> {
+    Ok(tokio::net::lookup_host((name, 0))
+        .await?
+        .map(|a| a.ip())
+        .collect())
+}
+
+/// Resolve on the device (so DNS answers match its network), keep the addresses the policy permits, connect.
+async fn connect(
+    host: &Host,
+    port: u16,
+    policy: TargetPolicy,
+) -> Result<tokio::net::TcpStream, OpenResult> {
+    let resolved = match host {
+        Host::V4(a) => vec![IpAddr::V4(*a)],
+        Host::V6(a) => vec![IpAddr::V6(*a)],
+        Host::Domain(d) => match resolve_name(d).await {
+            Ok(a) if !a.is_empty() => a,
+            _ => return Err(OpenResult::DnsFailure),
         },
     };
-    if addrs.is_empty() {
-        return Err(OpenResult::DnsFailure);
+    let permitted: Vec<IpAddr> = resolved
+        .iter()
+        .copied()
+        .filter(|ip| policy.permits(*ip))
+        .collect();
+    if permitted.is_empty() {
+        tracing::debug!(target_host = %host, addrs = ?resolved, "refused a TCP flow to a non-public target");
+        return Err(OpenResult::NotAllowed);
     }
     let mut last = OpenResult::Unreachable;
-    for a in addrs {
-        match tokio::net::TcpStream::connect(a).await {
+    for ip in permitted {
+        match tokio::net::TcpStream::connect(SocketAddr::new(ip.to_canonical(), port)).await {
             Ok(s) => return Ok(s),
             Err(e) => last = OpenResult::from_io(&e),
         }

@@ -5,11 +5,15 @@
 
 pub mod conn;
 pub mod enroll;
-mod flow;
+pub mod flow;
 pub mod metrics;
+pub mod policy;
 pub mod run;
 pub mod state;
 pub mod tls;
+mod udp;
 
 pub use enroll::enroll;
+pub use flow::serve_flow;
+pub use policy::TargetPolicy;
 pub use run::{run, RunOptions};

@@ -42,6 +42,14 @@ enum Command {
         /// `mmcli -m any --simple-disconnect && mmcli -m any --simple-connect=apn=internet`).
         #[arg(long, env = "PROXYFLEET_AGENT_ROTATE_COMMAND")]
         rotate_command: Option<String>,
+        /// Let customers reach loopback, private and link-local addresses from this device, its own LAN
+        /// included. Off by default: only public addresses are dialled.
+        #[arg(
+            long,
+            env = "PROXYFLEET_AGENT_ALLOW_PRIVATE_TARGETS",
+            value_parser = clap::builder::BoolishValueParser::new()
+        )]
+        allow_private_targets: bool,
     },
 }
 
@@ -81,6 +89,7 @@ fn main() -> std::process::ExitCode {
                 state_dir,
                 power_supply_dir,
                 rotate_command,
+                allow_private_targets,
             } => {
                 let cancel = CancellationToken::new();
                 let c = cancel.clone();
@@ -111,6 +120,7 @@ fn main() -> std::process::ExitCode {
                         power_supply_dir,
                         rebind: Some(rebind),
                         rotate_command,
+                        allow_private_targets,
                         ..RunOptions::default()
                     },
                     cancel,

@@ -14,6 +14,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::conn::{self, Conn};
+use crate::policy::TargetPolicy;
 use crate::state::StateDir;
 use crate::tls;
 
@@ -43,6 +44,9 @@ pub struct RunOptions {
     pub rotate_command: Option<String>,
     /// While on the TCP fallback, how often to check whether QUIC works again (then the agent moves to it).
     pub quic_retry: Duration,
+    /// Let flows reach loopback, private, link-local and other non-public addresses (the device's own LAN).
+    /// Off by default: customers get the public internet only.
+    pub allow_private_targets: bool,
 }
 
 impl Default for RunOptions {
@@ -52,6 +56,7 @@ impl Default for RunOptions {
             rebind: None,
             rotate_command: None,
             quic_retry: Duration::from_secs(300),
+            allow_private_targets: false,
         }
     }
 }
@@ -80,6 +85,11 @@ pub async fn run(
     opts: RunOptions,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    if opts.allow_private_targets {
+        tracing::warn!(
+            "private targets allowed: customers can reach this device's loopback and LAN"
+        );
+    }
     let mut delay = BACKOFF_MIN;
     loop {
         let started = Instant::now();
@@ -225,9 +235,9 @@ async fn drive_inner(
             protocol_version: PROTOCOL_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             capabilities: if opts.rotate_command.is_some() {
-                caps::TCP | caps::ROTATE_IP
+                caps::TCP | caps::UDP | caps::ROTATE_IP
             } else {
-                caps::TCP
+                caps::TCP | caps::UDP
             },
         }))
         .await?;
@@ -253,6 +263,9 @@ async fn drive_inner(
     );
     let on_tcp = matches!(conn, Conn::Tcp { .. });
     let rebind = opts.rebind.clone();
+    let policy = TargetPolicy {
+        allow_private: opts.allow_private_targets,
+    };
     let (rotated_tx, mut rotated_rx) = tokio::sync::mpsc::channel::<(u64, bool, String)>(4);
     let mut rotating = false;
     loop {
@@ -325,7 +338,7 @@ async fn drive_inner(
             s = conn.accept_bi() => {
                 let (recv, send) = s?;
                 tokio::spawn(async move {
-                    if let Err(e) = crate::flow::serve_flow(recv, send).await {
+                    if let Err(e) = crate::flow::serve_flow(recv, send, policy).await {
                         tracing::debug!(error = %format!("{e:#}"), "flow ended with an error");
                     }
                 });

@@ -10,6 +10,8 @@ pub mod base32;
 pub mod codec;
 pub mod control;
 pub mod enroll;
+pub mod http_proxy;
+pub mod socks5;
 pub mod stream;
 pub mod wire;
 

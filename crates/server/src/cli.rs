@@ -117,6 +117,24 @@ pub struct ServeArgs {
     /// Lifetime of a device pairing code, seconds. Default 900.
     #[arg(long, env = "PROXYFLEET_PAIRING_TTL_SECS")]
     pub pairing_ttl_secs: Option<u64>,
+    /// Address of the shared HTTP proxy port (for example 0.0.0.0:3128). Unset: no HTTP proxy door.
+    #[arg(long, env = "PROXYFLEET_HTTP_PROXY_LISTEN")]
+    pub http_proxy_listen: Option<SocketAddr>,
+    /// Address of the shared SOCKS5 port (for example 0.0.0.0:1080). Unset: no SOCKS5 door.
+    #[arg(long, env = "PROXYFLEET_SOCKS5_LISTEN")]
+    pub socks5_listen: Option<SocketAddr>,
+    /// Ports operators may give connections as their own, START-END (for example 20000-20999). Unset: none.
+    #[arg(long, env = "PROXYFLEET_PROXY_DEDICATED_PORTS")]
+    pub proxy_dedicated_ports: Option<String>,
+    /// Address the dedicated ports listen on. Default 0.0.0.0.
+    #[arg(long, env = "PROXYFLEET_PROXY_DEDICATED_IP")]
+    pub proxy_dedicated_ip: Option<std::net::IpAddr>,
+    /// Host name customers put in their proxy settings. Default: the host of the public URL.
+    #[arg(long, env = "PROXYFLEET_PROXY_PUBLIC_HOST")]
+    pub proxy_public_host: Option<String>,
+    /// Seconds between writes of usage counters to the store. Default 5.
+    #[arg(long, env = "PROXYFLEET_USAGE_FLUSH_SECS")]
+    pub usage_flush_secs: Option<u64>,
     /// Seconds to wait for open requests at shutdown. Default 10.
     #[arg(long, env = "PROXYFLEET_SHUTDOWN_TIMEOUT_SECS")]
     pub shutdown_timeout_secs: Option<u64>,
@@ -140,6 +158,12 @@ impl ServeArgs {
             tunnel_quic: self.tunnel_quic,
             tunnel_heartbeat_secs: self.tunnel_heartbeat_secs,
             pairing_ttl_secs: self.pairing_ttl_secs,
+            http_proxy_listen: self.http_proxy_listen,
+            socks5_listen: self.socks5_listen,
+            proxy_dedicated_ports: self.proxy_dedicated_ports.clone(),
+            proxy_dedicated_ip: self.proxy_dedicated_ip,
+            proxy_public_host: self.proxy_public_host.clone(),
+            usage_flush_secs: self.usage_flush_secs,
             ..RawConfig::default()
         }
     }

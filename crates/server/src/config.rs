@@ -4,7 +4,7 @@
 //! seed's variable names (`JWT_SECRET`, `DB_*`, `REDIS_*`, `DATABASE_URL`), then validates everything once in
 //! [`ServeConfig::resolve`] with errors that name the setting.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -89,6 +89,12 @@ pub struct RawConfig {
     pub tunnel_quic: Option<bool>,
     pub tunnel_heartbeat_secs: Option<u64>,
     pub pairing_ttl_secs: Option<u64>,
+    pub http_proxy_listen: Option<SocketAddr>,
+    pub socks5_listen: Option<SocketAddr>,
+    pub proxy_dedicated_ports: Option<String>,
+    pub proxy_dedicated_ip: Option<IpAddr>,
+    pub proxy_public_host: Option<String>,
+    pub usage_flush_secs: Option<u64>,
 }
 
 macro_rules! overlay_fields {
@@ -129,6 +135,12 @@ impl RawConfig {
             tunnel_quic,
             tunnel_heartbeat_secs,
             pairing_ttl_secs,
+            http_proxy_listen,
+            socks5_listen,
+            proxy_dedicated_ports,
+            proxy_dedicated_ip,
+            proxy_public_host,
+            usage_flush_secs,
         )
     }
 
@@ -222,6 +234,18 @@ pub struct ServeConfig {
     pub tunnel_heartbeat: Duration,
     /// Lifetime of a device pairing code.
     pub pairing_ttl: Duration,
+    /// The shared HTTP proxy port; `None`: no HTTP proxy door.
+    pub http_proxy_listen: Option<SocketAddr>,
+    /// The shared SOCKS5 port; `None`: no SOCKS5 door.
+    pub socks5_listen: Option<SocketAddr>,
+    /// Ports operators may give connections as their own; `None`: no dedicated ports.
+    pub proxy_dedicated_ports: Option<std::ops::RangeInclusive<u16>>,
+    /// Address the dedicated ports listen on.
+    pub proxy_dedicated_ip: IpAddr,
+    /// Host name customers use in proxy URLs.
+    pub proxy_public_host: String,
+    /// How often usage counters are written to the store (at most this much is lost in a crash).
+    pub usage_flush: Duration,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -283,7 +307,23 @@ impl ServeConfig {
             ));
         }
         let public_url = raw.public_url.unwrap_or_else(|| format!("http://{listen}"));
-        url::Url::parse(&public_url).map_err(|e| invalid("public_url", e.to_string()))?;
+        let parsed_url =
+            url::Url::parse(&public_url).map_err(|e| invalid("public_url", e.to_string()))?;
+        let proxy_public_host = match raw.proxy_public_host {
+            Some(h) if h.trim().is_empty() || h.contains(['/', ' ', '@']) => {
+                return Err(invalid(
+                    "proxy_public_host",
+                    "must be a bare host name or address",
+                ))
+            }
+            Some(h) => h,
+            None => parsed_url.host_str().unwrap_or("localhost").to_owned(),
+        };
+        let proxy_dedicated_ports = raw
+            .proxy_dedicated_ports
+            .as_deref()
+            .map(port_range)
+            .transpose()?;
         Ok(ServeConfig {
             data_dir,
             listen,
@@ -315,8 +355,41 @@ impl ServeConfig {
                 60,
                 7 * 86400,
             )?),
+            http_proxy_listen: raw.http_proxy_listen,
+            socks5_listen: raw.socks5_listen,
+            proxy_dedicated_ports,
+            proxy_dedicated_ip: raw
+                .proxy_dedicated_ip
+                .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+            proxy_public_host,
+            usage_flush: Duration::from_secs(secs_in(
+                "usage_flush_secs",
+                raw.usage_flush_secs,
+                5,
+                1,
+                300,
+            )?),
         })
     }
+}
+
+/// `START-END`, both ports inclusive, `START <= END`, no port 0.
+fn port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, ConfigError> {
+    let bad = || {
+        invalid(
+            "proxy_dedicated_ports",
+            format!("{s:?} is not a port range like 20000-20999"),
+        )
+    };
+    let (a, b) = s.trim().split_once('-').ok_or_else(bad)?;
+    let (a, b): (u16, u16) = (
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    );
+    if a == 0 || a > b {
+        return Err(bad());
+    }
+    Ok(a..=b)
 }
 
 fn secs_in(

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod metrics;
 pub mod pki;
+pub mod proxy;
 pub mod redis;
 pub mod server;
 pub mod store;

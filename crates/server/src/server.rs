@@ -45,6 +45,9 @@ pub struct RunningServer {
     pub state: AppState,
     /// Where devices connect (UDP), when the tunnel is enabled.
     pub tunnel_addr: Option<SocketAddr>,
+    /// The shared proxy ports, when enabled.
+    pub http_proxy_addr: Option<SocketAddr>,
+    pub socks5_addr: Option<SocketAddr>,
     cancel: CancellationToken,
     tracker: TaskTracker,
     http: JoinHandle<std::io::Result<()>>,
@@ -83,6 +86,10 @@ impl RunningServer {
                 remaining = self.tracker.len(),
                 "background tasks still running at the shutdown deadline"
             );
+        }
+        // Every flow has ended (or was abandoned at the deadline): the meters hold their final counts.
+        if let Err(e) = self.state.proxy.ctx.dir.flush().await {
+            tracing::error!(error = %e, "could not write usage at shutdown");
         }
         self.store.close().await;
         tracing::info!("shut down");
@@ -125,7 +132,7 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
     );
     let auth = Auth {
         store: store.clone(),
-        hasher,
+        hasher: hasher.clone(),
         sessions,
         limiter: LoginLimiter::new(LimitPolicy::default(), redis.clone(), clock.clone()),
         clock: clock.clone(),
@@ -173,7 +180,19 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
         std::time::Duration::from_secs(10),
         cancel.child_token(),
     ));
+    let proxy = start_proxy(
+        &config,
+        &store,
+        hasher,
+        redis.clone(),
+        &clock,
+        &registry,
+        &cancel,
+        &tracker,
+    )
+    .await?;
     let state = AppState(Arc::new(AppInner {
+        proxy: proxy.clone(),
         pki,
         registry,
         pairing_ttl: config.pairing_ttl,
@@ -210,11 +229,127 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
         store,
         state,
         tunnel_addr,
+        http_proxy_addr: proxy.http_addr,
+        socks5_addr: proxy.socks5_addr,
         cancel,
         tracker,
         http,
         shutdown_timeout: config.shutdown_timeout,
     })
+}
+
+/// The proxy side: directory, shared doors, dedicated ports, usage flushing.
+pub struct Proxy {
+    pub ctx: Arc<crate::proxy::ProxyContext>,
+    pub dedicated: crate::proxy::Dedicated,
+    pub http_addr: Option<SocketAddr>,
+    pub socks5_addr: Option<SocketAddr>,
+    /// Host name for customers' proxy URLs.
+    pub public_host: String,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn start_proxy(
+    config: &ServeConfig,
+    store: &Store,
+    hasher: Hasher,
+    redis: Option<Redis>,
+    clock: &Arc<dyn Clock>,
+    registry: &Arc<crate::tunnel::Registry>,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) -> anyhow::Result<Arc<Proxy>> {
+    use crate::proxy::{Dedicated, Directory, Door, ProxyContext};
+    // Customers' wrong passwords: a little more room than operators get (many clients retry on their own), and
+    // shorter lockouts.
+    let policy = LimitPolicy {
+        per_user: 10,
+        per_ip: 30,
+        base_lock_ms: 10_000,
+        max_lock_ms: 5 * 60_000,
+        window_ms: 60 * 60_000,
+    };
+    let shutdown = cancel.child_token();
+    let dir = Directory::load(
+        store.clone(),
+        hasher,
+        LoginLimiter::new(policy, redis, clock.clone()),
+        clock.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .context("loading proxy connections")?;
+    let ctx = Arc::new(ProxyContext {
+        dir: Arc::new(dir),
+        registry: registry.clone(),
+        shutdown,
+        tracker: tracker.clone(),
+    });
+    let mut bound = [None, None];
+    for (i, (addr, door, what)) in [
+        (config.http_proxy_listen, Door::Http, "HTTP proxy"),
+        (config.socks5_listen, Door::Socks5, "SOCKS5"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let Some(addr) = addr else { continue };
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the {what} listener on {addr}"))?;
+        let local = listener.local_addr()?;
+        tracing::info!(addr = %local, "{what} door listening");
+        bound[i] = Some(local);
+        tracker.spawn(crate::proxy::serve(
+            ctx.clone(),
+            listener,
+            door,
+            CancellationToken::new(),
+        ));
+    }
+    let dedicated = Dedicated::new(
+        config.proxy_dedicated_ip,
+        config.proxy_dedicated_ports.clone(),
+    );
+    dedicated.start_all(&ctx).await;
+    tracker.spawn(crate::proxy::directory::flush_loop(
+        ctx.dir.clone(),
+        config.usage_flush,
+        cancel.child_token(),
+    ));
+    Ok(Arc::new(Proxy {
+        ctx,
+        dedicated,
+        http_addr: bound[0],
+        socks5_addr: bound[1],
+        public_host: config.proxy_public_host.clone(),
+    }))
+}
+
+impl Proxy {
+    /// An operator was disabled or deleted: their connections stop at once.
+    pub fn forget_operator(&self, operator_id: &str, deleted: bool) {
+        for e in self.ctx.dir.remove_operator(operator_id, deleted) {
+            self.dedicated.stop(&e);
+        }
+    }
+
+    /// An operator was enabled again: their connections come back.
+    pub async fn load_operator(&self, operator_id: &str) -> Result<(), crate::store::StoreError> {
+        for row in self.ctx.dir.store().connections(operator_id).await? {
+            let e = self.ctx.dir.upsert(&row);
+            if let Some(port) = e.dedicated_port() {
+                match self.dedicated.reserve(&e.id, port).await {
+                    Ok(Some(l)) => self.dedicated.start(&self.ctx, &e.id, l),
+                    Ok(None) => {}
+                    Err(err) => {
+                        tracing::error!(connection = %e.id, port, error = %err, "cannot listen on dedicated port")
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Hourly: forget sessions that expired more than a day ago.

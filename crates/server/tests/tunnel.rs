@@ -151,6 +151,8 @@ fn options(dir: &std::path::Path) -> proxyfleet_agent::RunOptions {
         power_supply_dir: dir.join("no-power-supply"),
         rebind: None,
         rotate_command: None,
+        // The targets these tests dial listen on 127.0.0.1.
+        allow_private_targets: true,
         ..Default::default()
     }
 }

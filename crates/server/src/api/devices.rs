@@ -96,7 +96,7 @@ fn view(state: &AppState, d: DeviceRow) -> DeviceView {
     }
 }
 
-fn check_name(name: &str) -> Result<String, ApiError> {
+pub(super) fn check_name(name: &str) -> Result<String, ApiError> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 100 {
         return Err(ApiError::Unprocessable(
@@ -179,7 +179,11 @@ async fn create_device(
     ))
 }
 
-async fn own_device(state: &AppState, operator_id: &str, id: &str) -> Result<DeviceRow, ApiError> {
+pub(super) async fn own_device(
+    state: &AppState,
+    operator_id: &str,
+    id: &str,
+) -> Result<DeviceRow, ApiError> {
     state
         .store
         .device(operator_id, id)
@@ -254,6 +258,7 @@ async fn revoke_device(
         .revoke_device(&s.operator_id, &id, state.auth.clock.now_ms())
         .await?;
     state.registry.kick(&id);
+    state.proxy.ctx.dir.device_gone(&id, false);
     tracing::info!(device = %id, operator = %s.username, "device revoked");
     Ok(Json(view(
         &state,
@@ -273,6 +278,7 @@ async fn delete_device(
         return Err(ApiError::NotFound);
     }
     state.registry.kick(&id);
+    state.proxy.ctx.dir.device_gone(&id, true);
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -1,6 +1,7 @@
 //! REST API under `/api/v1.0`, plus health and metrics endpoints. Every handler is scoped to the calling operator.
 
 mod auth;
+mod connections;
 mod devices;
 mod error;
 mod extract;
@@ -9,7 +10,7 @@ mod operators;
 mod setup;
 
 pub use error::{ApiError, ErrorBody};
-pub use extract::{ApiJson, ApiPath, AuthSession, ClientIp, UserAgent};
+pub use extract::{ApiJson, ApiPath, ApiQuery, AuthSession, ClientIp, UserAgent};
 
 use std::ops::Deref;
 use std::sync::Arc;
@@ -64,6 +65,7 @@ async fn refuse_oversized(
 }
 
 pub struct AppInner {
+    pub proxy: Arc<crate::server::Proxy>,
     pub auth: Auth,
     pub store: Store,
     pub metrics: Metrics,
@@ -94,6 +96,7 @@ impl Deref for AppState {
          (name = "operators", description = "Operator accounts (admins only)"),
          (name = "setup", description = "First-run setup"),
          (name = "devices", description = "Devices: enrollment, status, revocation"),
+         (name = "connections", description = "Proxy connections: credentials, limits, usage"),
          (name = "system", description = "Health, readiness and metrics"))
 )]
 struct ApiDoc;
@@ -121,6 +124,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .merge(auth::router())
         .merge(operators::router())
         .merge(devices::router())
+        .merge(connections::router())
         .merge(setup::router());
     let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1.0", api)

@@ -163,6 +163,7 @@ async fn disable_operator(
         .await
         .map_err(ApiError::internal)?;
     kick_devices(&state, &id).await?;
+    state.proxy.forget_operator(&id, false);
     tracing::info!(admin = %admin.username, username = %target.username, "operator disabled");
     target.disabled_at = Some(now);
     Ok(Json(target.into()))
@@ -183,6 +184,7 @@ async fn enable_operator(
         .store
         .set_operator_disabled(&id, None, state.auth.clock.now_ms())
         .await?;
+    state.proxy.load_operator(&id).await?;
     target.disabled_at = None;
     Ok(Json(target.into()))
 }
@@ -210,6 +212,7 @@ async fn delete_operator(
     for device in devices {
         state.registry.kick(&device);
     }
+    state.proxy.forget_operator(&id, true);
     tracing::info!(admin = %admin.username, username = %target.username, "operator deleted");
     Ok(StatusCode::NO_CONTENT)
 }

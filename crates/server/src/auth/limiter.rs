@@ -81,10 +81,16 @@ pub struct LimitKeys {
 
 impl LimitKeys {
     pub fn new(username: &str, ip: &str) -> Self {
+        Self::namespaced("", username, ip)
+    }
+
+    /// Keys in their own namespace, so that another kind of login (proxy customers) never shares counts with
+    /// operator logins.
+    pub fn namespaced(ns: &str, username: &str, ip: &str) -> Self {
         let user: String = username.chars().take(64).collect::<String>().to_lowercase();
         LimitKeys {
-            user: format!("user:{user}"),
-            ip: format!("ip:{}", ip_bucket(ip)),
+            user: format!("{ns}user:{user}"),
+            ip: format!("{ns}ip:{}", ip_bucket(ip)),
         }
     }
 }

@@ -5,11 +5,13 @@
 //! collation on MySQL, foreign keys inline elsewhere). Ids are UUIDv7 strings made here, so no query needs
 //! `RETURNING`; timestamps are `BIGINT` Unix milliseconds in UTC, so no query depends on a backend's date type.
 
+mod connections;
 mod devices;
 mod operators;
 mod sessions;
 mod setup;
 
+pub use connections::{ConnectionRow, ConnectionSettings, HourUsage, UsageBucket};
 pub use devices::{DeviceRow, NewDevice};
 pub use operators::{NewOperator, Operator, Role};
 pub use sessions::{NewSession, SessionRow};

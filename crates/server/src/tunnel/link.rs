@@ -154,9 +154,12 @@ pub async fn open_tcp(
     host: Host,
     port: u16,
 ) -> Result<(BoxRead, BoxWrite), FlowError> {
-    let header = frame(&StreamHeader {
-        target: Target::Tcp { host, port },
-    });
+    open_flow(link, Target::Tcp { host, port }).await
+}
+
+/// Open a flow stream for `target` and wait for the agent's answer.
+pub async fn open_flow(link: &dyn Link, target: Target) -> Result<(BoxRead, BoxWrite), FlowError> {
+    let header = frame(&StreamHeader { target });
     let answer = async {
         let (mut read, mut write) = link
             .open_stream()

@@ -276,6 +276,8 @@ pub struct TestServer {
     pub redis_prefix: String,
     pub data_dir: tempfile::TempDir,
     pub db: TestDb,
+    /// The settings it started with (for restarts).
+    pub raw: RawConfig,
 }
 
 pub const ADMIN_PASSWORD: &str = "Corr3ct-Horse-Battery";
@@ -297,7 +299,8 @@ impl TestServer {
         };
         // The test's own settings win over the harness defaults.
         let prefix = opts.raw.redis_prefix.clone().unwrap_or(prefix);
-        let config = ServeConfig::resolve(raw.overlay(opts.raw)).expect("config");
+        let raw = raw.overlay(opts.raw);
+        let config = ServeConfig::resolve(raw.clone()).expect("config");
         let clock = ManualClock::default();
         let running = proxyfleet::server::start(
             config,
@@ -328,6 +331,7 @@ impl TestServer {
             redis_prefix: prefix,
             data_dir,
             db,
+            raw,
         })
     }
 
@@ -410,6 +414,38 @@ impl TestServer {
             .send()
             .await
             .expect("request")
+    }
+
+    pub async fn patch(&self, path: &str, token: &str, body: Value) -> reqwest::Response {
+        self.http
+            .patch(self.url(path))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// Stop gracefully and start again on the same database and data directory (listeners get new ports).
+    pub async fn restart(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+        let config = ServeConfig::resolve(self.raw.clone()).expect("config");
+        let running = proxyfleet::server::start(
+            config,
+            ServeOptions {
+                clock: Arc::new(self.clock.clone()),
+            },
+        )
+        .await
+        .expect("server restarts");
+        self.base = format!("http://{}", running.addr);
+        self.running = Some(running);
+    }
+
+    pub fn running(&self) -> &RunningServer {
+        self.running.as_ref().expect("running")
     }
 
     pub async fn delete(&self, path: &str, token: &str) -> reqwest::Response {

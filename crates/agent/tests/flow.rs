@@ -1,0 +1,325 @@
+#![allow(clippy::unwrap_used)]
+//! Flow streams end to end on the agent's side: `serve_flow` over an in-memory stream, with real TCP and UDP
+//! targets on loopback, under both target policies.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use proxyfleet_agent::{serve_flow, TargetPolicy};
+use proxyfleet_proto::codec::frame;
+use proxyfleet_proto::{
+    FrameCodec, Host, OpenResult, StreamHeader, Target, UdpDatagram, MAX_UDP_FRAME,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::task::JoinHandle;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+/// Long enough for a datagram to cross loopback many times over; what has not arrived by then is not coming.
+const QUIET: Duration = Duration::from_millis(300);
+/// Anything that should happen at all happens within this.
+const SOON: Duration = Duration::from_secs(5);
+
+const DENY: TargetPolicy = TargetPolicy {
+    allow_private: false,
+};
+const ALLOW: TargetPolicy = TargetPolicy {
+    allow_private: true,
+};
+
+/// The server's end of a flow stream.
+struct ServerEnd {
+    read: ReadHalf<DuplexStream>,
+    write: WriteHalf<DuplexStream>,
+}
+
+/// Run `serve_flow` on one end of an in-memory stream (small buffers, so backpressure shows) and send `target`.
+async fn open(target: Target, policy: TargetPolicy) -> (ServerEnd, JoinHandle<anyhow::Result<()>>) {
+    let (server, agent) = tokio::io::duplex(1024);
+    let (ar, aw) = tokio::io::split(agent);
+    let flow = tokio::spawn(serve_flow(Box::new(ar), Box::new(aw), policy));
+    let (read, mut write) = tokio::io::split(server);
+    write
+        .write_all(&frame(&StreamHeader { target }))
+        .await
+        .unwrap();
+    (ServerEnd { read, write }, flow)
+}
+
+async fn result_byte(end: &mut ServerEnd) -> OpenResult {
+    let b = tokio::time::timeout(SOON, end.read.read_u8())
+        .await
+        .unwrap()
+        .unwrap();
+    OpenResult::try_from(b).unwrap()
+}
+
+fn tcp(host: Host, port: u16) -> Target {
+    Target::Tcp { host, port }
+}
+
+#[tokio::test]
+async fn tcp_to_loopback_is_refused_unless_private_targets_are_allowed() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mapped = Ipv4Addr::LOCALHOST.to_ipv6_mapped();
+    for host in [
+        Host::V4(Ipv4Addr::LOCALHOST),
+        Host::V6(mapped),
+        Host::V6(Ipv6Addr::LOCALHOST),
+        Host::Domain("localhost".into()),
+        Host::Domain("127.0.0.1".into()),
+    ] {
+        let (mut end, flow) = open(tcp(host.clone(), port), DENY).await;
+        assert_eq!(
+            result_byte(&mut end).await,
+            OpenResult::NotAllowed,
+            "{host}"
+        );
+        tokio::time::timeout(SOON, flow)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+    assert!(
+        tokio::time::timeout(QUIET, listener.accept())
+            .await
+            .is_err(),
+        "a refused flow must not connect"
+    );
+
+    let (mut end, flow) = open(tcp(Host::V4(Ipv4Addr::LOCALHOST), port), ALLOW).await;
+    assert_eq!(result_byte(&mut end).await, OpenResult::Ok);
+    let (mut conn, _) = tokio::time::timeout(SOON, listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    end.write.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    conn.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping");
+    conn.write_all(b"pong").await.unwrap();
+    end.read.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"pong");
+    drop(conn);
+    end.write.shutdown().await.unwrap();
+    tokio::time::timeout(SOON, flow)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn tcp_to_a_name_that_does_not_resolve_is_a_dns_failure() {
+    let (mut end, _flow) = open(tcp(Host::Domain("no-such-host.invalid".into()), 80), DENY).await;
+    assert_eq!(result_byte(&mut end).await, OpenResult::DnsFailure);
+}
+
+type Frames = (
+    FramedRead<ReadHalf<DuplexStream>, FrameCodec<UdpDatagram>>,
+    FramedWrite<WriteHalf<DuplexStream>, FrameCodec<UdpDatagram>>,
+);
+
+/// Open a UDP association and check the `Ok` byte; then both halves speak datagram frames.
+async fn associate(policy: TargetPolicy) -> (Frames, JoinHandle<anyhow::Result<()>>) {
+    let (mut end, flow) = open(Target::Udp, policy).await;
+    assert_eq!(result_byte(&mut end).await, OpenResult::Ok);
+    let frames = (
+        FramedRead::new(end.read, FrameCodec::new(MAX_UDP_FRAME)),
+        FramedWrite::new(end.write, FrameCodec::new(MAX_UDP_FRAME)),
+    );
+    (frames, flow)
+}
+
+/// A UDP echo server; returns its address and a receiver of every datagram it saw.
+async fn echo(
+    bind: SocketAddr,
+) -> Option<(SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>)> {
+    let sock = UdpSocket::bind(bind).await.ok()?;
+    let addr = sock.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_535];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            let _ = tx.send(buf[..n].to_vec());
+            let _ = sock.send_to(&buf[..n], from).await;
+        }
+    });
+    Some((addr, rx))
+}
+
+fn datagram(host: Host, port: u16, payload: &[u8]) -> UdpDatagram {
+    UdpDatagram {
+        host,
+        port,
+        payload: payload.to_vec(),
+    }
+}
+
+async fn next_frame(
+    read: &mut FramedRead<ReadHalf<DuplexStream>, FrameCodec<UdpDatagram>>,
+) -> UdpDatagram {
+    tokio::time::timeout(SOON, read.next())
+        .await
+        .expect("a datagram back")
+        .expect("the association is open")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn udp_datagrams_reach_a_loopback_target_and_come_back_with_its_address() {
+    let (echo_addr, mut seen) = echo("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let port = echo_addr.port();
+    let ((mut read, mut write), flow) = associate(ALLOW).await;
+    let back_from = Host::V4(Ipv4Addr::LOCALHOST);
+
+    for payload in [&b"first"[..], &b"second, a little longer"[..]] {
+        write
+            .send(datagram(Host::V4(Ipv4Addr::LOCALHOST), port, payload))
+            .await
+            .unwrap();
+        assert_eq!(
+            next_frame(&mut read).await,
+            datagram(back_from.clone(), port, payload)
+        );
+    }
+    // A name resolved on the device, and an IPv4-mapped address, reach the same IPv4 target; the answer names it
+    // by its plain IPv4 address.
+    write
+        .send(datagram(Host::Domain("127.0.0.1".into()), port, b"by name"))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_frame(&mut read).await,
+        datagram(back_from.clone(), port, b"by name")
+    );
+    let mapped = Host::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped());
+    write.send(datagram(mapped, port, b"mapped")).await.unwrap();
+    assert_eq!(
+        next_frame(&mut read).await,
+        datagram(back_from, port, b"mapped")
+    );
+    // An empty datagram is a datagram too.
+    write
+        .send(datagram(Host::V4(Ipv4Addr::LOCALHOST), port, b""))
+        .await
+        .unwrap();
+    assert_eq!(next_frame(&mut read).await.payload, b"");
+    let mut count = 0;
+    while seen.try_recv().is_ok() {
+        count += 1;
+    }
+    assert_eq!(count, 5, "the echo server saw every datagram once");
+    assert!(!flow.is_finished());
+}
+
+#[tokio::test]
+async fn udp_over_ipv6_loopback() {
+    let Some((echo_addr, _seen)) = echo("[::1]:0".parse().unwrap()).await else {
+        eprintln!("no IPv6 loopback here; skipping");
+        return;
+    };
+    let ((mut read, mut write), _flow) = associate(ALLOW).await;
+    write
+        .send(datagram(
+            Host::V6(Ipv6Addr::LOCALHOST),
+            echo_addr.port(),
+            b"six",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_frame(&mut read).await,
+        datagram(Host::V6(Ipv6Addr::LOCALHOST), echo_addr.port(), b"six")
+    );
+}
+
+#[tokio::test]
+async fn udp_to_non_public_targets_is_dropped_and_the_association_stays_open() {
+    let (echo_addr, mut seen) = echo("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let port = echo_addr.port();
+    let ((mut read, mut write), flow) = associate(DENY).await;
+    for host in [
+        Host::V4(Ipv4Addr::LOCALHOST),
+        Host::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped()),
+        Host::V6(Ipv6Addr::LOCALHOST),
+        Host::Domain("127.0.0.1".into()),
+        Host::Domain("localhost".into()),
+    ] {
+        write
+            .send(datagram(host, port, b"let me in"))
+            .await
+            .unwrap();
+    }
+    assert!(
+        tokio::time::timeout(QUIET, seen.recv()).await.is_err(),
+        "no datagram may reach a loopback target"
+    );
+    assert!(
+        tokio::time::timeout(QUIET, read.next()).await.is_err(),
+        "nothing comes back, and the stream is not closed"
+    );
+    assert!(!flow.is_finished(), "the association is still open");
+}
+
+#[tokio::test]
+async fn udp_association_ends_when_the_server_closes_the_stream() {
+    let (echo_addr, _seen) = echo("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let ((mut read, mut write), flow) = associate(ALLOW).await;
+    write
+        .send(datagram(
+            Host::V4(Ipv4Addr::LOCALHOST),
+            echo_addr.port(),
+            b"hi",
+        ))
+        .await
+        .unwrap();
+    next_frame(&mut read).await;
+    write.close().await.unwrap();
+    tokio::time::timeout(SOON, flow)
+        .await
+        .expect("serve_flow returns once the server closed its side")
+        .unwrap()
+        .unwrap();
+    assert!(
+        tokio::time::timeout(SOON, read.next())
+            .await
+            .unwrap()
+            .is_none(),
+        "the agent closes its side too"
+    );
+}
+
+#[tokio::test]
+async fn udp_association_ends_on_a_malformed_frame() {
+    let ((_read, write), flow) = associate(ALLOW).await;
+    let mut raw = write.into_inner();
+    // A frame claiming 16 MiB, far beyond any datagram.
+    raw.write_all(&[0x01, 0x00, 0x00, 0x00]).await.unwrap();
+    let outcome = tokio::time::timeout(SOON, flow).await.unwrap().unwrap();
+    assert!(outcome.is_err());
+}
+
+/// No real sockets here (only denied datagrams, which never open one), so paused time is safe.
+#[tokio::test(start_paused = true)]
+async fn udp_association_ends_after_five_idle_minutes() {
+    let ((_read, mut write), mut flow) = associate(DENY).await;
+    let minute = Duration::from_secs(60);
+    tokio::time::sleep(4 * minute).await;
+    assert!(!flow.is_finished(), "four idle minutes are not enough");
+    // A datagram, even one the policy drops, restarts the clock.
+    write
+        .send(datagram(Host::V4(Ipv4Addr::LOCALHOST), 9, b"x"))
+        .await
+        .unwrap();
+    tokio::time::sleep(4 * minute).await;
+    assert!(!flow.is_finished(), "the datagram kept it alive");
+    let ended = tokio::time::timeout(minute + Duration::from_secs(1), &mut flow).await;
+    ended
+        .expect("ends five minutes after the last datagram")
+        .unwrap()
+        .unwrap();
+}

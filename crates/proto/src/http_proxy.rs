@@ -1,0 +1,342 @@
+//! HTTP proxy requests (RFC 9110 section 9.3.6 `CONNECT`, and absolute-form requests of RFC 9112 section 3.2.2), as
+//! pure functions over the request head's bytes. The caller reads at most [`MAX_HEAD`] bytes; nothing here panics on
+//! any input.
+
+use crate::socks5::domain;
+use crate::stream::Host;
+
+/// Largest request head (request line + headers) accepted, in bytes.
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Most header fields accepted in a head.
+pub const MAX_HEADERS: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    #[error("malformed request head")]
+    Malformed,
+    #[error("request head is larger than {MAX_HEAD} bytes")]
+    TooLarge,
+    #[error("request target must be host:port (CONNECT) or an absolute http:// URL")]
+    Target,
+    #[error("https:// URLs go through CONNECT")]
+    Https,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyTarget {
+    /// `CONNECT host:port`: a tunnel.
+    Connect,
+    /// `GET http://host[:port]/path`: one request forwarded in origin form.
+    Forward {
+        /// Origin-form target: path and query, at least `/`.
+        path: String,
+    },
+}
+
+/// A parsed proxy request head.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyRequest {
+    pub method: String,
+    pub target: ProxyTarget,
+    pub host: Host,
+    pub port: u16,
+    /// The `Proxy-Authorization` value, if any.
+    pub proxy_authorization: Option<String>,
+    /// Every other header, in order, as `(name, value)`; hop-by-hop proxy headers already removed.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The HTTP minor version (0 or 1).
+    pub version: u8,
+}
+
+impl std::fmt::Debug for ProxyRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyRequest")
+            .field("method", &self.method)
+            .field("target", &self.target)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field(
+                "proxy_authorization",
+                &self.proxy_authorization.as_ref().map(|_| "[redacted]"),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parse `host:port`, `[v6]:port`, or (when `default_port` is given) a bare host.
+pub fn parse_authority(s: &str, default_port: Option<u16>) -> Result<(Host, u16), HeadError> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, after) = rest.split_once(']').ok_or(HeadError::Target)?;
+        let ip: std::net::Ipv6Addr = h.parse().map_err(|_| HeadError::Target)?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return Err(HeadError::Target),
+        };
+        (Host::V6(ip), port)
+    } else {
+        let (h, p) = match s.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        };
+        let host = match h.parse::<std::net::Ipv4Addr>() {
+            Ok(a) => Host::V4(a),
+            Err(_) => domain(h.as_bytes()).map_err(|_| HeadError::Target)?,
+        };
+        (host, p)
+    };
+    let port = match (port, default_port) {
+        (Some(p), _) => p.parse::<u16>().map_err(|_| HeadError::Target)?,
+        (None, Some(d)) => d,
+        (None, None) => return Err(HeadError::Target),
+    };
+    if port == 0 {
+        return Err(HeadError::Target);
+    }
+    Ok((host, port))
+}
+
+/// Headers a proxy consumes or that only concern the client–proxy hop.
+fn hop_by_hop(name: &str) -> bool {
+    [
+        "proxy-authorization",
+        "proxy-connection",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+    ]
+    .iter()
+    .any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// Parse a request head. `Ok(None)`: incomplete (read more, up to [`MAX_HEAD`]).
+pub fn parse_head(buf: &[u8]) -> Result<Option<(ProxyRequest, usize)>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let used = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(HeadError::Malformed),
+    };
+    if used > MAX_HEAD {
+        return Err(HeadError::TooLarge);
+    }
+    let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
+        return Err(HeadError::Malformed);
+    };
+    let (target, host, port) = if method.eq_ignore_ascii_case("CONNECT") {
+        let (host, port) = parse_authority(path, None)?;
+        (ProxyTarget::Connect, host, port)
+    } else {
+        let lower = path
+            .get(..8)
+            .map(str::to_ascii_lowercase)
+            .unwrap_or_default();
+        if lower.starts_with("https://") {
+            return Err(HeadError::Https);
+        }
+        if !lower.starts_with("http://") {
+            return Err(HeadError::Target);
+        }
+        let rest = &path[7..];
+        let split = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(split);
+        if authority.contains('@') {
+            return Err(HeadError::Target);
+        }
+        let (host, port) = parse_authority(authority, Some(80))?;
+        let path = match tail {
+            "" => "/".to_owned(),
+            t if t.starts_with('?') => format!("/{t}"),
+            t => t.to_owned(),
+        };
+        (ProxyTarget::Forward { path }, host, port)
+    };
+    let mut proxy_authorization = None;
+    let mut kept = Vec::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("proxy-authorization") {
+            proxy_authorization =
+                Some(String::from_utf8(h.value.to_vec()).map_err(|_| HeadError::Malformed)?);
+        } else if !hop_by_hop(h.name) {
+            kept.push((h.name.to_owned(), h.value.to_vec()));
+        }
+    }
+    Ok(Some((
+        ProxyRequest {
+            method: method.to_owned(),
+            target,
+            host,
+            port,
+            proxy_authorization,
+            headers: kept,
+            version,
+        },
+        used,
+    )))
+}
+
+/// Decode a `Basic` credential into `(username, password)`.
+pub fn basic_credentials(value: &str) -> Option<(String, String)> {
+    use base64::Engine as _;
+    let (scheme, b64) = value.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (u, p) = text.split_once(':')?;
+    Some((u.to_owned(), p.to_owned()))
+}
+
+/// The request head to send to the origin: origin-form target, hop-by-hop headers gone, `Connection: close` (one
+/// request per proxied connection), `Host` added when the client left it out.
+pub fn origin_head(req: &ProxyRequest, path: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(req.method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if !req
+        .headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("host"))
+    {
+        out.extend_from_slice(b"Host: ");
+        out.extend_from_slice(req.host.to_string().as_bytes());
+        if req.port != 80 {
+            out.extend_from_slice(format!(":{}", req.port).as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    for (n, v) in &req.headers {
+        out.extend_from_slice(n.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"Connection: close\r\n\r\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn connect_heads() {
+        let head = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nProxy-Authorization: Basic dTpw\r\n\r\nxyz";
+        let (r, used) = parse_head(head).unwrap().unwrap();
+        assert_eq!(used, head.len() - 3);
+        assert_eq!(
+            (r.target.clone(), r.host.clone(), r.port),
+            (
+                ProxyTarget::Connect,
+                Host::Domain("example.com".into()),
+                443
+            )
+        );
+        assert_eq!(
+            basic_credentials(r.proxy_authorization.as_deref().unwrap()),
+            Some(("u".into(), "p".into()))
+        );
+        assert!(!format!("{r:?}").contains("dTpw"));
+        let (r, _) = parse_head(b"CONNECT [::1]:8443 HTTP/1.1\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.host, r.port), (Host::V6(Ipv6Addr::LOCALHOST), 8443));
+        assert_eq!(
+            parse_head(b"CONNECT example.com HTTP/1.1\r\n\r\n"),
+            Err(HeadError::Target)
+        );
+        assert_eq!(
+            parse_head(b"CONNECT a b:1 HTTP/1.1\r\n\r\n"),
+            Err(HeadError::Malformed)
+        );
+        assert_eq!(
+            parse_head(b"CONNECT 1.2.3.4:0 HTTP/1.1\r\n\r\n"),
+            Err(HeadError::Target)
+        );
+        assert_eq!(
+            parse_head(b"CONNECT [::1:80 HTTP/1.1\r\n\r\n"),
+            Err(HeadError::Target)
+        );
+    }
+
+    #[test]
+    fn absolute_form_heads_become_origin_form() {
+        let head = b"GET http://10.1.2.3:8080/a?b=c HTTP/1.1\r\nHost: 10.1.2.3:8080\r\nProxy-Connection: keep-alive\r\nAccept: */*\r\n\r\n";
+        let (r, _) = parse_head(head).unwrap().unwrap();
+        assert_eq!(
+            (r.host.clone(), r.port),
+            (Host::V4(Ipv4Addr::new(10, 1, 2, 3)), 8080)
+        );
+        let ProxyTarget::Forward { path } = &r.target else {
+            panic!("forward expected")
+        };
+        assert_eq!(path, "/a?b=c");
+        let out = String::from_utf8(origin_head(&r, path)).unwrap();
+        assert_eq!(out, "GET /a?b=c HTTP/1.1\r\nHost: 10.1.2.3:8080\r\nAccept: */*\r\nConnection: close\r\n\r\n");
+        let (r, _) = parse_head(b"GET http://Example.org HTTP/1.0\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.target, ProxyTarget::Forward { path: "/".into() });
+        assert!(String::from_utf8(origin_head(&r, "/"))
+            .unwrap()
+            .contains("Host: example.org\r\n"));
+        assert_eq!(
+            parse_head(b"GET /local HTTP/1.1\r\n\r\n"),
+            Err(HeadError::Target)
+        );
+        assert_eq!(
+            parse_head(b"GET https://x.org/ HTTP/1.1\r\n\r\n"),
+            Err(HeadError::Https)
+        );
+        assert_eq!(
+            parse_head(b"GET http://u:p@x.org/ HTTP/1.1\r\n\r\n"),
+            Err(HeadError::Target)
+        );
+    }
+
+    #[test]
+    fn incomplete_and_oversized_heads() {
+        assert_eq!(parse_head(b"CONNECT a.b:1 HTTP/1.1\r\nHost: a"), Ok(None));
+        let mut big = b"GET http://a.b/ HTTP/1.1\r\nX: ".to_vec();
+        big.resize(MAX_HEAD + 10, b'a');
+        assert_eq!(parse_head(&big), Err(HeadError::TooLarge));
+        let mut many = b"GET http://a.b/ HTTP/1.1\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            many.extend_from_slice(format!("X{i}: v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(parse_head(&many), Err(HeadError::Malformed));
+    }
+
+    #[test]
+    fn basic_credentials_are_strict() {
+        assert_eq!(
+            basic_credentials("Basic dTpwOnE="),
+            Some(("u".into(), "p:q".into()))
+        );
+        assert_eq!(basic_credentials("Bearer dTpw"), None);
+        assert_eq!(basic_credentials("Basic !!!"), None);
+        assert_eq!(basic_credentials("Basic dXNlcg=="), None);
+    }
+
+    proptest! {
+        #[test]
+        fn no_head_panics(buf in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            if let Ok(Some((r, used))) = parse_head(&buf) {
+                prop_assert!(used <= buf.len());
+                let _ = origin_head(&r, "/");
+            }
+        }
+    }
+}

@@ -1,0 +1,645 @@
+//! The proxy directory: every connection in memory, with its meter, its flows' kill switch and its verified
+//! credential, so that a flow's admission and a byte's accounting never touch the store.
+//!
+//! The store stays the truth for settings (the API writes there first, then here). Usage is the exception: it lives
+//! here and is flushed on an interval (see [`Directory::flush`]); a crash loses at most one interval.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
+
+use hmac::{Hmac, Mac};
+use ipnet::IpNet;
+use sha2::Sha256;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::limiter::{LimitKeys, LoginLimiter};
+use crate::auth::password::Hasher;
+use crate::clock::Clock;
+use crate::store::{ConnectionRow, Store, StoreError, UsageBucket};
+
+const HOUR_MS: i64 = 3_600_000;
+
+/// Why a connection takes no new flows (and why its open flows were closed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Exhausted,
+    Disabled,
+    NoDevice,
+    Deleted,
+}
+
+impl Refusal {
+    /// What the customer is told.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::Exhausted => "bandwidth limit reached",
+            Refusal::Disabled => "connection disabled",
+            Refusal::NoDevice => "connection has no device",
+            Refusal::Deleted => "connection deleted",
+        }
+    }
+}
+
+/// Direction of a byte count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// Customer to target.
+    Up,
+    /// Target to customer.
+    Down,
+}
+
+#[derive(Debug)]
+struct Pending {
+    device: Arc<str>,
+    hour: i64,
+    up: u64,
+    down: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    device_id: Option<Arc<str>>,
+    password_hash: Option<Arc<str>>,
+    /// Keyed digest of the password last verified against `password_hash` (never the password itself).
+    verified: Option<[u8; 32]>,
+    limit: Option<u64>,
+    used: u64,
+    enabled: bool,
+    deleted: bool,
+    allow: Vec<IpNet>,
+    dedicated_port: Option<u16>,
+    /// Usage changed since the last flush.
+    dirty: bool,
+    pending: Vec<Pending>,
+    /// Cancelled to close every open flow; replaced when flows may run again.
+    flows: CancellationToken,
+}
+
+impl State {
+    fn refusal(&self) -> Option<Refusal> {
+        if self.deleted {
+            Some(Refusal::Deleted)
+        } else if !self.enabled {
+            Some(Refusal::Disabled)
+        } else if self.limit.is_some_and(|l| self.used >= l) {
+            Some(Refusal::Exhausted)
+        } else if self.device_id.is_none() {
+            Some(Refusal::NoDevice)
+        } else {
+            None
+        }
+    }
+
+    /// Close every open flow now; new flows get a fresh switch once the connection admits them again.
+    fn close_flows(&mut self) {
+        self.flows.cancel();
+    }
+
+    /// After any change: a refusing connection has no open flows; an admitting one has a live switch.
+    fn settle(&mut self) {
+        if self.refusal().is_some() {
+            self.flows.cancel();
+        } else if self.flows.is_cancelled() {
+            self.flows = CancellationToken::new();
+        }
+    }
+}
+
+/// One connection as the data plane sees it.
+#[derive(Debug)]
+pub struct Entry {
+    pub id: String,
+    pub operator_id: String,
+    pub username: String,
+    state: Mutex<State>,
+    /// One bcrypt verification per connection at a time: flows that miss the cache together wait for it.
+    verify: tokio::sync::Mutex<()>,
+}
+
+/// What an admitted flow needs.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    pub device_id: Arc<str>,
+    /// Cancelled when the flow must end (cut-off, disable, delete, device change or revocation, shutdown).
+    pub stop: CancellationToken,
+}
+
+/// A connection's numbers and state, as the API shows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub used: u64,
+    pub limit: Option<u64>,
+    pub refusal: Option<Refusal>,
+}
+
+fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    // A panic while holding the lock cannot leave the counters half-written (every update is a few assignments),
+    // so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Entry {
+    fn from_row(row: &ConnectionRow) -> Entry {
+        let mut state = State {
+            device_id: row.device_id.as_deref().map(Arc::from),
+            password_hash: row.password_hash.as_deref().map(Arc::from),
+            verified: None,
+            limit: row.limit_bytes.and_then(|l| u64::try_from(l).ok()),
+            used: u64::try_from(row.used_bytes).unwrap_or(0),
+            enabled: row.disabled_at.is_none(),
+            deleted: false,
+            allow: parse_cidrs(&row.allow_cidrs),
+            dedicated_port: row.dedicated_port.and_then(|p| u16::try_from(p).ok()),
+            dirty: false,
+            pending: Vec::new(),
+            flows: CancellationToken::new(),
+        };
+        state.settle();
+        Entry {
+            id: row.id.clone(),
+            operator_id: row.operator_id.clone(),
+            username: row.username.clone(),
+            state: Mutex::new(state),
+            verify: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Admit a new flow, or say why not.
+    pub fn admit(&self) -> Result<Admission, Refusal> {
+        let s = lock(&self.state);
+        if let Some(r) = s.refusal() {
+            return Err(r);
+        }
+        Ok(Admission {
+            device_id: s.device_id.clone().ok_or(Refusal::NoDevice)?,
+            stop: s.flows.clone(),
+        })
+    }
+
+    /// Count `n` bytes about to be forwarded and return how many may be: all of them, or only what is left under
+    /// the limit. When the limit is reached every open flow of the connection is closed at once.
+    pub fn charge(&self, n: usize, dir: Dir, device: &Arc<str>, now_ms: i64) -> usize {
+        let mut s = lock(&self.state);
+        if s.flows.is_cancelled() || s.refusal().is_some() {
+            return 0;
+        }
+        let n64 = n as u64;
+        let grant = match s.limit {
+            Some(l) => n64.min(l.saturating_sub(s.used)),
+            None => n64,
+        };
+        if grant > 0 {
+            s.used += grant;
+            s.dirty = true;
+            let hour = now_ms - now_ms.rem_euclid(HOUR_MS);
+            let p = match s
+                .pending
+                .iter()
+                .position(|p| p.hour == hour && Arc::ptr_eq(&p.device, device))
+            {
+                Some(i) => &mut s.pending[i],
+                None => {
+                    s.pending.push(Pending {
+                        device: device.clone(),
+                        hour,
+                        up: 0,
+                        down: 0,
+                    });
+                    let last = s.pending.len() - 1;
+                    &mut s.pending[last]
+                }
+            };
+            match dir {
+                Dir::Up => p.up += grant,
+                Dir::Down => p.down += grant,
+            }
+        }
+        if s.limit.is_some_and(|l| s.used >= l) {
+            s.close_flows();
+        }
+        // `grant <= n`, so this fits.
+        usize::try_from(grant).unwrap_or(0)
+    }
+
+    /// Count a datagram only if it fits whole (a datagram cannot be cut); false means drop it.
+    pub fn charge_whole(&self, n: usize, dir: Dir, device: &Arc<str>, now_ms: i64) -> bool {
+        {
+            let s = lock(&self.state);
+            if s.limit.is_some_and(|l| s.used.saturating_add(n as u64) > l) {
+                return false;
+            }
+        }
+        // Between the check and the charge another flow may take bytes; then the datagram gets a short grant and is
+        // dropped, and the bytes it was granted are the last ones before the cut-off: still never past the limit.
+        self.charge(n, dir, device, now_ms) == n
+    }
+
+    pub fn usage(&self) -> Usage {
+        let s = lock(&self.state);
+        Usage {
+            used: s.used,
+            limit: s.limit,
+            refusal: s.refusal(),
+        }
+    }
+
+    pub fn dedicated_port(&self) -> Option<u16> {
+        lock(&self.state).dedicated_port
+    }
+
+    /// Whether `ip` may use the dedicated port without credentials.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        lock(&self.state).allow.iter().any(|n| n.contains(&ip))
+    }
+
+    /// Take new settings from the store's row. Open flows are closed when the connection stops admitting or moves
+    /// to another device; they are kept when only the name or the limit (still above usage) changed.
+    fn apply(&self, row: &ConnectionRow) {
+        let mut s = lock(&self.state);
+        let device: Option<Arc<str>> = row.device_id.as_deref().map(Arc::from);
+        if s.device_id.as_deref() != device.as_deref() {
+            s.close_flows();
+            s.device_id = device;
+        }
+        s.limit = row.limit_bytes.and_then(|l| u64::try_from(l).ok());
+        s.enabled = row.disabled_at.is_none();
+        s.allow = parse_cidrs(&row.allow_cidrs);
+        s.dedicated_port = row.dedicated_port.and_then(|p| u16::try_from(p).ok());
+        s.settle();
+    }
+}
+
+/// Parse the store's comma-separated CIDR list (written by the API, so already valid).
+pub fn parse_cidrs(s: &str) -> Vec<IpNet> {
+    s.split(',')
+        .filter_map(|c| c.trim().parse::<IpNet>().ok())
+        .collect()
+}
+
+#[derive(Debug, Default)]
+struct Orphans {
+    used: Vec<(String, i64)>,
+    buckets: Vec<UsageBucket>,
+}
+
+/// Why a credential check failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// Unknown username or wrong password (the customer cannot tell which).
+    Invalid,
+    /// Too many failures for this username or address.
+    Limited(std::time::Duration),
+    /// The password could not be checked (hasher overloaded).
+    Unavailable,
+}
+
+pub struct Directory {
+    entries: RwLock<HashMap<String, Arc<Entry>>>,
+    by_username: RwLock<HashMap<String, Arc<Entry>>>,
+    /// Per-process key of the verified-credential digests.
+    key: [u8; 32],
+    hasher: Hasher,
+    limiter: LoginLimiter,
+    clock: Arc<dyn Clock>,
+    store: Store,
+    /// Serialises flushes with usage resets, so a flush never writes a total from before a reset after it.
+    flush_lock: tokio::sync::Mutex<()>,
+    /// Totals and hourly usage of removed connections, still to be written.
+    orphans: Mutex<Orphans>,
+    /// Cancelled at shutdown: every flow ends.
+    shutdown: CancellationToken,
+}
+
+impl Directory {
+    pub async fn load(
+        store: Store,
+        hasher: Hasher,
+        limiter: LoginLimiter,
+        clock: Arc<dyn Clock>,
+        shutdown: CancellationToken,
+    ) -> Result<Directory, StoreError> {
+        let d = Directory {
+            entries: RwLock::default(),
+            by_username: RwLock::default(),
+            key: rand::random(),
+            hasher,
+            limiter,
+            clock,
+            store,
+            flush_lock: tokio::sync::Mutex::new(()),
+            orphans: Mutex::default(),
+            shutdown,
+        };
+        for row in d.store.all_connections().await? {
+            d.upsert(&row);
+        }
+        Ok(d)
+    }
+
+    pub fn clock(&self) -> &dyn Clock {
+        self.clock.as_ref()
+    }
+
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Add a connection or take its new settings.
+    pub fn upsert(&self, row: &ConnectionRow) -> Arc<Entry> {
+        if let Some(e) = self.get(&row.id) {
+            e.apply(row);
+            return e;
+        }
+        let e = Arc::new(Entry::from_row(row));
+        if let Ok(mut m) = self.entries.write() {
+            m.insert(e.id.clone(), e.clone());
+        }
+        if let Ok(mut m) = self.by_username.write() {
+            m.insert(e.username.clone(), e.clone());
+        }
+        e
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Entry>> {
+        self.entries.read().ok()?.get(id).cloned()
+    }
+
+    pub fn by_username(&self, username: &str) -> Option<Arc<Entry>> {
+        self.by_username.read().ok()?.get(username).cloned()
+    }
+
+    /// Every entry with a dedicated port.
+    pub fn dedicated(&self) -> Vec<Arc<Entry>> {
+        self.entries.read().map_or_else(
+            |_| Vec::new(),
+            |m| {
+                m.values()
+                    .filter(|e| e.dedicated_port().is_some())
+                    .cloned()
+                    .collect()
+            },
+        )
+    }
+
+    /// A deleted connection: flows closed, gone from the directory; its unflushed history is kept for the flush.
+    pub fn remove(&self, id: &str) {
+        let Some(e) = self.entries.write().ok().and_then(|mut m| m.remove(id)) else {
+            return;
+        };
+        if let Ok(mut m) = self.by_username.write() {
+            m.remove(&e.username);
+        }
+        let (pending, used) = {
+            let mut s = lock(&e.state);
+            s.deleted = true;
+            s.close_flows();
+            (std::mem::take(&mut s.pending), s.dirty.then_some(s.used))
+        };
+        if let Ok(mut o) = self.orphans.lock() {
+            o.buckets.extend(pending.into_iter().map(|p| bucket(&e, p)));
+            // A connection removed with its operator (not deleted) keeps its count for when it comes back.
+            if let Some(u) = used {
+                o.used
+                    .push((e.id.clone(), i64::try_from(u).unwrap_or(i64::MAX)));
+            }
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Every connection of an operator goes (operator disabled or deleted). Returns their ids. A deleted operator's
+    /// unwritten history goes too (the store dropped theirs).
+    pub fn remove_operator(&self, operator_id: &str, deleted: bool) -> Vec<String> {
+        let ids: Vec<String> = self.entries.read().map_or_else(
+            |_| Vec::new(),
+            |m| {
+                m.values()
+                    .filter(|e| e.operator_id == operator_id)
+                    .map(|e| e.id.clone())
+                    .collect()
+            },
+        );
+        for id in &ids {
+            self.remove(id);
+        }
+        if deleted {
+            if let Ok(mut o) = self.orphans.lock() {
+                o.buckets.retain(|b| b.operator_id != operator_id);
+                o.used.retain(|(id, _)| !ids.contains(id));
+            }
+        }
+        ids
+    }
+
+    /// A device was revoked or deleted: close the flows of every connection using it. A deleted device also leaves
+    /// its connections without a device (the store did the same with `ON DELETE SET NULL`).
+    pub fn device_gone(&self, device_id: &str, deleted: bool) {
+        let entries: Vec<Arc<Entry>> = self
+            .entries
+            .read()
+            .map_or_else(|_| Vec::new(), |m| m.values().cloned().collect());
+        for e in entries {
+            let mut s = lock(&e.state);
+            if s.device_id.as_deref() == Some(device_id) {
+                s.close_flows();
+                if deleted {
+                    s.device_id = None;
+                }
+                s.settle();
+            }
+        }
+    }
+
+    /// New password: the cached verification is forgotten, so the old password fails for every new flow.
+    pub fn set_password(&self, id: &str, hash: &str) {
+        if let Some(e) = self.get(id) {
+            let mut s = lock(&e.state);
+            s.password_hash = Some(Arc::from(hash));
+            s.verified = None;
+        }
+    }
+
+    /// Usage back to zero in memory and in the store, atomically with respect to flushes.
+    pub async fn reset_usage(&self, operator_id: &str, id: &str) -> Result<bool, StoreError> {
+        let _flush = self.flush_lock.lock().await;
+        let now = self.clock.now_ms();
+        if !self
+            .store
+            .reset_connection_usage(operator_id, id, now)
+            .await?
+        {
+            return Ok(false);
+        }
+        if let Some(e) = self.get(id) {
+            let mut s = lock(&e.state);
+            s.used = 0;
+            s.dirty = false;
+            s.settle();
+        }
+        Ok(true)
+    }
+
+    fn digest(&self, entry: &Entry, password: &str) -> [u8; 32] {
+        // The key is 32 bytes; HMAC takes any length, so this cannot fail.
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        mac.update(entry.id.as_bytes());
+        mac.update(&[0]);
+        mac.update(password.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// The cheap path: true when this password is the one last verified for the entry.
+    pub fn check_cached(&self, entry: &Entry, password: &str) -> bool {
+        let d = self.digest(entry, password);
+        lock(&entry.state).verified == Some(d)
+    }
+
+    /// Check a customer's credentials. A password verified before costs one keyed hash; otherwise bcrypt runs
+    /// (rate-limited per username and client address, one at a time per connection).
+    pub async fn authenticate(
+        &self,
+        username: &str,
+        password: &str,
+        client: IpAddr,
+    ) -> Result<Arc<Entry>, AuthFailure> {
+        let entry = self.by_username(username);
+        if let Some(e) = &entry {
+            if self.check_cached(e, password) {
+                return Ok(e.clone());
+            }
+        }
+        let keys = LimitKeys::namespaced("proxy", username, &client.to_canonical().to_string());
+        let Some(entry) = entry else {
+            let attempt = self
+                .limiter
+                .begin(&keys)
+                .await
+                .map_err(AuthFailure::Limited)?;
+            self.hasher.verify_dummy().await;
+            self.limiter.failed(&keys, attempt).await;
+            return Err(AuthFailure::Invalid);
+        };
+        let single = entry.clone();
+        let _one = single.verify.lock().await;
+        if self.check_cached(&entry, password) {
+            return Ok(entry);
+        }
+        let hash = lock(&entry.state).password_hash.clone();
+        let attempt = self
+            .limiter
+            .begin(&keys)
+            .await
+            .map_err(AuthFailure::Limited)?;
+        let ok = match &hash {
+            Some(h) => self.hasher.verify(password, h).await,
+            None => {
+                self.hasher.verify_dummy().await;
+                Ok(false)
+            }
+        };
+        match ok {
+            Ok(true) => {
+                let d = self.digest(&entry, password);
+                {
+                    let mut s = lock(&entry.state);
+                    // Only if the password did not change while bcrypt ran.
+                    let same = s.password_hash.as_ref().map(|h| h.as_ptr())
+                        == hash.as_ref().map(|h| h.as_ptr());
+                    if same {
+                        s.verified = Some(d);
+                    }
+                }
+                self.limiter.succeeded(&keys, attempt).await;
+                Ok(entry)
+            }
+            Ok(false) => {
+                self.limiter.failed(&keys, attempt).await;
+                Err(AuthFailure::Invalid)
+            }
+            Err(_) => {
+                self.limiter.release(&keys, attempt).await;
+                Err(AuthFailure::Unavailable)
+            }
+        }
+    }
+
+    /// Write every changed meter and the hourly buckets. On failure everything is kept for the next try.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let _flush = self.flush_lock.lock().await;
+        let entries: Vec<Arc<Entry>> = self
+            .entries
+            .read()
+            .map_or_else(|_| Vec::new(), |m| m.values().cloned().collect());
+        let Orphans {
+            mut used,
+            mut buckets,
+        } = self
+            .orphans
+            .lock()
+            .map(|mut o| std::mem::take(&mut *o))
+            .unwrap_or_default();
+        let mut taken = Vec::new();
+        for e in &entries {
+            let mut s = lock(&e.state);
+            if !s.dirty {
+                continue;
+            }
+            s.dirty = false;
+            used.push((e.id.clone(), i64::try_from(s.used).unwrap_or(i64::MAX)));
+            let pending = std::mem::take(&mut s.pending);
+            drop(s);
+            buckets.extend(pending.into_iter().map(|p| bucket(e, p)));
+            taken.push(e.clone());
+        }
+        if let Err(err) = self.store.flush_usage(&used, &buckets).await {
+            // Put it all back: totals are absolute (just mark dirty), buckets are added to what came meanwhile.
+            for e in taken {
+                lock(&e.state).dirty = true;
+            }
+            if let Ok(mut o) = self.orphans.lock() {
+                o.buckets.extend(buckets);
+                // Removed connections' totals (the live ones are re-marked dirty above).
+                o.used
+                    .extend(used.into_iter().filter(|(id, _)| self.get(id).is_none()));
+            }
+            return Err(err);
+        }
+        Ok(())
+    }
+}
+
+fn bucket(e: &Entry, p: Pending) -> UsageBucket {
+    UsageBucket {
+        connection_id: e.id.clone(),
+        device_id: p.device.to_string(),
+        operator_id: e.operator_id.clone(),
+        hour: p.hour,
+        bytes_up: i64::try_from(p.up).unwrap_or(i64::MAX),
+        bytes_down: i64::try_from(p.down).unwrap_or(i64::MAX),
+    }
+}
+
+/// Flush usage every `interval` until cancelled (the server flushes once more after every flow has ended).
+pub async fn flush_loop(
+    dir: Arc<Directory>,
+    interval: std::time::Duration,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cancel.cancelled() => break,
+        }
+        if let Err(e) = dir.flush().await {
+            tracing::warn!(error = %e, "could not flush usage; will retry");
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The HTTP proxy door: `CONNECT host:port` tunnels and absolute-form requests (`GET http://…`), with
+//! `Proxy-Authorization: Basic`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use proxyfleet_proto::http_proxy::{self as hp, HeadError, ProxyTarget};
+use proxyfleet_proto::Target;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::directory::Entry;
+use super::relay::{relay, RelayOptions};
+use super::{AuthFailure, Door, ProxyContext, HANDSHAKE_TIMEOUT};
+
+/// Read the request head (bounded by [`hp::MAX_HEAD`]); returns it and the bytes after it.
+async fn read_head(
+    stream: &mut TcpStream,
+) -> anyhow::Result<Result<(hp::ProxyRequest, Vec<u8>), HeadError>> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            anyhow::bail!("client closed before a whole request head");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match hp::parse_head(&buf) {
+            Ok(Some((req, used))) => return Ok(Ok((req, buf.split_off(used)))),
+            Ok(None) if buf.len() < hp::MAX_HEAD => {}
+            Ok(None) => return Ok(Err(HeadError::TooLarge)),
+            Err(e) => return Ok(Err(e)),
+        }
+    }
+}
+
+/// A short plain-text answer that ends the connection.
+async fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    extra: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let reason = match status {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        407 => "Proxy Authentication Required",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    };
+    let msg = format!(
+        "HTTP/1.1 {status} {reason}\r\n{extra}Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}\n",
+        body.len() + 1
+    );
+    stream.write_all(msg.as_bytes()).await?;
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+async fn auth(
+    ctx: &ProxyContext,
+    req: &hp::ProxyRequest,
+    peer: SocketAddr,
+    door: &Door,
+) -> Result<Arc<Entry>, AuthFailure> {
+    let client = peer.ip().to_canonical();
+    if let Some(e) = ctx.allow_listed(door, client) {
+        return Ok(e);
+    }
+    let (user, pass) = req
+        .proxy_authorization
+        .as_deref()
+        .and_then(hp::basic_credentials)
+        .ok_or(AuthFailure::Invalid)?;
+    ctx.authenticate(door, &user, &pass, client).await
+}
+
+pub async fn serve(
+    ctx: &Arc<ProxyContext>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    door: &Door,
+) -> anyhow::Result<()> {
+    let head = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_head(&mut stream))
+        .await
+        .map_err(|_| anyhow::anyhow!("HTTP proxy request head timed out"))??;
+    let (req, rest) = match head {
+        Ok(h) => h,
+        Err(e) => {
+            let status = if e == HeadError::TooLarge { 431 } else { 400 };
+            respond(&mut stream, status, "", &e.to_string()).await?;
+            return Ok(());
+        }
+    };
+    let entry = match tokio::time::timeout(HANDSHAKE_TIMEOUT, auth(ctx, &req, peer, door)).await {
+        Ok(Ok(e)) => e,
+        Ok(Err(AuthFailure::Invalid)) => {
+            let challenge = "Proxy-Authenticate: Basic realm=\"proxyfleet\", charset=\"UTF-8\"\r\n";
+            respond(&mut stream, 407, challenge, "proxy authentication required").await?;
+            return Ok(());
+        }
+        Ok(Err(AuthFailure::Limited(after))) => {
+            let retry = format!("Retry-After: {}\r\n", after.as_secs().max(1));
+            respond(
+                &mut stream,
+                429,
+                &retry,
+                "too many failed authentications; try again later",
+            )
+            .await?;
+            return Ok(());
+        }
+        Ok(Err(AuthFailure::Unavailable)) | Err(_) => {
+            respond(
+                &mut stream,
+                503,
+                "Retry-After: 1\r\n",
+                "authentication is busy; try again",
+            )
+            .await?;
+            return Ok(());
+        }
+    };
+    let target = Target::Tcp {
+        host: req.host.clone(),
+        port: req.port,
+    };
+    let (flow, dr, dw) = match ctx.open(&entry, target).await {
+        Ok(f) => f,
+        Err(e) => {
+            let (status, reason) = e.http();
+            respond(&mut stream, status, "", reason).await?;
+            return Ok(());
+        }
+    };
+    match &req.target {
+        ProxyTarget::Connect => {
+            stream
+                .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .await?;
+            let (cr, cw) = stream.into_split();
+            relay(
+                &ctx.dir,
+                &flow,
+                (cr, cw),
+                (dr, dw),
+                &rest,
+                RelayOptions::default(),
+            )
+            .await;
+        }
+        ProxyTarget::Forward { path } => {
+            let mut first = hp::origin_head(&req, path);
+            first.extend_from_slice(&rest);
+            let (cr, cw) = stream.into_split();
+            relay(
+                &ctx.dir,
+                &flow,
+                (cr, cw),
+                (dr, dw),
+                &first,
+                RelayOptions {
+                    end_with_target: true,
+                },
+            )
+            .await;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,293 @@
+//! Customer front doors (HTTP proxy and SOCKS5), the proxy directory and the relay.
+//!
+//! Each door reduces a customer request to `(connection, target, byte pipe)`: it authenticates against the
+//! [`Directory`], admits the flow (limit, enabled, device), opens a stream through the device's tunnel and hands
+//! both ends to the [`relay`].
+
+pub mod directory;
+mod http;
+pub mod relay;
+mod socks5;
+
+pub use directory::{AuthFailure, Directory, Refusal};
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proxyfleet_proto::{OpenResult, Target};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::tunnel::link::{self, BoxRead, BoxWrite, FlowError};
+use crate::tunnel::Registry;
+use directory::Entry;
+use relay::Flow;
+
+/// A customer has this long to finish a door's handshake (SOCKS5 negotiation, HTTP request head).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything the doors share.
+pub struct ProxyContext {
+    pub dir: Arc<Directory>,
+    pub registry: Arc<Registry>,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// Which door a listener is.
+#[derive(Debug, Clone)]
+pub enum Door {
+    /// The shared HTTP proxy port: the username picks the connection.
+    Http,
+    /// The shared SOCKS5 port.
+    Socks5,
+    /// A connection's own port: SOCKS5 or HTTP (told apart by the first byte); allow-listed clients need no
+    /// credentials.
+    Dedicated(String),
+}
+
+/// Why a flow could not be opened.
+#[derive(Debug)]
+pub enum OpenFailure {
+    Refused(Refusal),
+    DeviceOffline,
+    Flow(FlowError),
+}
+
+impl OpenFailure {
+    /// HTTP status and the short reason the customer sees.
+    pub fn http(&self) -> (u16, &'static str) {
+        match self {
+            OpenFailure::Refused(r) => (403, r.reason()),
+            OpenFailure::DeviceOffline | OpenFailure::Flow(FlowError::Offline) => {
+                (502, "device offline")
+            }
+            OpenFailure::Flow(FlowError::Tunnel(_)) => (502, "tunnel to the device failed"),
+            OpenFailure::Flow(FlowError::Timeout) => (504, "device did not answer in time"),
+            OpenFailure::Flow(FlowError::Target(r)) => match r {
+                OpenResult::Refused => (502, "target refused the connection"),
+                OpenResult::Unreachable => (502, "target unreachable from the device"),
+                OpenResult::DnsFailure => (502, "target host name did not resolve"),
+                OpenResult::Timeout => (504, "target did not answer in time"),
+                OpenResult::NotAllowed => (403, "target not allowed"),
+                OpenResult::Ok | OpenResult::Failed => (502, "target connection failed"),
+            },
+        }
+    }
+
+    /// The SOCKS5 reply code (RFC 1928 section 6).
+    pub fn socks(&self) -> proxyfleet_proto::socks5::Reply {
+        use proxyfleet_proto::socks5::Reply;
+        match self {
+            OpenFailure::Refused(_) => Reply::NotAllowedByRuleset,
+            OpenFailure::DeviceOffline
+            | OpenFailure::Flow(FlowError::Offline | FlowError::Tunnel(_)) => {
+                Reply::NetworkUnreachable
+            }
+            OpenFailure::Flow(FlowError::Timeout) => Reply::TtlExpired,
+            OpenFailure::Flow(FlowError::Target(r)) => match r {
+                OpenResult::Refused => Reply::ConnectionRefused,
+                OpenResult::Unreachable | OpenResult::DnsFailure => Reply::HostUnreachable,
+                OpenResult::Timeout => Reply::TtlExpired,
+                OpenResult::NotAllowed => Reply::NotAllowedByRuleset,
+                OpenResult::Ok | OpenResult::Failed => Reply::GeneralFailure,
+            },
+        }
+    }
+}
+
+impl ProxyContext {
+    /// Admit a flow of `entry` and open its stream through the device.
+    pub async fn open(
+        &self,
+        entry: &Arc<Entry>,
+        target: Target,
+    ) -> Result<(Flow, BoxRead, BoxWrite), OpenFailure> {
+        let adm = entry.admit().map_err(OpenFailure::Refused)?;
+        let live = self
+            .registry
+            .get(&adm.device_id)
+            .filter(|l| l.operator_id == entry.operator_id)
+            .ok_or(OpenFailure::DeviceOffline)?;
+        let (r, w) = tokio::select! {
+            res = link::open_flow(&*live.link, target) => res.map_err(OpenFailure::Flow)?,
+            _ = adm.stop.cancelled() => return Err(OpenFailure::Refused(entry.admit().err().unwrap_or(Refusal::Disabled))),
+        };
+        Ok((
+            Flow {
+                entry: entry.clone(),
+                device: adm.device_id,
+                stop: adm.stop,
+                shutdown: self.shutdown.clone(),
+            },
+            r,
+            w,
+        ))
+    }
+
+    /// Credentials from a shared or dedicated door. On a dedicated port only that connection's username counts.
+    async fn authenticate(
+        &self,
+        door: &Door,
+        username: &str,
+        password: &str,
+        client: IpAddr,
+    ) -> Result<Arc<Entry>, AuthFailure> {
+        let entry = self.dir.authenticate(username, password, client).await?;
+        match door {
+            Door::Dedicated(id) if *id != entry.id => Err(AuthFailure::Invalid),
+            _ => Ok(entry),
+        }
+    }
+
+    /// On a dedicated port, the connection when `client` is on its allow-list (no credentials needed).
+    fn allow_listed(&self, door: &Door, client: IpAddr) -> Option<Arc<Entry>> {
+        match door {
+            Door::Dedicated(id) => self.dir.get(id).filter(|e| e.allows(client)),
+            _ => None,
+        }
+    }
+}
+
+/// Accept customers on `listener` until shutdown (or until `stop`, for a dedicated port that was removed).
+pub async fn serve(
+    ctx: Arc<ProxyContext>,
+    listener: TcpListener,
+    door: Door,
+    stop: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "proxy accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = ctx.shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let (ctx2, door) = (ctx.clone(), door.clone());
+        ctx.tracker.spawn(async move {
+            handle(ctx2, stream, peer, door).await;
+        });
+    }
+}
+
+async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr, door: Door) {
+    let result = match door {
+        Door::Http => http::serve(&ctx, stream, peer, &door).await,
+        Door::Socks5 => socks5::serve(&ctx, stream, peer, &door).await,
+        Door::Dedicated(_) => {
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+                Ok(Ok(1)) if first[0] == proxyfleet_proto::socks5::VERSION => {
+                    socks5::serve(&ctx, stream, peer, &door).await
+                }
+                Ok(Ok(1)) => http::serve(&ctx, stream, peer, &door).await,
+                _ => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "proxy client dropped");
+    }
+}
+
+/// Listeners of connections' own ports.
+pub struct Dedicated {
+    pub ip: IpAddr,
+    pub range: Option<RangeInclusive<u16>>,
+    running: Mutex<HashMap<String, (u16, CancellationToken)>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    #[error("dedicated ports are not enabled on this server (set proxy_dedicated_ports)")]
+    Disabled,
+    #[error("port must be between {0} and {1}")]
+    OutOfRange(u16, u16),
+    #[error("port {0} is already in use")]
+    InUse(u16),
+}
+
+impl Dedicated {
+    pub fn new(ip: IpAddr, range: Option<RangeInclusive<u16>>) -> Self {
+        Dedicated {
+            ip,
+            range,
+            running: Mutex::default(),
+        }
+    }
+
+    /// Bind `port` for connection `id` (before the setting is saved, so a busy port is an error, not a surprise).
+    /// A port the connection already listens on is returned as `None` (nothing to do).
+    pub async fn reserve(&self, id: &str, port: u16) -> Result<Option<TcpListener>, PortError> {
+        let range = self.range.clone().ok_or(PortError::Disabled)?;
+        if !range.contains(&port) {
+            return Err(PortError::OutOfRange(*range.start(), *range.end()));
+        }
+        if let Ok(m) = self.running.lock() {
+            match m.iter().find(|(_, (p, _))| *p == port) {
+                Some((owner, _)) if owner == id => return Ok(None),
+                Some(_) => return Err(PortError::InUse(port)),
+                None => {}
+            }
+        }
+        TcpListener::bind((self.ip, port))
+            .await
+            .map(Some)
+            .map_err(|_| PortError::InUse(port))
+    }
+
+    /// Serve connection `id` on `listener`, replacing its previous port if it had one.
+    pub fn start(&self, ctx: &Arc<ProxyContext>, id: &str, listener: TcpListener) {
+        let Ok(port) = listener.local_addr().map(|a| a.port()) else {
+            return;
+        };
+        let stop = CancellationToken::new();
+        if let Ok(mut m) = self.running.lock() {
+            if let Some((_, old)) = m.insert(id.to_owned(), (port, stop.clone())) {
+                old.cancel();
+            }
+        }
+        tracing::info!(connection = %id, port, "dedicated proxy port listening");
+        ctx.tracker.spawn(serve(
+            ctx.clone(),
+            listener,
+            Door::Dedicated(id.to_owned()),
+            stop,
+        ));
+    }
+
+    /// Stop serving connection `id`'s port, if it has one.
+    pub fn stop(&self, id: &str) {
+        if let Some((_, stop)) = self.running.lock().ok().and_then(|mut m| m.remove(id)) {
+            stop.cancel();
+        }
+    }
+
+    /// At startup: listen on every connection's port. A port that cannot be bound is logged, not fatal.
+    pub async fn start_all(&self, ctx: &Arc<ProxyContext>) {
+        for e in ctx.dir.dedicated() {
+            let Some(port) = e.dedicated_port() else {
+                continue;
+            };
+            match self.reserve(&e.id, port).await {
+                Ok(Some(l)) => self.start(ctx, &e.id, l),
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::error!(connection = %e.id, port, error = %err, "cannot listen on dedicated port")
+                }
+            }
+        }
+    }
+}

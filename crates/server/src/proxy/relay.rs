@@ -1,0 +1,147 @@
+//! The relay: copies a customer flow to and from its tunnel stream, counting every byte against the connection's
+//! meter before it is forwarded.
+//!
+//! What is counted: payload bytes forwarded in either direction — for a TCP flow, the bytes of the customer's
+//! stream after the proxy handshake (SOCKS5 negotiation, the HTTP `CONNECT` exchange) and the bytes coming back;
+//! for an absolute-form HTTP request, the request head as rewritten for the origin plus body and response; for UDP,
+//! datagram payloads without headers. Protocol overhead (TCP/IP, QUIC, TLS, SOCKS and tunnel framing) is not
+//! counted. A chunk is counted when it is handed to the socket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use super::directory::{Dir, Directory, Entry};
+
+/// Copy buffer per direction.
+const BUF: usize = 64 * 1024;
+/// After a flow is told to stop, how long a write of already-counted bytes may still take.
+const WRITE_GRACE: Duration = Duration::from_secs(2);
+
+/// An admitted flow: whose meter it charges, through which device, and what stops it.
+pub struct Flow {
+    pub entry: Arc<Entry>,
+    pub device: Arc<str>,
+    pub stop: CancellationToken,
+    pub shutdown: CancellationToken,
+}
+
+impl Flow {
+    async fn stopped(&self) {
+        tokio::select! {
+            _ = self.stop.cancelled() => {}
+            _ = self.shutdown.cancelled() => {}
+        }
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stop.is_cancelled() || self.shutdown.is_cancelled()
+    }
+}
+
+/// Write bytes that were already counted. They are delivered even if the flow is stopped meanwhile (the customer
+/// paid for them), but a peer that stopped reading cannot hold a stopped flow open for longer than the grace.
+async fn write_counted<W: AsyncWrite + Unpin>(
+    flow: &Flow,
+    w: &mut W,
+    bytes: &[u8],
+) -> std::io::Result<bool> {
+    tokio::select! {
+        r = w.write_all(bytes) => r.map(|()| true),
+        _ = async { flow.stopped().await; tokio::time::sleep(WRITE_GRACE).await } => Ok(false),
+    }
+}
+
+/// Send `first` (bytes the front door already holds), then copy until EOF, an error, the cut-off or a stop.
+/// Returns true when the source ended normally (EOF).
+async fn pump<R, W>(
+    dir: &Directory,
+    flow: &Flow,
+    d: Dir,
+    r: &mut R,
+    w: &mut W,
+    first: &[u8],
+) -> std::io::Result<bool>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let mut w = w;
+    if !first.is_empty() {
+        let g = flow
+            .entry
+            .charge(first.len(), d, &flow.device, dir.clock().now_ms());
+        if g > 0 && !write_counted(flow, &mut w, &first[..g]).await? {
+            return Ok(false);
+        }
+        if g < first.len() {
+            return Ok(false);
+        }
+    }
+    let mut buf = vec![0u8; BUF];
+    loop {
+        let n = tokio::select! {
+            biased;
+            _ = flow.stopped() => return Ok(false),
+            n = r.read(&mut buf) => n?,
+        };
+        if n == 0 {
+            let _ = w.shutdown().await;
+            return Ok(true);
+        }
+        let g = flow.entry.charge(n, d, &flow.device, dir.clock().now_ms());
+        if g > 0 && !write_counted(flow, &mut w, &buf[..g]).await? {
+            return Ok(false);
+        }
+        if g < n || flow.is_stopped() {
+            return Ok(false);
+        }
+    }
+}
+
+/// How a relay ends besides both sides closing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RelayOptions {
+    /// End the whole flow when the target's side ends (one forwarded HTTP request: the answer is complete).
+    pub end_with_target: bool,
+}
+
+/// Relay a customer flow through its tunnel stream until both directions end, either fails, or the flow is
+/// stopped. `first_up` is customer data the front door already read past its handshake.
+pub async fn relay<CR, CW, DR, DW>(
+    dir: &Directory,
+    flow: &Flow,
+    (mut cr, mut cw): (CR, CW),
+    (mut dr, mut dw): (DR, DW),
+    first_up: &[u8],
+    opts: RelayOptions,
+) where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    DR: AsyncRead + Unpin,
+    DW: AsyncWrite + Unpin,
+{
+    {
+        let up = pump(dir, flow, Dir::Up, &mut cr, &mut dw, first_up);
+        let down = pump(dir, flow, Dir::Down, &mut dr, &mut cw, &[]);
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        while !(up_done && down_done) {
+            tokio::select! {
+                r = &mut up, if !up_done => {
+                    up_done = true;
+                    // An error or a stop ends the flow; a clean EOF leaves the other direction running (half-close).
+                    if !matches!(r, Ok(true)) { break; }
+                }
+                r = &mut down, if !down_done => {
+                    down_done = true;
+                    if !matches!(r, Ok(true)) || opts.end_with_target { break; }
+                }
+            }
+        }
+    }
+    // Tell the customer the flow is over (FIN) before the sockets are dropped.
+    let _ = tokio::time::timeout(Duration::from_millis(200), cw.shutdown()).await;
+}

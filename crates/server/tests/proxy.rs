@@ -1,0 +1,1027 @@
+//! Proxy connections end to end: the API creates them; real clients (curl, the `tokio-socks` library, PySocks for
+//! UDP) go through the HTTP and SOCKS5 doors, a real agent, to real targets on loopback; the meter cuts them off.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{error_of, Db, Opts, TestServer};
+use proxyfleet::store::Role;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+const MIB: usize = 1024 * 1024;
+
+fn opts() -> Opts {
+    let mut opts = Opts::new(Db::Sqlite);
+    opts.raw.tunnel_listen = Some("127.0.0.1:0".parse().unwrap());
+    opts.raw.tunnel_heartbeat_secs = Some(1);
+    opts.raw.http_proxy_listen = Some("127.0.0.1:0".parse().unwrap());
+    opts.raw.socks5_listen = Some("127.0.0.1:0".parse().unwrap());
+    opts.raw.proxy_public_host = Some("127.0.0.1".into());
+    opts
+}
+
+/// A server with the doors, an admin, one enrolled device with a running agent.
+struct Rig {
+    s: TestServer,
+    token: String,
+    device: String,
+    agent: CancellationToken,
+    _state: tempfile::TempDir,
+}
+
+impl Rig {
+    async fn start_with(opts: Opts) -> Option<Rig> {
+        let s = TestServer::start(opts).await?;
+        let token = s.admin_token().await;
+        let (device, state) = enroll(&s, &token, "phone").await;
+        let agent = spawn_agent(&s, state.path());
+        let rig = Rig {
+            s,
+            token,
+            device,
+            agent,
+            _state: state,
+        };
+        rig.wait_online(&rig.device).await;
+        Some(rig)
+    }
+
+    async fn start() -> Option<Rig> {
+        Self::start_with(opts()).await
+    }
+
+    async fn wait_online(&self, device: &str) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let v: Value = self
+                .s
+                .get(&format!("/api/v1.0/devices/{device}"), &self.token)
+                .await
+                .json()
+                .await
+                .unwrap();
+            if v["status"] == "online" {
+                return;
+            }
+            assert!(Instant::now() < deadline, "device never came online: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn http_addr(&self) -> SocketAddr {
+        self.s.running().http_proxy_addr.unwrap()
+    }
+
+    fn socks_addr(&self) -> SocketAddr {
+        self.s.running().socks5_addr.unwrap()
+    }
+
+    async fn create(&self, body: Value) -> Value {
+        let r = self
+            .s
+            .post("/api/v1.0/connections", &self.token, body)
+            .await;
+        assert_eq!(r.status(), 201);
+        r.json().await.unwrap()
+    }
+
+    async fn connection(&self, id: &str) -> Value {
+        let r = self
+            .s
+            .get(&format!("/api/v1.0/connections/{id}"), &self.token)
+            .await;
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    }
+}
+
+async fn enroll(s: &TestServer, token: &str, name: &str) -> (String, tempfile::TempDir) {
+    let r = s
+        .post("/api/v1.0/devices", token, json!({ "name": name }))
+        .await;
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    proxyfleet_agent::enroll(&s.tunnel(), v["pairing_code"].as_str().unwrap(), dir.path())
+        .await
+        .unwrap();
+    (v["id"].as_str().unwrap().to_owned(), dir)
+}
+
+fn spawn_agent(_s: &TestServer, dir: &std::path::Path) -> CancellationToken {
+    let cancel = CancellationToken::new();
+    let opts = proxyfleet_agent::RunOptions {
+        power_supply_dir: dir.join("none"),
+        // The targets of these tests listen on loopback.
+        allow_private_targets: true,
+        ..Default::default()
+    };
+    let (c, d) = (cancel.clone(), dir.to_owned());
+    tokio::spawn(async move { proxyfleet_agent::run(&d, opts, c).await });
+    cancel
+}
+
+// ---- targets ------------------------------------------------------------------------------------------------
+
+/// An HTTP server answering every request with `len` bytes of a known pattern.
+async fn http_target(bind: &str, len: usize) -> SocketAddr {
+    let l = TcpListener::bind(bind).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let first = String::from_utf8_lossy(&head)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
+                let body = pattern(len);
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nX-Request-Line: {first}\r\nConnection: close\r\n\r\n"
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+                let _ = s.write_all(&body).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// A server that sends `len` bytes as soon as a client connects (no request needed), then waits for the client to
+/// close. `len == 0`: an idle target that never sends.
+async fn stream_target(len: usize) -> SocketAddr {
+    let (_, gate) = tokio::sync::watch::channel(true);
+    gated_target(len, gate).await
+}
+
+/// Like [`stream_target`], but each connection waits until `gate` is true before sending.
+async fn gated_target(len: usize, gate: tokio::sync::watch::Receiver<bool>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let mut gate = gate.clone();
+            tokio::spawn(async move {
+                let _ = gate.wait_for(|open| *open).await;
+                let data = pattern(len);
+                for chunk in data.chunks(16 * 1024) {
+                    if s.write_all(chunk).await.is_err() {
+                        return;
+                    }
+                }
+                let mut b = [0u8; 1024];
+                while let Ok(n) = s.read(&mut b).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+// ---- clients ------------------------------------------------------------------------------------------------
+
+/// curl with `args`; returns (exit code, stdout).
+async fn curl(args: &[&str]) -> (i32, String) {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(args)
+        .output()
+        .await
+        .expect("curl runs (scripts/install-test-deps.sh installs it)");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// curl through a proxy URL, printing `status size`.
+async fn curl_via(proxy: &str, url: &str, extra: &[&str]) -> (i32, String) {
+    let mut args = vec![
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{size_download}",
+        "-x",
+        proxy,
+        url,
+    ];
+    args.extend_from_slice(extra);
+    curl(&args).await
+}
+
+fn creds(c: &Value) -> (String, String) {
+    (
+        c["username"].as_str().unwrap().to_owned(),
+        c["password"].as_str().unwrap().to_owned(),
+    )
+}
+
+async fn socks_connect(
+    proxy: SocketAddr,
+    target: SocketAddr,
+    user: &str,
+    pass: &str,
+) -> Result<tokio_socks::tcp::Socks5Stream<TcpStream>, tokio_socks::Error> {
+    tokio_socks::tcp::Socks5Stream::connect_with_password(proxy, target, user, pass).await
+}
+
+/// The SOCKS5 reply code a raw request gets, after username/password authentication.
+async fn socks_raw_reply(proxy: SocketAddr, user: &str, pass: &str, request: &[u8]) -> u8 {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(&[5, 1, 2]).await.unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).await.unwrap();
+    assert_eq!(m, [5, 2]);
+    let mut auth = vec![1, user.len() as u8];
+    auth.extend_from_slice(user.as_bytes());
+    auth.push(pass.len() as u8);
+    auth.extend_from_slice(pass.as_bytes());
+    s.write_all(&auth).await.unwrap();
+    s.read_exact(&mut m).await.unwrap();
+    assert_eq!(m, [1, 0], "authenticated");
+    s.write_all(request).await.unwrap();
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply[0], 5);
+    reply[1]
+}
+
+/// Read until EOF or error; the number of bytes read. Panics if the stream stays open past `within`.
+async fn drain(s: &mut (impl AsyncReadExt + Unpin), within: Duration) -> usize {
+    let mut total = 0;
+    let mut b = vec![0u8; 64 * 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match s.read(&mut b).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await
+    .expect("the flow was closed");
+    total
+}
+
+// ---- tests --------------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_api_shows_the_password_once_and_validates_everything() {
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    let (s, token) = (&rig.s, &rig.token);
+    let c = rig
+        .create(json!({"name": "alice", "device_id": rig.device, "bandwidth_limit_bytes": 1_000_000_000u64}))
+        .await;
+    let (user, pass) = creds(&c);
+    assert!(user.starts_with("pf") && user.len() == 12, "{user}");
+    assert!(
+        pass.len() == 24 && pass.chars().all(|c| c.is_ascii_alphanumeric()),
+        "{pass}"
+    );
+    assert_eq!(
+        (c["state"].as_str(), c["used_bytes"].as_u64()),
+        (Some("active"), Some(0))
+    );
+    assert_eq!(c["limit_bytes"], 1_000_000_000u64);
+    assert_eq!(c["remaining_bytes"], 1_000_000_000u64);
+    assert!(c["http_url"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("{user}:{pass}@127.0.0.1:")));
+    assert!(c["socks5_url"].as_str().unwrap().starts_with("socks5h://"));
+    let id = c["id"].as_str().unwrap().to_owned();
+
+    // Never again: not in get, list, or the store.
+    let got = rig.connection(&id).await;
+    assert!(got.get("password").is_none() && !got.to_string().contains(&pass));
+    let list = s
+        .get("/api/v1.0/connections", token)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(!list.contains(&pass) && list.contains(&id));
+    let row = s
+        .store()
+        .connection(&got["id"].as_str().unwrap().to_owned().split_off(0), &id)
+        .await;
+    assert!(
+        row.unwrap().is_none(),
+        "scoped by operator: the id alone finds nothing"
+    );
+    let rows = s.store().all_connections().await.unwrap();
+    let hash = rows[0].password_hash.clone().unwrap();
+    assert!(hash.starts_with("$2b$12$"), "{hash}");
+    assert!(!format!("{:?}", rows[0]).contains(&pass));
+
+    // Edit every field; bad values are refused with a reason.
+    let path = format!("/api/v1.0/connections/{id}");
+    let (other_dev, _st) = enroll(s, token, "second").await;
+    let r = s
+        .patch(&path, token, json!({"name": "alice-2", "bandwidth_limit_bytes": null, "enabled": false,
+            "allow_cidrs": ["10.1.2.3/8", "192.0.2.9", "::ffff:198.51.100.0/120"], "device_id": other_dev}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["name"], "alice-2");
+    assert_eq!(v["limit_bytes"], Value::Null);
+    assert_eq!(v["state"], "disabled");
+    assert_eq!(v["device_id"], other_dev.as_str());
+    assert_eq!(
+        v["allow_cidrs"],
+        json!(["10.0.0.0/8", "192.0.2.9/32", "198.51.100.0/24"])
+    );
+    let r = s
+        .patch(
+            &path,
+            token,
+            json!({"enabled": true, "bandwidth_limit_bytes": 5}),
+        )
+        .await;
+    assert_eq!(r.json::<Value>().await.unwrap()["state"], "active");
+    for (body, needle) in [
+        (json!({"bandwidth_limit_bytes": 0}), "at least 1"),
+        (
+            json!({"allow_cidrs": ["10.0.0.0/33"]}),
+            "not an IP address or CIDR",
+        ),
+        (json!({"name": ""}), "name must be"),
+        (json!({"device_id": "nope"}), "not one of your devices"),
+        (
+            json!({"dedicated_port": 20000}),
+            "dedicated ports are not enabled",
+        ),
+    ] {
+        let r = s.patch(&path, token, body.clone()).await;
+        assert_eq!(r.status(), 422, "{body}");
+        assert!(error_of(r).await.contains(needle), "{body}");
+    }
+    let r = s.patch(&path, token, json!({"colour": "red"})).await;
+    assert_eq!(r.status(), 400);
+    let r = s
+        .post(
+            "/api/v1.0/connections",
+            token,
+            json!({"name": "x", "device_id": rig.device, "bandwidth_limit_bytes": -1}),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+
+    // Regenerate: a new password, shown once.
+    let r = s
+        .post(&format!("{path}/regenerate-password"), token, json!({}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let (_, pass2) = creds(&r.json().await.unwrap());
+    assert_ne!(pass, pass2);
+    let hash2 = s.store().all_connections().await.unwrap()[0]
+        .password_hash
+        .clone()
+        .unwrap();
+    assert_ne!(hash, hash2);
+
+    // Another operator sees, changes and uses nothing of this one's.
+    s.create_operator("bob", "Sup3r-Secret-Phrase", Role::Operator)
+        .await;
+    let bob = s.login("bob", "Sup3r-Secret-Phrase").await;
+    let bobs: Value = s
+        .get("/api/v1.0/connections", &bob)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(bobs, json!([]));
+    assert_eq!(s.get(&path, &bob).await.status(), 404);
+    assert_eq!(
+        s.patch(&path, &bob, json!({"name": "mine"})).await.status(),
+        404
+    );
+    assert_eq!(
+        s.post(&format!("{path}/regenerate-password"), &bob, json!({}))
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(
+        s.post(&format!("{path}/reset-usage"), &bob, json!({}))
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(s.get(&format!("{path}/usage"), &bob).await.status(), 404);
+    assert_eq!(
+        s.get(&format!("/api/v1.0/devices/{}/usage", rig.device), &bob)
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(s.delete(&path, &bob).await.status(), 404);
+    let r = s
+        .post(
+            "/api/v1.0/connections",
+            &bob,
+            json!({"name": "steal", "device_id": rig.device}),
+        )
+        .await;
+    assert_eq!(r.status(), 422, "another operator's device cannot be used");
+    assert_eq!(rig.connection(&id).await["name"], "alice-2");
+
+    // Delete.
+    assert_eq!(s.delete(&path, token).await.status(), 204);
+    assert_eq!(s.get(&path, token).await.status(), 404);
+    assert_eq!(s.delete(&path, token).await.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_and_socks5_doors_carry_traffic_and_refuse_properly() {
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    let target = http_target("127.0.0.1:0", 100_000).await;
+    let target6 = http_target("[::1]:0", 1234).await;
+    let c = rig
+        .create(json!({"name": "c", "device_id": rig.device}))
+        .await;
+    let (user, pass) = creds(&c);
+    let http = format!("http://{user}:{pass}@{}", rig.http_addr());
+    let socks = format!("socks5://{user}:{pass}@{}", rig.socks_addr());
+    let socks_h = format!("socks5h://{user}:{pass}@{}", rig.socks_addr());
+    let url = format!("http://{target}/file");
+
+    // CONNECT, absolute-form, SOCKS5 with an IPv4, an IPv6 and a domain target.
+    assert_eq!(
+        curl_via(&http, &url, &["-p"]).await,
+        (0, "200 100000".into())
+    );
+    assert_eq!(curl_via(&http, &url, &[]).await, (0, "200 100000".into()));
+    assert_eq!(curl_via(&socks, &url, &[]).await, (0, "200 100000".into()));
+    assert_eq!(
+        curl_via(&socks, &format!("http://{target6}/"), &[]).await,
+        (0, "200 1234".into())
+    );
+    assert_eq!(
+        curl_via(
+            &socks_h,
+            &format!("http://localhost:{}/", target.port()),
+            &[]
+        )
+        .await,
+        (0, "200 100000".into())
+    );
+    // The absolute-form request reached the target in origin form, without the proxy's headers.
+    let (_, headers) = curl(&[
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-x",
+        &http,
+        &format!("{url}?q=1"),
+    ])
+    .await;
+    assert!(
+        headers.contains("X-Request-Line: GET /file?q=1 HTTP/1.1"),
+        "{headers}"
+    );
+
+    // Missing or wrong credentials: 407 with a challenge; SOCKS5 refuses the sub-negotiation.
+    let bare = format!("http://{}", rig.http_addr());
+    let (_, h) = curl(&["-D", "-", "-o", "/dev/null", "-x", &bare, &url]).await;
+    assert!(
+        h.starts_with("HTTP/1.1 407")
+            && h.contains("Proxy-Authenticate: Basic realm=\"proxyfleet\""),
+        "{h}"
+    );
+    let wrong = format!("http://{user}:wrong@{}", rig.http_addr());
+    assert_eq!(curl_via(&wrong, &url, &[]).await.1, "407 30");
+    let connect_code = [
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_connect}",
+        "-p",
+        "-x",
+        &wrong,
+        &url,
+    ];
+    assert_eq!(curl(&connect_code).await.1, "407");
+    assert!(socks_connect(rig.socks_addr(), target, &user, "wrong")
+        .await
+        .is_err());
+    assert!(socks_connect(rig.socks_addr(), target, "pfnobody", &pass)
+        .await
+        .is_err());
+
+    // Reply codes for failures.
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let req = |cmd: u8, atyp: &[u8]| {
+        let mut r = vec![5, cmd, 0];
+        r.extend_from_slice(atyp);
+        r
+    };
+    let mut v4 = vec![1, 127, 0, 0, 1];
+    v4.extend_from_slice(&closed.port().to_be_bytes());
+    assert_eq!(
+        socks_raw_reply(rig.socks_addr(), &user, &pass, &req(1, &v4)).await,
+        5,
+        "refused"
+    );
+    let mut nx = vec![3, 16];
+    nx.extend_from_slice(b"does-not.invalid");
+    nx.extend_from_slice(&[0, 80]);
+    assert_eq!(
+        socks_raw_reply(rig.socks_addr(), &user, &pass, &req(1, &nx)).await,
+        4,
+        "no such host"
+    );
+    assert_eq!(
+        socks_raw_reply(rig.socks_addr(), &user, &pass, &req(2, &v4)).await,
+        7,
+        "BIND"
+    );
+    assert_eq!(
+        socks_raw_reply(
+            rig.socks_addr(),
+            &user,
+            &pass,
+            &req(1, &[9, 1, 2, 3, 4, 0, 80, 0, 0, 0])
+        )
+        .await,
+        8
+    );
+    let (code, out) = curl_via(&http, &format!("http://{closed}/"), &[]).await;
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "502 30"),
+        "target refused: 502 with a reason"
+    );
+    // A client offering no acceptable method is told so.
+    let mut raw = TcpStream::connect(rig.socks_addr()).await.unwrap();
+    raw.write_all(&[5, 1, 0]).await.unwrap();
+    let mut m = [0u8; 2];
+    raw.read_exact(&mut m).await.unwrap();
+    assert_eq!(m, [5, 0xFF]);
+    // A slow or silent client blocks nobody.
+    let _silent = TcpStream::connect(rig.socks_addr()).await.unwrap();
+    let _half = {
+        let mut h = TcpStream::connect(rig.http_addr()).await.unwrap();
+        h.write_all(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        h
+    };
+    assert_eq!(curl_via(&socks, &url, &[]).await, (0, "200 100000".into()));
+    // Malformed requests get a clear error.
+    let mut bad = TcpStream::connect(rig.http_addr()).await.unwrap();
+    bad.write_all(b"GET /not-a-proxy-request HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = String::new();
+    bad.read_to_string(&mut resp).await.unwrap();
+    assert!(
+        resp.starts_with("HTTP/1.1 400") && resp.contains("absolute http:// URL"),
+        "{resp}"
+    );
+
+    // Regenerating the password: the cached old one stops working for new flows at once.
+    let r = rig
+        .s
+        .post(
+            &format!(
+                "/api/v1.0/connections/{}/regenerate-password",
+                c["id"].as_str().unwrap()
+            ),
+            &rig.token,
+            json!({}),
+        )
+        .await;
+    let (_, pass2) = creds(&r.json().await.unwrap());
+    assert_eq!(curl_via(&http, &url, &[]).await.1, "407 30");
+    assert!(socks_connect(rig.socks_addr(), target, &user, &pass)
+        .await
+        .is_err());
+    let http2 = format!("http://{user}:{pass2}@{}", rig.http_addr());
+    assert_eq!(curl_via(&http2, &url, &[]).await, (0, "200 100000".into()));
+
+    // Wrong passwords are rate-limited (per username and per client address) with Retry-After.
+    let mut last = String::new();
+    for _ in 0..12 {
+        last = curl_via(&wrong, &url, &[]).await.1;
+    }
+    assert!(last.starts_with("429"), "{last}");
+
+    // The device going away: in-flight flows end cleanly, new ones get 502 "device offline".
+    let slow = stream_target(0).await;
+    let mut idle = socks_connect(rig.socks_addr(), slow, &user, &pass2)
+        .await
+        .unwrap();
+    rig.agent.cancel();
+    drain(&mut idle, Duration::from_secs(15)).await;
+    let (_, h) = curl(&["-D", "-", "-o", "/dev/null", "-x", &http2, &url]).await;
+    assert!(h.starts_with("HTTP/1.1 502"), "{h}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_mib_limit_across_eight_flows_is_exact_then_reset_restores() {
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    // The downloads start together, once all eight flows are open.
+    let (go, gate) = tokio::sync::watch::channel(false);
+    let big = gated_target(4 * MIB, gate).await;
+    let idle_target = stream_target(0).await;
+    let c = rig
+        .create(json!({"name": "metered", "device_id": rig.device, "bandwidth_limit_bytes": MIB}))
+        .await;
+    let (user, pass) = creds(&c);
+    let id = c["id"].as_str().unwrap().to_owned();
+
+    // One idle flow, then eight downloads racing for the same megabyte.
+    let mut idle = socks_connect(rig.socks_addr(), idle_target, &user, &pass)
+        .await
+        .unwrap();
+    let mut flows = Vec::new();
+    for _ in 0..8 {
+        flows.push(
+            socks_connect(rig.socks_addr(), big, &user, &pass)
+                .await
+                .unwrap(),
+        );
+    }
+    go.send_replace(true);
+    let started = Instant::now();
+    let tasks: Vec<_> = flows
+        .into_iter()
+        .map(|mut f| tokio::spawn(async move { drain(&mut f, Duration::from_secs(30)).await }))
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert_eq!(
+        total, MIB,
+        "exactly the limit was delivered, across all flows"
+    );
+    // The idle flow was closed too, without sending or receiving anything.
+    assert_eq!(drain(&mut idle, Duration::from_secs(5)).await, 0);
+    eprintln!("cut-off reached after {:?}", started.elapsed());
+
+    let v = rig.connection(&id).await;
+    assert_eq!(
+        (
+            v["state"].as_str(),
+            v["used_bytes"].as_u64(),
+            v["remaining_bytes"].as_u64()
+        ),
+        (Some("exhausted"), Some(MIB as u64), Some(0))
+    );
+    // New flows are refused with the reason.
+    match socks_connect(rig.socks_addr(), big, &user, &pass).await {
+        Err(tokio_socks::Error::ConnectionNotAllowedByRuleset) => {}
+        other => panic!(
+            "expected 'not allowed by ruleset', got {:?}",
+            other.map(|_| ())
+        ),
+    }
+    let http = format!("http://{user}:{pass}@{}", rig.http_addr());
+    let (_, h) = curl(&["-i", "-x", &http, &format!("http://{big}/")]).await;
+    assert!(
+        h.starts_with("HTTP/1.1 403") && h.contains("bandwidth limit reached"),
+        "{h}"
+    );
+
+    // Reset: service is back, the meter starts from zero.
+    let r = rig
+        .s
+        .post(
+            &format!("/api/v1.0/connections/{id}/reset-usage"),
+            &rig.token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["state"].as_str(), v["used_bytes"].as_u64()),
+        (Some("active"), Some(0))
+    );
+    let mut f = socks_connect(rig.socks_addr(), big, &user, &pass)
+        .await
+        .unwrap();
+    assert_eq!(drain(&mut f, Duration::from_secs(30)).await, MIB);
+    assert_eq!(rig.connection(&id).await["state"], "exhausted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disable_delete_and_device_revocation_close_open_flows_at_once() {
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    let idle_target = stream_target(0).await;
+    let c = rig
+        .create(json!({"name": "c", "device_id": rig.device}))
+        .await;
+    let (user, pass) = creds(&c);
+    let path = format!("/api/v1.0/connections/{}", c["id"].as_str().unwrap());
+    let open = || socks_connect(rig.socks_addr(), idle_target, &user, &pass);
+
+    let mut f = open().await.unwrap();
+    assert_eq!(
+        rig.s
+            .patch(&path, &rig.token, json!({"enabled": false}))
+            .await
+            .status(),
+        200
+    );
+    drain(&mut f, Duration::from_secs(2)).await;
+    assert!(matches!(
+        open().await,
+        Err(tokio_socks::Error::ConnectionNotAllowedByRuleset)
+    ));
+    assert_eq!(
+        rig.s
+            .patch(&path, &rig.token, json!({"enabled": true}))
+            .await
+            .status(),
+        200
+    );
+
+    let mut f = open().await.unwrap();
+    assert_eq!(rig.s.delete(&path, &rig.token).await.status(), 204);
+    drain(&mut f, Duration::from_secs(2)).await;
+    assert!(open().await.is_err());
+
+    let c = rig
+        .create(json!({"name": "d", "device_id": rig.device}))
+        .await;
+    let (user, pass) = creds(&c);
+    let mut f = socks_connect(rig.socks_addr(), idle_target, &user, &pass)
+        .await
+        .unwrap();
+    let r = rig
+        .s
+        .post(
+            &format!("/api/v1.0/devices/{}/revoke", rig.device),
+            &rig.token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    drain(&mut f, Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_is_counted_per_hour_and_survives_a_graceful_restart() {
+    let Some(mut rig) = Rig::start().await else {
+        return;
+    };
+    let target = stream_target(300_000).await;
+    let c = rig
+        .create(json!({"name": "c", "device_id": rig.device, "bandwidth_limit_bytes": 10 * MIB}))
+        .await;
+    let (user, pass) = creds(&c);
+    let id = c["id"].as_str().unwrap().to_owned();
+    let mut f = socks_connect(rig.socks_addr(), target, &user, &pass)
+        .await
+        .unwrap();
+    let mut got = vec![0u8; 300_000];
+    f.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, pattern(300_000));
+    f.write_all(b"hello").await.unwrap();
+    drop(f);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rig.connection(&id).await["used_bytes"] != 300_005 {
+        assert!(Instant::now() < deadline, "usage never reached 300005");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    rig.s.restart().await;
+    let v = rig.connection(&id).await;
+    assert_eq!(
+        v["used_bytes"], 300_005,
+        "usage written at shutdown and read back"
+    );
+    for path in [
+        format!("/api/v1.0/connections/{id}/usage"),
+        format!("/api/v1.0/devices/{}/usage", rig.device),
+    ] {
+        let h: Value = rig.s.get(&path, &rig.token).await.json().await.unwrap();
+        let hours = h["hours"].as_array().unwrap();
+        assert_eq!(hours.len(), 1, "{h}");
+        assert_eq!(
+            (
+                hours[0]["bytes_up"].as_i64(),
+                hours[0]["bytes_down"].as_i64()
+            ),
+            (Some(5), Some(300_000))
+        );
+        let hour = hours[0]["hour_ms"].as_i64().unwrap();
+        assert_eq!(hour % 3_600_000, 0);
+        assert!(hours[0]["hour"].as_str().unwrap().ends_with(":00:00.000Z"));
+    }
+    let r = rig
+        .s
+        .get(
+            &format!("/api/v1.0/connections/{id}/usage?since=10&until=5"),
+            &rig.token,
+        )
+        .await;
+    assert_eq!(r.status(), 422);
+    let r = rig
+        .s
+        .get(
+            &format!("/api/v1.0/connections/{id}/usage?since=abc"),
+            &rig.token,
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_associate_answers_a_dns_query_through_the_device() {
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    // A DNS responder: answers any A query with 192.0.2.7.
+    let dns = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let dns_addr = dns.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut b = [0u8; 512];
+        while let Ok((n, from)) = dns.recv_from(&mut b).await {
+            let q = &b[..n];
+            let mut resp = q.to_vec();
+            resp[2] = 0x81;
+            resp[3] = 0x80;
+            resp[7] = 1; // ANCOUNT = 1
+            resp.extend_from_slice(&[0xC0, 0x0C, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 7]);
+            let _ = dns.send_to(&resp, from).await;
+        }
+    });
+    let c = rig
+        .create(json!({"name": "udp", "device_id": rig.device}))
+        .await;
+    let (user, pass) = creds(&c);
+    let script = r#"
+import socket, socks, struct, sys
+proxy_port, dns_port, user, pw = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+s = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
+s.set_proxy(socks.SOCKS5, "127.0.0.1", proxy_port, username=user, password=pw)
+s.settimeout(10)
+name = b"".join(bytes([len(p)]) + p for p in b"example.test".split(b".")) + b"\0"
+s.sendto(struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + name + struct.pack(">HH", 1, 1), ("127.0.0.1", dns_port))
+data, addr = s.recvfrom(512)
+assert data[:2] == b"\x12\x34", data
+print(".".join(str(b) for b in data[-4:]), addr[1])
+"#;
+    let out = tokio::process::Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            script,
+            &rig.socks_addr().port().to_string(),
+            &dns_addr.port().to_string(),
+            &user,
+            &pass,
+        ])
+        .output()
+        .await
+        .expect("python3 with PySocks (scripts/install-test-deps.sh installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.trim(), format!("192.0.2.7 {}", dns_addr.port()));
+    // Datagram payloads were counted both ways (query 30 bytes, answer 46).
+    let v = rig.connection(c["id"].as_str().unwrap()).await;
+    assert_eq!(v["used_bytes"], 30 + 46);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedicated_port_with_allow_list() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut o = opts();
+    o.raw.proxy_dedicated_ports = Some(format!("{port}-{port}"));
+    o.raw.proxy_dedicated_ip = Some("127.0.0.1".parse().unwrap());
+    let Some(rig) = Rig::start_with(o).await else {
+        return;
+    };
+    let target = http_target("127.0.0.1:0", 777).await;
+    let url = format!("http://{target}/");
+    let other = rig
+        .create(json!({"name": "other", "device_id": rig.device}))
+        .await;
+    let r = rig
+        .s
+        .post(
+            "/api/v1.0/connections",
+            &rig.token,
+            json!({"name": "x", "device_id": rig.device, "dedicated_port": port + 1}),
+        )
+        .await;
+    assert_eq!(r.status(), 422, "outside the configured range");
+    let c = rig
+        .create(json!({"name": "own", "device_id": rig.device, "dedicated_port": port, "allow_cidrs": ["127.0.0.0/8"]}))
+        .await;
+    assert_eq!(c["dedicated_proxy"], format!("127.0.0.1:{port}"));
+    let r = rig
+        .s
+        .post(
+            "/api/v1.0/connections",
+            &rig.token,
+            json!({"name": "y", "device_id": rig.device, "dedicated_port": port}),
+        )
+        .await;
+    assert_eq!(r.status(), 409, "port taken");
+
+    // Allow-listed: no credentials needed, over SOCKS5 and HTTP on the same port.
+    assert_eq!(
+        curl_via(&format!("socks5://127.0.0.1:{port}"), &url, &[]).await,
+        (0, "200 777".into())
+    );
+    assert_eq!(
+        curl_via(&format!("http://127.0.0.1:{port}"), &url, &[]).await,
+        (0, "200 777".into())
+    );
+    // Not allow-listed any more: credentials required, and only this connection's.
+    let id = c["id"].as_str().unwrap();
+    let r = rig
+        .s
+        .patch(
+            &format!("/api/v1.0/connections/{id}"),
+            &rig.token,
+            json!({"allow_cidrs": ["10.0.0.0/8"]}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        curl_via(&format!("http://127.0.0.1:{port}"), &url, &[])
+            .await
+            .1,
+        "407 30"
+    );
+    let (u, p) = creds(&c);
+    assert_eq!(
+        curl_via(&format!("http://{u}:{p}@127.0.0.1:{port}"), &url, &[]).await,
+        (0, "200 777".into())
+    );
+    let (ou, op) = creds(&other);
+    assert_eq!(
+        curl_via(&format!("http://{ou}:{op}@127.0.0.1:{port}"), &url, &[])
+            .await
+            .1,
+        "407 30"
+    );
+    // Removing the port closes the listener.
+    let r = rig
+        .s
+        .patch(
+            &format!("/api/v1.0/connections/{id}"),
+            &rig.token,
+            json!({"dedicated_port": null}),
+        )
+        .await;
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["dedicated_port"],
+        Value::Null
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err());
+}
