@@ -6,7 +6,10 @@ mod common;
 
 use common::{Db, TestDb};
 use proxyfleet::auth::{new_setup_token, setup_token_hash};
-use proxyfleet::store::{NewOperator, NewSession, Role, Store, StoreError};
+use proxyfleet::store::{
+    ConnectionSettings, HourUsage, NewDevice, NewOperator, NewSession, Role, Store, StoreError,
+    UsageBucket,
+};
 
 async fn open(db: Db) -> Option<(Store, TestDb)> {
     let tdb = TestDb::create(db).await?;
@@ -257,7 +260,178 @@ async fn setup_token_creates_exactly_one_first_admin(db: Db) {
     assert_eq!(store.count_operators().await.unwrap(), 1);
 }
 
+fn settings(device: Option<String>, port: Option<i64>) -> ConnectionSettings {
+    ConnectionSettings {
+        name: "customer".into(),
+        device_id: device,
+        limit_bytes: Some(1 << 40),
+        disabled_at: None,
+        allow_cidrs: "10.0.0.0/8".into(),
+        dedicated_port: port,
+    }
+}
+
+async fn connections_usage_and_scoping(db: Db) {
+    let Some((store, _tdb)) = open(db).await else {
+        return;
+    };
+    let now = 1_795_000_000_000;
+    let a = store.create_operator(op("alice", now)).await.unwrap();
+    let b = store.create_operator(op("bob", now)).await.unwrap();
+    let dev = store
+        .create_device(NewDevice {
+            operator_id: &a.id,
+            name: "phone",
+            description: "",
+            pairing_code_hash: "h1",
+            pairing_expires_at: now + 1,
+            now,
+        })
+        .await
+        .unwrap();
+    let hash = "$2b$12$notarealhashbutlongenoughxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
+    let c = store
+        .create_connection(
+            &a.id,
+            "pfuser1",
+            hash,
+            &settings(Some(dev.id.clone()), Some(20001)),
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (c.used_bytes, c.limit_bytes, c.dedicated_port),
+        (0, Some(1 << 40), Some(20001))
+    );
+    // Usernames and dedicated ports are unique across operators.
+    for (user, port) in [("pfuser1", None), ("pfuser2", Some(20001))] {
+        let e = store
+            .create_connection(&b.id, user, hash, &settings(None, port), now)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Conflict(_)), "{e:?}");
+    }
+    // Scoped: bob cannot read, change, reset or delete alice's.
+    assert!(store.connection(&b.id, &c.id).await.unwrap().is_none());
+    assert!(store.connections(&b.id).await.unwrap().is_empty());
+    assert!(!store
+        .update_connection(&b.id, &c.id, &settings(None, None), now)
+        .await
+        .unwrap());
+    assert!(!store
+        .set_connection_password(&b.id, &c.id, "x", now)
+        .await
+        .unwrap());
+    assert!(!store
+        .reset_connection_usage(&b.id, &c.id, now)
+        .await
+        .unwrap());
+    assert!(!store.delete_connection(&b.id, &c.id).await.unwrap());
+
+    // Flushes: totals are absolute, hourly buckets add up (the upsert differs per backend).
+    let hour = 1_795_000_000_000 - 1_795_000_000_000 % 3_600_000;
+    let bucket = |h: i64, up: i64, down: i64| UsageBucket {
+        connection_id: c.id.clone(),
+        device_id: dev.id.clone(),
+        operator_id: a.id.clone(),
+        hour: h,
+        bytes_up: up,
+        bytes_down: down,
+    };
+    store
+        .flush_usage(&[(c.id.clone(), 300)], &[bucket(hour, 100, 200)])
+        .await
+        .unwrap();
+    store
+        .flush_usage(
+            &[(c.id.clone(), 5_000_000_300)],
+            &[
+                bucket(hour, 5_000_000_000, 0),
+                bucket(hour + 3_600_000, 1, 2),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .connection(&a.id, &c.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .used_bytes,
+        5_000_000_300
+    );
+    let hours = store
+        .connection_usage(&a.id, &c.id, hour, hour + 7_200_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        hours,
+        vec![
+            HourUsage {
+                hour,
+                bytes_up: 5_000_000_100,
+                bytes_down: 200
+            },
+            HourUsage {
+                hour: hour + 3_600_000,
+                bytes_up: 1,
+                bytes_down: 2
+            },
+        ]
+    );
+    assert_eq!(
+        store
+            .device_usage(&a.id, &dev.id, hour, hour + 3_600_000)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(store
+        .device_usage(&b.id, &dev.id, hour, hour + 7_200_000)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .connection_usage(&b.id, &c.id, hour, hour + 7_200_000)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Reset zeroes the meter and keeps the history; deleting the device leaves the connection without one.
+    assert!(store
+        .reset_connection_usage(&a.id, &c.id, now)
+        .await
+        .unwrap());
+    assert_eq!(
+        store
+            .connection(&a.id, &c.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .used_bytes,
+        0
+    );
+    assert!(store.delete_device(&a.id, &dev.id).await.unwrap());
+    let c2 = store.connection(&a.id, &c.id).await.unwrap().unwrap();
+    assert_eq!(c2.device_id, None);
+    assert_eq!(
+        store
+            .connection_usage(&a.id, &c.id, hour, hour + 7_200_000)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(store.all_connections().await.unwrap().len(), 1);
+    assert!(store.delete_connection(&a.id, &c.id).await.unwrap());
+    assert!(store.all_connections().await.unwrap().is_empty());
+}
+
 on_all_databases!(
+    connections_usage_and_scoping,
     migrations_are_idempotent,
     operators_round_trip,
     sessions_are_scoped_and_revocable,
