@@ -266,6 +266,10 @@ impl Entry {
         }
         s.limit = row.limit_bytes.and_then(|l| u64::try_from(l).ok());
         s.enabled = row.disabled_at.is_none();
+        if !s.enabled {
+            // A disabled connection forgets its verified password: re-enabling costs one bcrypt check.
+            s.verified = None;
+        }
         s.allow = parse_cidrs(&row.allow_cidrs);
         s.dedicated_port = row.dedicated_port.and_then(|p| u16::try_from(p).ok());
         s.settle();
@@ -641,5 +645,95 @@ pub async fn flush_loop(
         if let Err(e) = dir.flush().await {
             tracing::warn!(error = %e, "could not flush usage; will retry");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(limit: Option<i64>) -> ConnectionRow {
+        ConnectionRow {
+            id: "c1".into(),
+            operator_id: "o1".into(),
+            device_id: Some("d1".into()),
+            name: "n".into(),
+            username: "pfx".into(),
+            password_hash: None,
+            limit_bytes: limit,
+            used_bytes: 0,
+            disabled_at: None,
+            allow_cidrs: "10.0.0.0/8,::1/128".into(),
+            dedicated_port: None,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn charges_stop_exactly_at_the_limit_and_close_flows() {
+        let e = Entry::from_row(&row(Some(100)));
+        let dev: Arc<str> = Arc::from("d1");
+        let adm = e.admit().unwrap();
+        assert_eq!(e.charge(60, Dir::Up, &dev, 0), 60);
+        assert!(!adm.stop.is_cancelled());
+        assert_eq!(e.charge(60, Dir::Down, &dev, 0), 40, "only what is left");
+        assert!(adm.stop.is_cancelled(), "every flow is told to stop");
+        assert_eq!(e.charge(1, Dir::Down, &dev, 0), 0);
+        assert_eq!(e.admit().unwrap_err(), Refusal::Exhausted);
+        assert_eq!(e.usage().used, 100);
+        let s = lock(&e.state);
+        assert_eq!(
+            (s.pending.len(), s.pending[0].up, s.pending[0].down),
+            (1, 60, 40)
+        );
+    }
+
+    #[test]
+    fn datagrams_are_charged_whole_or_not_at_all() {
+        let e = Entry::from_row(&row(Some(100)));
+        let dev: Arc<str> = Arc::from("d1");
+        assert!(e.charge_whole(70, Dir::Up, &dev, 0));
+        assert!(!e.charge_whole(31, Dir::Up, &dev, 0));
+        assert_eq!(e.usage().used, 70);
+        assert!(e.charge_whole(30, Dir::Up, &dev, 0));
+        assert_eq!(e.usage().refusal, Some(Refusal::Exhausted));
+    }
+
+    #[test]
+    fn settings_changes_close_or_reopen_flows() {
+        let e = Entry::from_row(&row(Some(100)));
+        let dev: Arc<str> = Arc::from("d1");
+        let first = e.admit().unwrap();
+        // Raising the limit keeps open flows.
+        e.apply(&row(Some(1000)));
+        assert!(!first.stop.is_cancelled());
+        e.charge(500, Dir::Up, &dev, 0);
+        // Lowering it below the usage cuts them off.
+        e.apply(&row(Some(400)));
+        assert!(first.stop.is_cancelled());
+        // Raising it again admits new flows with a fresh switch.
+        e.apply(&row(None));
+        let second = e.admit().unwrap();
+        assert!(!second.stop.is_cancelled());
+        // Moving to another device closes the flows through the old one.
+        let mut moved = row(None);
+        moved.device_id = Some("d2".into());
+        e.apply(&moved);
+        assert!(second.stop.is_cancelled());
+        assert_eq!(&*e.admit().unwrap().device_id, "d2");
+        let mut off = moved.clone();
+        off.disabled_at = Some(1);
+        e.apply(&off);
+        assert_eq!(e.admit().unwrap_err(), Refusal::Disabled);
+    }
+
+    #[test]
+    fn allow_lists_match_canonical_addresses() {
+        let e = Entry::from_row(&row(None));
+        assert!(e.allows("10.2.3.4".parse().unwrap()));
+        assert!(e.allows("::ffff:10.2.3.4".parse().unwrap()));
+        assert!(e.allows("::1".parse().unwrap()));
+        assert!(!e.allows("11.0.0.1".parse().unwrap()));
     }
 }
