@@ -18,6 +18,9 @@ pub struct Metrics {
     pub logins: IntCounterVec,
     pub redis_up: IntGauge,
     pub devices_online: IntGauge,
+    pub proxy_flows_active: IntGauge,
+    pub proxy_flows: IntCounterVec,
+    pub proxy_bytes: IntCounterVec,
 }
 
 impl Metrics {
@@ -53,6 +56,25 @@ impl Metrics {
             "devices_online",
             "Devices with a live tunnel to this server",
         )?;
+        let proxy_flows_active =
+            IntGauge::new("proxy_flows_active", "Customer flows open through devices")?;
+        let proxy_flows = IntCounterVec::new(
+            Opts::new(
+                "proxy_flows_total",
+                "Customer flow attempts by outcome (opened, refused, device_offline, target_failed, auth_failed)",
+            ),
+            &["outcome"],
+        )?;
+        let proxy_bytes = IntCounterVec::new(
+            Opts::new(
+                "proxy_bytes_total",
+                "Payload bytes forwarded for customers, by direction (up: to the target)",
+            ),
+            &["direction"],
+        )?;
+        registry.register(Box::new(proxy_flows_active.clone()))?;
+        registry.register(Box::new(proxy_flows.clone()))?;
+        registry.register(Box::new(proxy_bytes.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
         registry.register(Box::new(login_failures.clone()))?;
@@ -67,6 +89,9 @@ impl Metrics {
             logins,
             redis_up,
             devices_online,
+            proxy_flows_active,
+            proxy_flows,
+            proxy_bytes,
         })
     }
 

@@ -181,6 +181,7 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
         cancel.child_token(),
     ));
     let proxy = start_proxy(
+        &metrics,
         &config,
         &store,
         hasher,
@@ -250,6 +251,7 @@ pub struct Proxy {
 
 #[allow(clippy::too_many_arguments)]
 async fn start_proxy(
+    metrics: &Metrics,
     config: &ServeConfig,
     store: &Store,
     hasher: Hasher,
@@ -281,6 +283,7 @@ async fn start_proxy(
     .context("loading proxy connections")?;
     let ctx = Arc::new(ProxyContext {
         dir: Arc::new(dir),
+        metrics: metrics.clone(),
         registry: registry.clone(),
         shutdown,
         tracker: tracker.clone(),

@@ -744,6 +744,29 @@ async fn one_mib_limit_across_eight_flows_is_exact_then_reset_restores() {
         .unwrap();
     assert_eq!(drain(&mut f, Duration::from_secs(30)).await, MIB);
     assert_eq!(rig.connection(&id).await["state"], "exhausted");
+    // The metrics agree: two megabytes down, nothing up, and every flow closed.
+    let m = rig.s.text("/metrics").await;
+    assert!(
+        m.contains(&format!(
+            "proxyfleet_proxy_bytes_total{{direction=\"down\"}} {}",
+            2 * MIB
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains("proxyfleet_proxy_flows_total{outcome=\"refused\"} 2"),
+        "{m}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !rig
+        .s
+        .text("/metrics")
+        .await
+        .contains("proxyfleet_proxy_flows_active 0")
+    {
+        assert!(Instant::now() < deadline, "flows still counted as open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -570,12 +570,7 @@ async fn connection_usage(
     ApiQuery(q): ApiQuery<UsageQuery>,
 ) -> Result<Json<UsageHistory>, ApiError> {
     own(&state, &s.operator_id, &id).await?;
-    let (since, until) = range(&state, &q)?;
-    let rows = state
-        .store
-        .connection_usage(&s.operator_id, &id, since, until)
-        .await?;
-    Ok(Json(history(since, until, rows)))
+    usage(&state, &s.operator_id, &id, &q, false).await
 }
 
 /// Hourly usage through a device (all its connections).
@@ -589,10 +584,28 @@ async fn device_usage(
     ApiQuery(q): ApiQuery<UsageQuery>,
 ) -> Result<Json<UsageHistory>, ApiError> {
     own_device(&state, &s.operator_id, &id).await?;
-    let (since, until) = range(&state, &q)?;
-    let rows = state
-        .store
-        .device_usage(&s.operator_id, &id, since, until)
-        .await?;
+    usage(&state, &s.operator_id, &id, &q, true).await
+}
+
+/// The hourly history of a connection or (with `device`) a device the caller owns.
+async fn usage(
+    state: &AppState,
+    operator_id: &str,
+    id: &str,
+    q: &UsageQuery,
+    device: bool,
+) -> Result<Json<UsageHistory>, ApiError> {
+    let (since, until) = range(state, q)?;
+    let rows = if device {
+        state
+            .store
+            .device_usage(operator_id, id, since, until)
+            .await?
+    } else {
+        state
+            .store
+            .connection_usage(operator_id, id, since, until)
+            .await?
+    };
     Ok(Json(history(since, until, rows)))
 }

@@ -138,38 +138,25 @@ pub async fn serve(
             return Ok(());
         }
     };
-    match &req.target {
+    let (first, opts) = match &req.target {
         ProxyTarget::Connect => {
             stream
                 .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 .await?;
-            let (cr, cw) = stream.into_split();
-            relay(
-                &ctx.dir,
-                &flow,
-                (cr, cw),
-                (dr, dw),
-                &rest,
-                RelayOptions::default(),
-            )
-            .await;
+            (rest, RelayOptions::default())
         }
         ProxyTarget::Forward { path } => {
             let mut first = hp::origin_head(&req, path);
             first.extend_from_slice(&rest);
-            let (cr, cw) = stream.into_split();
-            relay(
-                &ctx.dir,
-                &flow,
-                (cr, cw),
-                (dr, dw),
-                &first,
+            // One request: the flow is over once the origin's answer is.
+            (
+                first,
                 RelayOptions {
                     end_with_target: true,
                 },
             )
-            .await;
         }
-    }
+    };
+    relay(&ctx.dir, &flow, stream.into_split(), (dr, dw), &first, opts).await;
     Ok(())
 }

@@ -33,6 +33,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Everything the doors share.
 pub struct ProxyContext {
     pub dir: Arc<Directory>,
+    pub metrics: crate::metrics::Metrics,
     pub registry: Arc<Registry>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
@@ -107,6 +108,25 @@ impl ProxyContext {
         entry: &Arc<Entry>,
         target: Target,
     ) -> Result<(Flow, BoxRead, BoxWrite), OpenFailure> {
+        let opened = self.open_inner(entry, target).await;
+        let outcome = match &opened {
+            Ok(_) => "opened",
+            Err(OpenFailure::Refused(_)) => "refused",
+            Err(
+                OpenFailure::DeviceOffline
+                | OpenFailure::Flow(FlowError::Offline | FlowError::Tunnel(_)),
+            ) => "device_offline",
+            Err(OpenFailure::Flow(_)) => "target_failed",
+        };
+        self.metrics.proxy_flows.with_label_values(&[outcome]).inc();
+        opened
+    }
+
+    async fn open_inner(
+        &self,
+        entry: &Arc<Entry>,
+        target: Target,
+    ) -> Result<(Flow, BoxRead, BoxWrite), OpenFailure> {
         let adm = entry.admit().map_err(OpenFailure::Refused)?;
         let live = self
             .registry
@@ -123,6 +143,7 @@ impl ProxyContext {
                 device: adm.device_id,
                 stop: adm.stop,
                 shutdown: self.shutdown.clone(),
+                counters: relay::Counters::new(&self.metrics),
             },
             r,
             w,
@@ -137,11 +158,20 @@ impl ProxyContext {
         password: &str,
         client: IpAddr,
     ) -> Result<Arc<Entry>, AuthFailure> {
-        let entry = self.dir.authenticate(username, password, client).await?;
-        match door {
-            Door::Dedicated(id) if *id != entry.id => Err(AuthFailure::Invalid),
-            _ => Ok(entry),
+        let verdict = match self.dir.authenticate(username, password, client).await {
+            Ok(entry) => match door {
+                Door::Dedicated(id) if *id != entry.id => Err(AuthFailure::Invalid),
+                _ => Ok(entry),
+            },
+            Err(e) => Err(e),
+        };
+        if verdict.is_err() {
+            self.metrics
+                .proxy_flows
+                .with_label_values(&["auth_failed"])
+                .inc();
         }
+        verdict
     }
 
     /// On a dedicated port, the connection when `client` is on its allow-list (no credentials needed).

@@ -26,6 +26,38 @@ pub struct Flow {
     pub device: Arc<str>,
     pub stop: CancellationToken,
     pub shutdown: CancellationToken,
+    pub counters: Counters,
+}
+
+/// The flow's share of the server's metrics; the open-flows gauge goes down when the flow is dropped.
+pub struct Counters {
+    active: prometheus::IntGauge,
+    up: prometheus::IntCounter,
+    down: prometheus::IntCounter,
+}
+
+impl Counters {
+    pub fn new(m: &crate::metrics::Metrics) -> Self {
+        m.proxy_flows_active.inc();
+        Counters {
+            active: m.proxy_flows_active.clone(),
+            up: m.proxy_bytes.with_label_values(&["up"]),
+            down: m.proxy_bytes.with_label_values(&["down"]),
+        }
+    }
+
+    pub fn add(&self, d: Dir, n: usize) {
+        match d {
+            Dir::Up => self.up.inc_by(n as u64),
+            Dir::Down => self.down.inc_by(n as u64),
+        }
+    }
+}
+
+impl Drop for Counters {
+    fn drop(&mut self) {
+        self.active.dec();
+    }
 }
 
 impl Flow {
@@ -73,6 +105,7 @@ where
         let g = flow
             .entry
             .charge(first.len(), d, &flow.device, dir.clock().now_ms());
+        flow.counters.add(d, g);
         if g > 0 && !write_counted(flow, &mut w, &first[..g]).await? {
             return Ok(false);
         }
@@ -92,6 +125,7 @@ where
             return Ok(true);
         }
         let g = flow.entry.charge(n, d, &flow.device, dir.clock().now_ms());
+        flow.counters.add(d, g);
         if g > 0 && !write_counted(flow, &mut w, &buf[..g]).await? {
             return Ok(false);
         }
