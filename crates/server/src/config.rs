@@ -496,6 +496,60 @@ mod tests {
     }
 
     #[test]
+    fn proxy_settings_are_validated() {
+        let c = ServeConfig::resolve(RawConfig {
+            proxy_dedicated_ports: Some("20000-20999".into()),
+            public_url: Some("https://panel.example.com".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.proxy_dedicated_ports, Some(20000..=20999));
+        assert_eq!(c.proxy_public_host, "panel.example.com");
+        assert_eq!(c.usage_flush, Duration::from_secs(5));
+        assert_eq!((c.http_proxy_listen, c.socks5_listen), (None, None));
+        for (raw, setting) in [
+            (
+                RawConfig {
+                    proxy_dedicated_ports: Some("20999-20000".into()),
+                    ..Default::default()
+                },
+                "proxy_dedicated_ports",
+            ),
+            (
+                RawConfig {
+                    proxy_dedicated_ports: Some("0-10".into()),
+                    ..Default::default()
+                },
+                "proxy_dedicated_ports",
+            ),
+            (
+                RawConfig {
+                    proxy_dedicated_ports: Some("20000".into()),
+                    ..Default::default()
+                },
+                "proxy_dedicated_ports",
+            ),
+            (
+                RawConfig {
+                    usage_flush_secs: Some(0),
+                    ..Default::default()
+                },
+                "usage_flush_secs",
+            ),
+            (
+                RawConfig {
+                    proxy_public_host: Some("a b".into()),
+                    ..Default::default()
+                },
+                "proxy_public_host",
+            ),
+        ] {
+            let e = ServeConfig::resolve(raw).unwrap_err();
+            assert!(e.to_string().contains(setting), "{e}");
+        }
+    }
+
+    #[test]
     fn defaults_are_sqlite_in_data_dir_without_redis() {
         let c = ServeConfig::resolve(RawConfig::default()).unwrap();
         assert_eq!(c.database_url.expose(), "sqlite://data/proxyfleet.db");

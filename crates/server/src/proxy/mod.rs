@@ -207,7 +207,12 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let (ctx2, door) = (ctx.clone(), door.clone());
         ctx.tracker.spawn(async move {
-            handle(ctx2, stream, peer, door).await;
+            // At shutdown a client still in its handshake is dropped at once; relaying flows end on their own.
+            let shutdown = ctx2.shutdown.clone();
+            tokio::select! {
+                () = handle(ctx2, stream, peer, door) => {}
+                () = shutdown.cancelled() => {}
+            }
         });
     }
 }
