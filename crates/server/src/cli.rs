@@ -28,6 +28,45 @@ pub enum Command {
         #[command(subcommand)]
         command: OperatorCommand,
     },
+    /// Import data from other platforms.
+    Import {
+        #[command(subcommand)]
+        command: ImportCommand,
+    },
+    /// Replace every plaintext proxy password with its bcrypt hash (also runs at server start).
+    MigratePasswords {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Report what would be done; change nothing.
+        #[arg(long, env = "PROXYFLEET_DRY_RUN")]
+        dry_run: bool,
+        /// Rows hashed per transaction.
+        #[arg(long, env = "PROXYFLEET_BATCH_SIZE", default_value_t = proxyfleet::legacy::DEFAULT_BATCH)]
+        batch_size: usize,
+    },
+    /// Check the installation: plaintext credentials left, rows without any credential. Exits 1 on a problem.
+    Doctor {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ImportCommand {
+    /// Import proxy connections from a CSV or JSON export, keeping each customer's username and password. Columns
+    /// (or JSON keys): name, device (id or name), username, password, bandwidth_limit_bytes, used_bytes, enabled.
+    Connections {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// The export: `.csv` with a header row, or `.json` (an array of objects).
+        file: PathBuf,
+        /// The operator who receives the connections.
+        #[arg(long, env = "PROXYFLEET_OPERATOR")]
+        operator: String,
+        /// Import the good rows and report the bad ones (default: any bad row imports nothing).
+        #[arg(long, env = "PROXYFLEET_SKIP_BAD")]
+        skip_bad: bool,
+    },
 }
 
 #[derive(Subcommand)]

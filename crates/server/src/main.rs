@@ -9,7 +9,7 @@ use clap::Parser;
 use proxyfleet::config::{LogFormat, ServeConfig};
 use proxyfleet::server::{self, ServeOptions};
 
-use cli::{Cli, Command, OperatorCommand};
+use cli::{Cli, Command, ImportCommand, OperatorCommand};
 
 fn main() -> std::process::ExitCode {
     // `.env` fills in variables that the real environment does not set.
@@ -67,7 +67,131 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Import {
+            command:
+                ImportCommand::Connections {
+                    common,
+                    file,
+                    operator,
+                    skip_bad,
+                },
+        } => {
+            let config = cli::resolve(&common, Default::default())?;
+            init_tracing(LogFormat::Text, "warn");
+            let store = server::open_store(&config).await?;
+            let now = proxyfleet::clock::Clock::now_ms(&proxyfleet::clock::SystemClock);
+            let report =
+                proxyfleet::legacy::import_connections(&store, &operator, &file, skip_bad, now)
+                    .await;
+            store.close().await;
+            match report {
+                Ok(r) => {
+                    for bad in &r.skipped {
+                        eprintln!("skipped {bad}");
+                    }
+                    println!(
+                        "imported {} connection(s); {} already present; {} bad row(s) skipped. \
+                         Run `proxyfleet migrate-passwords` (or start the server) to hash their passwords.",
+                        r.counts.created,
+                        r.counts.already_present,
+                        r.skipped.len()
+                    );
+                    Ok(())
+                }
+                Err(proxyfleet::legacy::ImportError::BadRows(rows)) => {
+                    for bad in &rows {
+                        eprintln!("{}: {bad}", file.display());
+                    }
+                    anyhow::bail!(
+                        "{} bad row(s); nothing was imported (fix them, or pass --skip-bad to import the rest)",
+                        rows.len()
+                    )
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        Command::MigratePasswords {
+            common,
+            dry_run,
+            batch_size,
+        } => {
+            let config = cli::resolve(&common, Default::default())?;
+            init_tracing(LogFormat::Text, "warn");
+            let store = server::open_store(&config).await?;
+            let report = migrate_with_progress(&store, batch_size, dry_run).await;
+            store.close().await;
+            let report = report?;
+            let verb = if dry_run { "would migrate" } else { "migrated" };
+            println!(
+                "{verb} {}; already hashed {}; failed {}",
+                report.migrated,
+                report.already_hashed,
+                report.failed.len()
+            );
+            for (user, why) in &report.failed {
+                println!("  failed {user}: {why}");
+            }
+            if report.failed.is_empty() {
+                Ok(())
+            } else {
+                anyhow::bail!(
+                    "{} row(s) keep their plaintext password",
+                    report.failed.len()
+                )
+            }
+        }
+        Command::Doctor { common } => {
+            let config = cli::resolve(&common, Default::default())?;
+            init_tracing(LogFormat::Text, "warn");
+            let store = server::open_store(&config).await?;
+            let counts = store.credential_counts().await;
+            store.close().await;
+            let (plain, hashed, neither) = counts?;
+            println!("plaintext credentials: {plain}");
+            println!("hashed credentials:    {hashed}");
+            println!("rows without any credential: {neither}");
+            if plain > 0 {
+                anyhow::bail!("{plain} connection(s) still have a plaintext password: run `proxyfleet migrate-passwords`");
+            }
+            Ok(())
+        }
     }
+}
+
+/// The migration with a progress bar on standard error.
+async fn migrate_with_progress(
+    store: &proxyfleet::store::Store,
+    batch: usize,
+    dry_run: bool,
+) -> anyhow::Result<proxyfleet::legacy::MigrationReport> {
+    use std::io::Write;
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let hasher = proxyfleet::auth::password::Hasher::new(cores).await?;
+    let started = std::time::Instant::now();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let report = proxyfleet::legacy::migrate_passwords(
+        store,
+        &hasher,
+        batch,
+        dry_run,
+        &stop,
+        |done, total| {
+            let total = u64::try_from(total).unwrap_or(0).max(1);
+            let width = 30;
+            let filled = usize::try_from(done.min(total) * width / total).unwrap_or(0);
+            let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
+            let eta = total.saturating_sub(done) as f64 / rate.max(0.001);
+            eprint!(
+                "\r[{}{}] {done}/{total} rows, {rate:.1} rows/s, about {eta:.0} s left ",
+                "#".repeat(filled),
+                " ".repeat(width as usize - filled)
+            );
+            let _ = std::io::stderr().flush();
+        },
+    )
+    .await?;
+    eprintln!();
+    Ok(report)
 }
 
 async fn serve(config: ServeConfig) -> anyhow::Result<()> {

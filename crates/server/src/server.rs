@@ -219,6 +219,7 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
     });
+    tracker.spawn(migrate_on_start(store.clone(), cancel.child_token()));
     tracker.spawn(housekeeping(
         store.clone(),
         clock.clone(),
@@ -355,6 +356,55 @@ impl Proxy {
     }
 }
 
+/// Replace plaintext proxy passwords (from an import) by bcrypt hashes in the background, with one core fewer than
+/// the machine has so that logins and proxy checks keep theirs. Until its row is reached, a customer's first
+/// authentication migrates that row on the spot (see `Directory::authenticate`), so nobody fails meanwhile.
+async fn migrate_on_start(store: Store, cancel: CancellationToken) {
+    let plain = match store.credential_counts().await {
+        Ok((plain, _, _)) if plain > 0 => plain,
+        Ok(_) => return,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot count plaintext passwords");
+            return;
+        }
+    };
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let Ok(hasher) = Hasher::new(cores.saturating_sub(1).max(1)).await else {
+        return;
+    };
+    tracing::info!(
+        rows = plain,
+        "migrating plaintext proxy passwords to bcrypt in the background"
+    );
+    let mut next_log = plain / 10;
+    let run = crate::legacy::migrate_passwords(
+        &store,
+        &hasher,
+        crate::legacy::DEFAULT_BATCH,
+        false,
+        &cancel,
+        |done, total| {
+            if i64::try_from(done).unwrap_or(i64::MAX) >= next_log {
+                tracing::info!(done, total, "password migration progress");
+                next_log += (total / 10).max(1);
+            }
+        },
+    )
+    .await;
+    match run {
+        Ok(r) if r.failed.is_empty() => {
+            tracing::info!(migrated = r.migrated, "password migration finished")
+        }
+        Ok(r) => tracing::error!(
+            migrated = r.migrated,
+            failed = r.failed.len(),
+            "password migration finished; some connections keep a plaintext password bcrypt cannot take \
+             (see `proxyfleet migrate-passwords`; regenerate their passwords)"
+        ),
+        Err(e) => tracing::error!(error = %e, "password migration stopped; it resumes at the next start"),
+    }
+}
+
 /// Hourly: forget sessions that expired more than a day ago.
 async fn housekeeping(store: Store, clock: Arc<dyn Clock>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
@@ -415,6 +465,14 @@ pub fn load_or_generate_secret(path: &Path) -> anyhow::Result<Secret> {
     f.sync_all()?;
     tracing::info!(path = %path.display(), "generated a new JWT signing secret");
     Ok(Secret::new(secret))
+}
+
+/// Open (and migrate) the store for a command-line tool.
+pub async fn open_store(config: &ServeConfig) -> anyhow::Result<Store> {
+    ensure_data_dir(&config.data_dir)?;
+    Store::connect(config.database_url.expose(), 4)
+        .await
+        .context("opening the store")
 }
 
 /// `proxyfleet operator create`: open the store and create an operator. The first operator is always an admin.

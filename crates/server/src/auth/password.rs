@@ -136,21 +136,28 @@ pub enum HashError {
 pub struct Hasher {
     permits: Arc<Semaphore>,
     dummy_hash: Arc<str>,
+    cost: u32,
 }
 
 impl Hasher {
     /// `dummy_hash` is verified against for unknown usernames so that they cost the same as wrong passwords.
     pub async fn new(permits: usize) -> Result<Self, HashError> {
+        Self::with_cost(permits, BCRYPT_COST).await
+    }
+
+    /// A hasher making hashes of another cost. Only tests and benchmarks use anything but [`BCRYPT_COST`]
+    /// (verification reads the cost from the hash, so it is unaffected).
+    pub async fn with_cost(permits: usize, cost: u32) -> Result<Self, HashError> {
         let permits = Arc::new(Semaphore::new(permits.max(1)));
         let seed: [u8; 16] = rand::random();
-        let dummy =
-            tokio::task::spawn_blocking(move || bcrypt::non_truncating_hash(seed, BCRYPT_COST))
-                .await
-                .map_err(HashError::Join)?
-                .map_err(HashError::Bcrypt)?;
+        let dummy = tokio::task::spawn_blocking(move || bcrypt::non_truncating_hash(seed, cost))
+            .await
+            .map_err(HashError::Join)?
+            .map_err(HashError::Bcrypt)?;
         Ok(Hasher {
             permits,
             dummy_hash: dummy.into(),
+            cost,
         })
     }
 
@@ -159,7 +166,8 @@ impl Hasher {
             return Err(HashError::TooLong);
         }
         let password = password.to_owned();
-        self.run(move || bcrypt::non_truncating_hash(password, BCRYPT_COST))
+        let cost = self.cost;
+        self.run(move || bcrypt::non_truncating_hash(password, cost))
             .await
     }
 

@@ -519,22 +519,38 @@ impl Directory {
             }
         }
         let keys = LimitKeys::namespaced("proxy", username, &client.to_canonical().to_string());
-        let Some(entry) = entry else {
-            let attempt = self
-                .limiter
-                .begin(&keys)
-                .await
-                .map_err(AuthFailure::Limited)?;
-            self.hasher.verify_dummy().await;
-            self.limiter.failed(&keys, attempt).await;
-            return Err(AuthFailure::Invalid);
+        let entry = match entry {
+            Some(e) => e,
+            None => {
+                // Not loaded: perhaps imported while this server runs. Counted first, so that guessing
+                // usernames costs the guesser, not the store.
+                let attempt = self
+                    .limiter
+                    .begin(&keys)
+                    .await
+                    .map_err(AuthFailure::Limited)?;
+                match self.store.connection_by_username(username).await {
+                    Ok(Some(row)) => {
+                        self.limiter.release(&keys, attempt).await;
+                        self.upsert(&row)
+                    }
+                    _ => {
+                        self.hasher.verify_dummy().await;
+                        self.limiter.failed(&keys, attempt).await;
+                        return Err(AuthFailure::Invalid);
+                    }
+                }
+            }
         };
         let single = entry.clone();
         let _one = single.verify.lock().await;
         if self.check_cached(&entry, password) {
             return Ok(entry);
         }
-        let hash = lock(&entry.state).password_hash.clone();
+        let mut hash = lock(&entry.state).password_hash.clone();
+        if hash.is_none() {
+            hash = self.refresh_hash(&entry).await;
+        }
         let attempt = self
             .limiter
             .begin(&keys)
@@ -571,6 +587,33 @@ impl Directory {
                 Err(AuthFailure::Unavailable)
             }
         }
+    }
+
+    /// An entry without a hash: an imported connection. Take its hash from the store (the migration may have written
+    /// it since), or migrate the row now, so that a customer never fails because the batch has not reached them.
+    async fn refresh_hash(&self, entry: &Entry) -> Option<Arc<str>> {
+        let read = || async {
+            self.store
+                .connection(&entry.operator_id, &entry.id)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|r| r.password_hash)
+        };
+        let mut hash = read().await;
+        if hash.is_none()
+            && crate::legacy::migrate_one(&self.store, &self.hasher, &entry.id)
+                .await
+                .unwrap_or(false)
+        {
+            hash = read().await;
+        }
+        let hash: Arc<str> = Arc::from(hash?);
+        let mut s = lock(&entry.state);
+        if s.password_hash.is_none() {
+            s.password_hash = Some(hash.clone());
+        }
+        s.password_hash.clone()
     }
 
     /// Write every changed meter and the hourly buckets. On failure everything is kept for the next try.

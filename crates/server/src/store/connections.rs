@@ -161,7 +161,8 @@ impl Store {
         now: i64,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(&self.sql(
-            "UPDATE connections SET password_hash = ?, updated_at = ? WHERE operator_id = ? AND id = ?",
+            "UPDATE connections SET password_hash = ?, password_plain = NULL, updated_at = ? \
+             WHERE operator_id = ? AND id = ?",
         ))
         .bind(password_hash)
         .bind(now)
@@ -297,5 +298,193 @@ impl Store {
             .bind(to)
             .fetch_all(&self.pool)
             .await?)
+    }
+}
+
+/// A connection as a legacy export describes it, validated, ready to insert.
+#[derive(Clone)]
+pub struct LegacyConnection {
+    pub name: String,
+    pub device_id: Option<String>,
+    pub username: String,
+    pub password: String,
+    pub limit_bytes: Option<i64>,
+    pub used_bytes: i64,
+    pub enabled: bool,
+}
+
+impl std::fmt::Debug for LegacyConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LegacyConnection")
+            .field("name", &self.name)
+            .field("username", &self.username)
+            .field("password", &"[redacted]")
+            .finish_non_exhaustive()
+    }
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImportCounts {
+    pub created: usize,
+    /// Rows whose username this operator already has (a re-run of the same import): left untouched.
+    pub already_present: usize,
+}
+
+impl Store {
+    /// The connection with this username, with the operator's enabled state (for a directory that meets a username
+    /// it has not loaded, for example one imported while the server runs).
+    pub async fn connection_by_username(
+        &self,
+        username: &str,
+    ) -> Result<Option<ConnectionRow>, StoreError> {
+        let q = format!(
+            "SELECT {COLUMNS} FROM connections WHERE username = ? \
+             AND operator_id IN (SELECT id FROM operators WHERE disabled_at IS NULL)"
+        );
+        Ok(sqlx::query_as(&self.sql(&q))
+            .bind(username)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Which of these usernames exist, and whose they are: `(username, operator_id)`.
+    pub async fn username_owners(
+        &self,
+        usernames: &[String],
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let mut out = Vec::new();
+        // Bounded IN lists: every backend takes 500 parameters comfortably.
+        for chunk in usernames.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let q = format!(
+                "SELECT username, operator_id FROM connections WHERE username IN ({marks})"
+            );
+            let sql = self.sql(&q);
+            let mut query = sqlx::query_as::<_, (String, String)>(&sql);
+            for u in chunk {
+                query = query.bind(u);
+            }
+            out.extend(query.fetch_all(&self.pool).await?);
+        }
+        Ok(out)
+    }
+
+    /// Insert legacy connections with their plaintext passwords, all in one transaction. A username the operator
+    /// already has is skipped (so re-running an import is harmless); the caller has refused usernames that belong
+    /// to someone else.
+    pub async fn import_legacy(
+        &self,
+        operator_id: &str,
+        rows: &[LegacyConnection],
+        now: i64,
+    ) -> Result<ImportCounts, StoreError> {
+        let mut counts = ImportCounts::default();
+        let mut tx = self.pool.begin().await?;
+        let exists = self.sql("SELECT operator_id FROM connections WHERE username = ?");
+        let insert = self.sql(
+            "INSERT INTO connections (id, operator_id, device_id, name, username, password_hash, password_plain, \
+             limit_bytes, used_bytes, disabled_at, allow_cidrs, dedicated_port, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, '', NULL, ?, ?)",
+        );
+        for r in rows {
+            let owner: Option<String> = sqlx::query_scalar(&exists)
+                .bind(&r.username)
+                .fetch_optional(&mut *tx)
+                .await?;
+            match owner {
+                Some(o) if o == operator_id => {
+                    counts.already_present += 1;
+                    continue;
+                }
+                Some(_) => return Err(StoreError::Conflict("username")),
+                None => {}
+            }
+            sqlx::query(&insert)
+                .bind(new_id())
+                .bind(operator_id)
+                .bind(r.device_id.as_deref())
+                .bind(&r.name)
+                .bind(&r.username)
+                .bind(&r.password)
+                .bind(r.limit_bytes)
+                .bind(r.used_bytes)
+                .bind((!r.enabled).then_some(now))
+                .bind(now)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| conflict_or(e, "username"))?;
+            counts.created += 1;
+        }
+        tx.commit().await?;
+        Ok(counts)
+    }
+
+    /// The next `limit` rows holding a plaintext password, by id after `after` (keyset pagination, so a row that
+    /// failed is not fetched again in the same run).
+    pub async fn plaintext_batch(
+        &self,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<(String, String, String)>, StoreError> {
+        Ok(sqlx::query_as(&self.sql(
+            "SELECT id, username, password_plain FROM connections \
+             WHERE password_plain IS NOT NULL AND id > ? ORDER BY id LIMIT ?",
+        ))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The plaintext password of one row, if it still has one.
+    pub async fn plaintext_of(&self, id: &str) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar(&self.sql(
+            "SELECT password_plain FROM connections WHERE id = ? AND password_plain IS NOT NULL",
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Replace plaintexts by hashes in one transaction. Each update only applies while the row still holds the
+    /// plaintext that was hashed, so a row is never hashed twice and a password changed meanwhile is not
+    /// overwritten. Returns how many rows changed.
+    pub async fn store_hashes(&self, done: &[(String, String, String)]) -> Result<u64, StoreError> {
+        let update = self.sql(
+            "UPDATE connections SET password_hash = ?, password_plain = NULL \
+             WHERE id = ? AND password_plain = ?",
+        );
+        let mut tx = self.pool.begin().await?;
+        let mut n = 0;
+        for (id, hash, plain) in done {
+            n += sqlx::query(&update)
+                .bind(hash)
+                .bind(id)
+                .bind(plain)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// `(rows with a plaintext password, rows with a hash and no plaintext, rows with neither)`.
+    pub async fn credential_counts(&self) -> Result<(i64, i64, i64), StoreError> {
+        let count = |cond: &'static str| {
+            let q = format!("SELECT COUNT(*) FROM connections WHERE {cond}");
+            async move {
+                sqlx::query_scalar::<_, i64>(&self.sql(&q))
+                    .fetch_one(&self.pool)
+                    .await
+            }
+        };
+        Ok((
+            count("password_plain IS NOT NULL").await?,
+            count("password_plain IS NULL AND password_hash IS NOT NULL").await?,
+            count("password_plain IS NULL AND password_hash IS NULL").await?,
+        ))
     }
 }

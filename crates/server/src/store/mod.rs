@@ -11,7 +11,9 @@ mod operators;
 mod sessions;
 mod setup;
 
-pub use connections::{ConnectionRow, ConnectionSettings, HourUsage, UsageBucket};
+pub use connections::{
+    ConnectionRow, ConnectionSettings, HourUsage, ImportCounts, LegacyConnection, UsageBucket,
+};
 pub use devices::{DeviceRow, NewDevice};
 pub use operators::{NewOperator, Operator, Role};
 pub use sessions::{NewSession, SessionRow};
