@@ -11,6 +11,7 @@ pub mod codec;
 pub mod control;
 pub mod enroll;
 pub mod http_proxy;
+pub mod net;
 pub mod socks5;
 pub mod stream;
 pub mod wire;

@@ -171,6 +171,18 @@ pub struct ServeArgs {
     /// Host name customers put in their proxy settings. Default: the host of the public URL.
     #[arg(long, env = "PROXYFLEET_PROXY_PUBLIC_HOST")]
     pub proxy_public_host: Option<String>,
+    /// Seconds without a heartbeat after which a device is offline (and the grace after startup). Default 120.
+    #[arg(long, env = "PROXYFLEET_OFFLINE_AFTER_SECS")]
+    pub offline_after_secs: Option<u64>,
+    /// Seconds after an offline alert during which no other is sent for that device. Default 300.
+    #[arg(long, env = "PROXYFLEET_ALERT_COOLDOWN_SECS")]
+    pub alert_cooldown_secs: Option<u64>,
+    /// Seconds between offline-detection scans. Default 5.
+    #[arg(long, env = "PROXYFLEET_MONITOR_SCAN_SECS")]
+    pub monitor_scan_secs: Option<u64>,
+    /// Allow webhooks to private and loopback addresses (labs, tests). Default false.
+    #[arg(long, env = "PROXYFLEET_WEBHOOK_ALLOW_PRIVATE")]
+    pub webhook_allow_private: Option<bool>,
     /// Seconds between writes of usage counters to the store. Default 5.
     #[arg(long, env = "PROXYFLEET_USAGE_FLUSH_SECS")]
     pub usage_flush_secs: Option<u64>,
@@ -203,6 +215,10 @@ impl ServeArgs {
             proxy_dedicated_ip: self.proxy_dedicated_ip,
             proxy_public_host: self.proxy_public_host.clone(),
             usage_flush_secs: self.usage_flush_secs,
+            offline_after_secs: self.offline_after_secs,
+            alert_cooldown_secs: self.alert_cooldown_secs,
+            monitor_scan_secs: self.monitor_scan_secs,
+            webhook_allow_private: self.webhook_allow_private,
             ..RawConfig::default()
         }
     }

@@ -95,6 +95,10 @@ pub struct RawConfig {
     pub proxy_dedicated_ip: Option<IpAddr>,
     pub proxy_public_host: Option<String>,
     pub usage_flush_secs: Option<u64>,
+    pub offline_after_secs: Option<u64>,
+    pub alert_cooldown_secs: Option<u64>,
+    pub monitor_scan_secs: Option<u64>,
+    pub webhook_allow_private: Option<bool>,
 }
 
 macro_rules! overlay_fields {
@@ -141,6 +145,10 @@ impl RawConfig {
             proxy_dedicated_ip,
             proxy_public_host,
             usage_flush_secs,
+            offline_after_secs,
+            alert_cooldown_secs,
+            monitor_scan_secs,
+            webhook_allow_private,
         )
     }
 
@@ -246,6 +254,14 @@ pub struct ServeConfig {
     pub proxy_public_host: String,
     /// How often usage counters are written to the store (at most this much is lost in a crash).
     pub usage_flush: Duration,
+    /// A device is offline after this long without a heartbeat (also the grace after startup).
+    pub offline_after: Duration,
+    /// After an offline alert, no other for the same device for this long.
+    pub alert_cooldown: Duration,
+    /// How often the offline detector looks at every device.
+    pub monitor_scan: Duration,
+    /// Let webhooks go to private and loopback addresses (labs and tests only).
+    pub webhook_allow_private: bool,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -369,6 +385,28 @@ impl ServeConfig {
                 1,
                 300,
             )?),
+            offline_after: Duration::from_secs(secs_in(
+                "offline_after_secs",
+                raw.offline_after_secs,
+                120,
+                1,
+                86_400,
+            )?),
+            alert_cooldown: Duration::from_secs(secs_in(
+                "alert_cooldown_secs",
+                raw.alert_cooldown_secs,
+                300,
+                0,
+                86_400,
+            )?),
+            monitor_scan: Duration::from_secs(secs_in(
+                "monitor_scan_secs",
+                raw.monitor_scan_secs,
+                5,
+                1,
+                60,
+            )?),
+            webhook_allow_private: raw.webhook_allow_private.unwrap_or(false),
         })
     }
 }

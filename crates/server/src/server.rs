@@ -192,7 +192,9 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
         &tracker,
     )
     .await?;
+    let webhooks = start_alerting(&config, &store, &clock, &registry, &cancel, &tracker)?;
     let state = AppState(Arc::new(AppInner {
+        webhooks,
         proxy: proxy.clone(),
         pki,
         registry,
@@ -237,6 +239,51 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
         tracker,
         http,
         shutdown_timeout: config.shutdown_timeout,
+    })
+}
+
+/// The offline detector and the webhook worker.
+fn start_alerting(
+    config: &ServeConfig,
+    store: &Store,
+    clock: &Arc<dyn Clock>,
+    registry: &Arc<crate::tunnel::Registry>,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) -> anyhow::Result<crate::api::WebhookState> {
+    use crate::webhooks::{DataKey, Sender};
+    let key = DataKey::load_or_create(&config.data_dir).context("loading the data key")?;
+    let sender =
+        Sender::new(config.webhook_allow_private).context("building the webhook client")?;
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let ms = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    let rules = crate::monitor::Rules {
+        offline_after: ms(config.offline_after),
+        cooldown: ms(config.alert_cooldown),
+        startup_grace: ms(config.offline_after),
+    };
+    let detector =
+        crate::monitor::Detector::new(store.clone(), clock.clone(), rules, Some(registry.clone()));
+    tracker.spawn(crate::monitor::run(
+        detector,
+        config.monitor_scan,
+        registry.recovered.clone(),
+        wake.clone(),
+        cancel.child_token(),
+    ));
+    tracker.spawn(crate::webhooks::worker(
+        store.clone(),
+        clock.clone(),
+        key.clone(),
+        sender.clone(),
+        wake.clone(),
+        cancel.child_token(),
+    ));
+    Ok(crate::api::WebhookState {
+        key,
+        sender,
+        wake,
+        last_test: std::sync::Mutex::default(),
     })
 }
 

@@ -8,6 +8,7 @@ mod extract;
 mod health;
 mod operators;
 mod setup;
+mod webhooks;
 
 pub use error::{ApiError, ErrorBody};
 pub use extract::{ApiJson, ApiPath, ApiQuery, AuthSession, ClientIp, UserAgent};
@@ -66,6 +67,7 @@ async fn refuse_oversized(
 
 pub struct AppInner {
     pub proxy: Arc<crate::server::Proxy>,
+    pub webhooks: WebhookState,
     pub auth: Auth,
     pub store: Store,
     pub metrics: Metrics,
@@ -75,6 +77,16 @@ pub struct AppInner {
     pub pki: Arc<crate::pki::Pki>,
     pub registry: Arc<crate::tunnel::Registry>,
     pub pairing_ttl: std::time::Duration,
+}
+
+/// What the webhook settings endpoints need.
+pub struct WebhookState {
+    pub key: crate::webhooks::DataKey,
+    pub sender: crate::webhooks::Sender,
+    /// Wakes the delivery worker.
+    pub wake: Arc<tokio::sync::Notify>,
+    /// Last "Send Test" per operator (rate limit).
+    pub last_test: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 /// Shared state of every handler; cheap to clone.
@@ -97,6 +109,7 @@ impl Deref for AppState {
          (name = "setup", description = "First-run setup"),
          (name = "devices", description = "Devices: enrollment, status, revocation"),
          (name = "connections", description = "Proxy connections: credentials, limits, usage"),
+         (name = "webhooks", description = "Webhook endpoint, signing secret, deliveries"),
          (name = "system", description = "Health, readiness and metrics"))
 )]
 struct ApiDoc;
@@ -125,6 +138,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .merge(operators::router())
         .merge(devices::router())
         .merge(connections::router())
+        .merge(webhooks::router())
         .merge(setup::router());
     let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1.0", api)

@@ -5,12 +5,15 @@
 //! collation on MySQL, foreign keys inline elsewhere). Ids are UUIDv7 strings made here, so no query needs
 //! `RETURNING`; timestamps are `BIGINT` Unix milliseconds in UTC, so no query depends on a backend's date type.
 
+mod alerts;
 mod connections;
 mod devices;
 mod operators;
 mod sessions;
 mod setup;
+mod webhooks;
 
+pub use alerts::{new_incident_id, AlertChange, AlertRow, NewEvent};
 pub use connections::{
     ConnectionRow, ConnectionSettings, HourUsage, ImportCounts, LegacyConnection, UsageBucket,
 };
@@ -18,6 +21,7 @@ pub use devices::{DeviceRow, NewDevice};
 pub use operators::{NewOperator, Operator, Role};
 pub use sessions::{NewSession, SessionRow};
 pub use setup::NO_PASSWORD;
+pub use webhooks::{AttemptRow, EndpointRow, EventOutcome, EventRow};
 
 use std::borrow::Cow;
 use std::str::FromStr;
@@ -76,6 +80,22 @@ pub enum StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         StoreError::Query(e)
+    }
+}
+
+impl StoreError {
+    /// A deadlock or serialization failure: another process touched the same rows at the same moment. The work is
+    /// safe to skip and redo later.
+    pub fn is_contention(&self) -> bool {
+        match self {
+            StoreError::Query(sqlx::Error::Database(e)) => {
+                matches!(
+                    e.code().as_deref(),
+                    Some("40001" | "40P01" | "5" | "6" | "1213" | "1205")
+                )
+            }
+            _ => false,
+        }
     }
 }
 

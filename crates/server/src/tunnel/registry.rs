@@ -48,6 +48,10 @@ pub struct Registry {
     dirty: Mutex<HashSet<String>>,
     departed: Mutex<Vec<(String, i64, String)>>,
     next_session: std::sync::atomic::AtomicU64,
+    /// Devices the offline detector considers offline: hearing from one wakes it at once (recovery alerts).
+    offline: Mutex<HashSet<String>>,
+    /// Notified when a device in `offline` is heard from.
+    pub recovered: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl Registry {
@@ -134,6 +138,16 @@ impl Registry {
     fn mark_dirty(&self, device_id: &str) {
         if let Ok(mut d) = self.dirty.lock() {
             d.insert(device_id.to_owned());
+        }
+        if self.offline.lock().is_ok_and(|o| o.contains(device_id)) {
+            self.recovered.notify_one();
+        }
+    }
+
+    /// The devices now offline, as the detector sees them.
+    pub fn watch_offline(&self, ids: Vec<String>) {
+        if let Ok(mut o) = self.offline.lock() {
+            *o = ids.into_iter().collect();
         }
     }
 

@@ -1,0 +1,192 @@
+//! Address classification shared by the agent (which targets a customer may reach) and the server (where
+//! webhooks may be sent): public unicast or not.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// Whether `ip` is a public unicast address. IPv4-mapped (`::ffff:a.b.c.d`) and IPv4-compatible (`::a.b.c.d`)
+/// IPv6 addresses are judged by the IPv4 address they carry, since the kernel delivers them to it.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => is_public_v4(a),
+        IpAddr::V6(a) => is_public_v6(a),
+    }
+}
+
+fn is_public_v4(a: Ipv4Addr) -> bool {
+    let [b0, b1, b2, _] = a.octets();
+    let private = b0 == 0 // "this network"
+        || b0 == 10
+        || (b0 == 100 && (64..128).contains(&b1)) // carrier-grade NAT, 100.64/10
+        || b0 == 127
+        || (b0 == 169 && b1 == 254)
+        || (b0 == 172 && (16..32).contains(&b1)) // 172.16/12
+        || (b0 == 192 && b1 == 0 && (b2 == 0 || b2 == 2)) // IETF assignments, TEST-NET-1
+        || (b0 == 192 && b1 == 168)
+        || (b0 == 198 && (b1 == 18 || b1 == 19)) // benchmarking, 198.18/15
+        || (b0 == 198 && b1 == 51 && b2 == 100) // TEST-NET-2
+        || (b0 == 203 && b1 == 0 && b2 == 113) // TEST-NET-3
+        || b0 >= 224; // multicast 224/4, reserved 240/4, broadcast
+    !private
+}
+
+fn is_public_v6(a: Ipv6Addr) -> bool {
+    let s = a.segments();
+    if s[..5] == [0; 5] && (s[5] == 0 || s[5] == 0xffff) {
+        // `::`, `::1`, IPv4-compatible and IPv4-mapped all land here; the first two embed 0.0.0.0 and 0.0.0.1.
+        let [hi, lo] = [s[6].to_be_bytes(), s[7].to_be_bytes()];
+        return is_public_v4(Ipv4Addr::new(hi[0], hi[1], lo[0], lo[1]));
+    }
+    let private = (s[0] & 0xfe00) == 0xfc00 // unique local, fc00::/7
+        || (s[0] & 0xffc0) == 0xfe80 // link-local, fe80::/10
+        || (s[0] & 0xff00) == 0xff00 // multicast, ff00::/8
+        || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation, 2001:db8::/32
+        || (s[0] == 0x0064 && s[1] == 0xff9b && s[2] == 0x0001); // local-use NAT64, 64:ff9b:1::/48
+    !private
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn public(s: &str) -> bool {
+        match s.parse::<IpAddr>() {
+            Ok(ip) => is_public(ip),
+            Err(e) => panic!("bad address {s}: {e}"),
+        }
+    }
+
+    /// Each non-public range by its first and last address, and the public neighbours just outside it.
+    #[test]
+    fn ipv4_ranges_and_their_edges() {
+        let private = [
+            "0.0.0.0",
+            "0.255.255.255",
+            "10.0.0.0",
+            "10.255.255.255",
+            "100.64.0.0",
+            "100.127.255.255",
+            "127.0.0.0",
+            "127.0.0.1",
+            "127.255.255.255",
+            "169.254.0.0",
+            "169.254.255.255",
+            "172.16.0.0",
+            "172.31.255.255",
+            "192.0.0.0",
+            "192.0.0.255",
+            "192.0.2.0",
+            "192.0.2.255",
+            "192.168.0.0",
+            "192.168.255.255",
+            "198.18.0.0",
+            "198.19.255.255",
+            "198.51.100.0",
+            "198.51.100.255",
+            "203.0.113.0",
+            "203.0.113.255",
+            "224.0.0.0",
+            "239.255.255.255",
+            "240.0.0.0",
+            "255.255.255.254",
+            "255.255.255.255",
+        ];
+        for a in private {
+            assert!(!public(a), "{a} must not be public");
+        }
+        let public_ = [
+            "1.0.0.0",
+            "1.1.1.1",
+            "8.8.8.8",
+            "9.255.255.255",
+            "11.0.0.0",
+            "100.63.255.255",
+            "100.128.0.0",
+            "126.255.255.255",
+            "128.0.0.0",
+            "169.253.255.255",
+            "169.255.0.0",
+            "172.15.255.255",
+            "172.32.0.0",
+            "191.255.255.255",
+            "192.0.1.0",
+            "192.0.3.0",
+            "192.167.255.255",
+            "192.169.0.0",
+            "198.17.255.255",
+            "198.20.0.0",
+            "198.51.99.255",
+            "198.51.101.0",
+            "203.0.112.255",
+            "203.0.114.0",
+            "223.255.255.255",
+        ];
+        for a in public_ {
+            assert!(public(a), "{a} must be public");
+        }
+    }
+
+    #[test]
+    fn ipv6_ranges_and_their_edges() {
+        let private = [
+            "::",
+            "::1",
+            "fc00::",
+            "fdff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "fd12:3456::1",
+            "fe80::",
+            "fe80::1",
+            "febf:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "ff00::",
+            "ff02::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "2001:db8::",
+            "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff",
+            "64:ff9b:1::",
+            "64:ff9b:1:ffff:ffff:ffff:ffff:ffff",
+        ];
+        for a in private {
+            assert!(!public(a), "{a} must not be public");
+        }
+        let public_ = [
+            "2606:4700::1",
+            "2001:4860:4860::8888",
+            "2001:db7:ffff:ffff:ffff:ffff:ffff:ffff",
+            "2001:db9::",
+            "fbff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "fe00::",
+            "fec0::",
+            "feff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "64:ff9b::",
+            "64:ff9b:2::",
+            "64:ff9b:0:ffff:ffff:ffff:ffff:ffff",
+        ];
+        for a in public_ {
+            assert!(public(a), "{a} must be public");
+        }
+    }
+
+    #[test]
+    fn ipv6_with_an_embedded_ipv4_is_judged_by_it() {
+        for a in [
+            "::ffff:10.0.0.1",
+            "::ffff:127.0.0.1",
+            "::ffff:192.168.1.1",
+            "::ffff:100.64.0.0",
+            "::ffff:0.0.0.0",
+            "::ffff:255.255.255.255",
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "::169.254.1.1",
+        ] {
+            assert!(!public(a), "{a} must not be public");
+        }
+        for a in [
+            "::ffff:8.8.8.8",
+            "::ffff:100.63.255.255",
+            "::ffff:172.32.0.0",
+            "::8.8.8.8",
+        ] {
+            assert!(public(a), "{a} must be public");
+        }
+    }
+}
