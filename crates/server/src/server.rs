@@ -193,6 +193,12 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
     )
     .await?;
     let webhooks = start_alerting(&config, &store, &clock, &registry, &cancel, &tracker)?;
+    tracker.spawn(quota_events(
+        store.clone(),
+        proxy.ctx.dir.clone(),
+        webhooks.wake.clone(),
+        cancel.child_token(),
+    ));
     let state = AppState(Arc::new(AppInner {
         webhooks,
         proxy: proxy.clone(),
@@ -240,6 +246,52 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
         http,
         shutdown_timeout: config.shutdown_timeout,
     })
+}
+
+/// Write the proxy directory's quota crossings (80 %, exhausted, reset) to the webhook outbox.
+async fn quota_events(
+    store: Store,
+    dir: Arc<crate::proxy::Directory>,
+    wake: Arc<tokio::sync::Notify>,
+    cancel: CancellationToken,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    dir.set_quota_sink(tx);
+    loop {
+        let e = tokio::select! {
+            _ = cancel.cancelled() => return,
+            e = rx.recv() => match e { Some(e) => e, None => return },
+        };
+        let id = crate::webhooks::new_event_id();
+        let percent = e
+            .limit
+            .filter(|l| *l > 0)
+            .map(|l| u128::from(e.used) * 100 / u128::from(l));
+        let payload = serde_json::json!({
+            "type": e.kind,
+            "id": id,
+            "timestamp": crate::clock::rfc3339(e.at_ms),
+            "data": {
+                "connection": {"id": e.connection_id, "username": e.username},
+                "used_bytes": e.used,
+                "limit_bytes": e.limit,
+                "percent": percent,
+            },
+        });
+        let event = crate::store::NewEvent {
+            id,
+            operator_id: e.operator_id,
+            event_type: e.kind.to_owned(),
+            payload: payload.to_string(),
+        };
+        match store.enqueue_event(&event, e.at_ms).await {
+            Ok(true) => wake.notify_one(),
+            Ok(false) => {}
+            Err(err) => {
+                tracing::warn!(error = %err, kind = e.kind, "could not write a quota event")
+            }
+        }
+    }
 }
 
 /// The offline detector and the webhook worker.

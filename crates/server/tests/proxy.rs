@@ -24,7 +24,29 @@ fn opts() -> Opts {
     opts.raw.http_proxy_listen = Some("127.0.0.1:0".parse().unwrap());
     opts.raw.socks5_listen = Some("127.0.0.1:0".parse().unwrap());
     opts.raw.proxy_public_host = Some("127.0.0.1".into());
+    // The quota-event test's receiver listens on loopback.
+    opts.raw.webhook_allow_private = Some(true);
     opts
+}
+
+/// A webhook receiver on loopback that keeps every event's type.
+async fn event_types_receiver() -> (std::sync::Arc<std::sync::Mutex<Vec<String>>>, SocketAddr) {
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    let app = axum::Router::new().fallback(move |body: String| {
+        let g = g.clone();
+        async move {
+            let v: Value = serde_json::from_str(&body).unwrap();
+            g.lock()
+                .unwrap()
+                .push(v["type"].as_str().unwrap().to_owned());
+            "ok"
+        }
+    });
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    (got, addr)
 }
 
 /// A server with the doors, an admin, one enrolled device with a running agent.
@@ -669,6 +691,17 @@ async fn one_mib_limit_across_eight_flows_is_exact_then_reset_restores() {
         .await;
     let (user, pass) = creds(&c);
     let id = c["id"].as_str().unwrap().to_owned();
+    let (events, hook) = event_types_receiver().await;
+    let r = rig
+        .s
+        .http
+        .put(rig.s.url("/api/v1.0/settings/webhook"))
+        .bearer_auth(&rig.token)
+        .json(&json!({ "url": format!("http://{hook}/hook") }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 
     // One idle flow, then eight downloads racing for the same megabyte.
     let mut idle = socks_connect(rig.socks_addr(), idle_target, &user, &pass)
@@ -744,6 +777,25 @@ async fn one_mib_limit_across_eight_flows_is_exact_then_reset_restores() {
         .unwrap();
     assert_eq!(drain(&mut f, Duration::from_secs(30)).await, MIB);
     assert_eq!(rig.connection(&id).await["state"], "exhausted");
+    // Each crossing was reported once, even with eight flows crossing together.
+    let want = [
+        "connection.usage_80",
+        "connection.exhausted",
+        "connection.reset",
+        "connection.usage_80",
+        "connection.exhausted",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while events.lock().unwrap().len() < want.len() {
+        assert!(
+            Instant::now() < deadline,
+            "events: {:?}",
+            events.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(*events.lock().unwrap(), want);
     // The metrics agree: two megabytes down, nothing up, and every flow closed.
     let m = rig.s.text("/metrics").await;
     assert!(

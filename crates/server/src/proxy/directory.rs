@@ -116,6 +116,7 @@ pub struct Entry {
     state: Mutex<State>,
     /// One bcrypt verification per connection at a time: flows that miss the cache together wait for it.
     verify: tokio::sync::Mutex<()>,
+    sink: QuotaSink,
 }
 
 /// What an admitted flow needs.
@@ -125,6 +126,22 @@ pub struct Admission {
     /// Cancelled when the flow must end (cut-off, disable, delete, device change or revocation, shutdown).
     pub stop: CancellationToken,
 }
+
+/// A usage threshold a connection crossed (each is reported once per crossing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaEvent {
+    /// `connection.usage_80`, `connection.exhausted` or `connection.reset`.
+    pub kind: &'static str,
+    pub connection_id: String,
+    pub operator_id: String,
+    pub username: String,
+    pub used: u64,
+    pub limit: Option<u64>,
+    pub at_ms: i64,
+}
+
+/// Where quota events go (set once the server has its outbox writer).
+pub type QuotaSink = Arc<std::sync::OnceLock<tokio::sync::mpsc::Sender<QuotaEvent>>>;
 
 /// A connection's numbers and state, as the API shows them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,7 +158,7 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 }
 
 impl Entry {
-    fn from_row(row: &ConnectionRow) -> Entry {
+    fn from_row(row: &ConnectionRow, sink: QuotaSink) -> Entry {
         let mut state = State {
             device_id: row.device_id.as_deref().map(Arc::from),
             password_hash: row.password_hash.as_deref().map(Arc::from),
@@ -163,6 +180,24 @@ impl Entry {
             username: row.username.clone(),
             state: Mutex::new(state),
             verify: tokio::sync::Mutex::new(()),
+            sink,
+        }
+    }
+
+    fn report(&self, kind: &'static str, used: u64, limit: Option<u64>, at_ms: i64) {
+        if let Some(tx) = self.sink.get() {
+            let e = QuotaEvent {
+                kind,
+                connection_id: self.id.clone(),
+                operator_id: self.operator_id.clone(),
+                username: self.username.clone(),
+                used,
+                limit,
+                at_ms,
+            };
+            if tx.try_send(e).is_err() {
+                tracing::warn!(connection = %self.id, kind, "quota event dropped: the outbox writer is behind");
+            }
         }
     }
 
@@ -186,6 +221,7 @@ impl Entry {
             return 0;
         }
         let n64 = n as u64;
+        let before = s.used;
         let grant = match s.limit {
             Some(l) => n64.min(l.saturating_sub(s.used)),
             None => n64,
@@ -218,6 +254,18 @@ impl Entry {
         }
         if s.limit.is_some_and(|l| s.used >= l) {
             s.close_flows();
+        }
+        if let Some(l) = s.limit {
+            // 80 %: used * 5 >= limit * 4, in 128 bits so that nothing overflows.
+            let past80 = |u: u64| u128::from(u) * 5 >= u128::from(l) * 4;
+            let (used, limit) = (s.used, s.limit);
+            drop(s);
+            if past80(used) && !past80(before) {
+                self.report("connection.usage_80", used, limit, now_ms);
+            }
+            if used >= l && before < l {
+                self.report("connection.exhausted", used, limit, now_ms);
+            }
         }
         // `grant <= n`, so this fits.
         usize::try_from(grant).unwrap_or(0)
@@ -303,6 +351,8 @@ pub enum AuthFailure {
 pub struct Directory {
     entries: RwLock<HashMap<String, Arc<Entry>>>,
     by_username: RwLock<HashMap<String, Arc<Entry>>>,
+    /// Where entries report quota crossings.
+    sink: QuotaSink,
     /// Per-process key of the verified-credential digests.
     key: [u8; 32],
     hasher: Hasher,
@@ -336,11 +386,17 @@ impl Directory {
             flush_lock: tokio::sync::Mutex::new(()),
             orphans: Mutex::default(),
             shutdown,
+            sink: QuotaSink::default(),
         };
         for row in d.store.all_connections().await? {
             d.upsert(&row);
         }
         Ok(d)
+    }
+
+    /// Send quota crossings (80 %, exhausted, reset) to `tx` from now on.
+    pub fn set_quota_sink(&self, tx: tokio::sync::mpsc::Sender<QuotaEvent>) {
+        let _ = self.sink.set(tx);
     }
 
     pub fn clock(&self) -> &dyn Clock {
@@ -357,7 +413,7 @@ impl Directory {
             e.apply(row);
             return e;
         }
-        let e = Arc::new(Entry::from_row(row));
+        let e = Arc::new(Entry::from_row(row, self.sink.clone()));
         if let Ok(mut m) = self.entries.write() {
             m.insert(e.id.clone(), e.clone());
         }
@@ -480,10 +536,14 @@ impl Directory {
             return Ok(false);
         }
         if let Some(e) = self.get(id) {
-            let mut s = lock(&e.state);
-            s.used = 0;
-            s.dirty = false;
-            s.settle();
+            let limit = {
+                let mut s = lock(&e.state);
+                s.used = 0;
+                s.dirty = false;
+                s.settle();
+                s.limit
+            };
+            e.report("connection.reset", 0, limit, now);
         }
         Ok(true)
     }
@@ -715,7 +775,7 @@ mod tests {
 
     #[test]
     fn charges_stop_exactly_at_the_limit_and_close_flows() {
-        let e = Entry::from_row(&row(Some(100)));
+        let e = Entry::from_row(&row(Some(100)), QuotaSink::default());
         let dev: Arc<str> = Arc::from("d1");
         let adm = e.admit().unwrap();
         assert_eq!(e.charge(60, Dir::Up, &dev, 0), 60);
@@ -734,7 +794,7 @@ mod tests {
 
     #[test]
     fn datagrams_are_charged_whole_or_not_at_all() {
-        let e = Entry::from_row(&row(Some(100)));
+        let e = Entry::from_row(&row(Some(100)), QuotaSink::default());
         let dev: Arc<str> = Arc::from("d1");
         assert!(e.charge_whole(70, Dir::Up, &dev, 0));
         assert!(!e.charge_whole(31, Dir::Up, &dev, 0));
@@ -745,7 +805,7 @@ mod tests {
 
     #[test]
     fn settings_changes_close_or_reopen_flows() {
-        let e = Entry::from_row(&row(Some(100)));
+        let e = Entry::from_row(&row(Some(100)), QuotaSink::default());
         let dev: Arc<str> = Arc::from("d1");
         let first = e.admit().unwrap();
         // Raising the limit keeps open flows.
@@ -772,8 +832,31 @@ mod tests {
     }
 
     #[test]
+    fn quota_crossings_are_reported_once_each() {
+        let sink = QuotaSink::default();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        sink.set(tx).unwrap();
+        let e = Entry::from_row(&row(Some(1000)), sink);
+        let dev: Arc<str> = Arc::from("d1");
+        e.charge(799, Dir::Down, &dev, 5);
+        assert!(rx.try_recv().is_err(), "79.9 % is not 80 %");
+        e.charge(1, Dir::Down, &dev, 6);
+        let ev = rx.try_recv().unwrap();
+        assert_eq!(
+            (ev.kind, ev.used, ev.limit, ev.at_ms),
+            ("connection.usage_80", 800, Some(1000), 6)
+        );
+        e.charge(100, Dir::Up, &dev, 7);
+        assert!(rx.try_recv().is_err(), "no second 80 % event");
+        e.charge(500, Dir::Up, &dev, 8);
+        let ev = rx.try_recv().unwrap();
+        assert_eq!((ev.kind, ev.used), ("connection.exhausted", 1000));
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
     fn allow_lists_match_canonical_addresses() {
-        let e = Entry::from_row(&row(None));
+        let e = Entry::from_row(&row(None), QuotaSink::default());
         assert!(e.allows("10.2.3.4".parse().unwrap()));
         assert!(e.allows("::ffff:10.2.3.4".parse().unwrap()));
         assert!(e.allows("::1".parse().unwrap()));
