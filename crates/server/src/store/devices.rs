@@ -208,6 +208,36 @@ impl Store {
 }
 
 impl Store {
+    /// Create many enrolled devices in one transaction (benchmarks and fleet imports). Returns their ids.
+    pub async fn create_enrolled_devices(
+        &self,
+        operator_id: &str,
+        names: &[String],
+        now: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut ids = Vec::with_capacity(names.len());
+        let q = self.sql(
+            "INSERT INTO devices (id, operator_id, name, description, created_at, updated_at, enrolled_at) \
+             VALUES (?, ?, ?, '', ?, ?, ?)",
+        );
+        for name in names {
+            let id = new_id();
+            sqlx::query(&q)
+                .bind(&id)
+                .bind(operator_id)
+                .bind(name)
+                .bind(now)
+                .bind(now)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            ids.push(id);
+        }
+        tx.commit().await?;
+        Ok(ids)
+    }
+
     /// Ids of every device of an operator (to close their tunnels when the operator goes away).
     pub async fn device_ids(&self, operator_id: &str) -> Result<Vec<String>, StoreError> {
         Ok(
