@@ -121,6 +121,12 @@ async fn detector_rules(db: Db) {
         return;
     };
     let d = f.detector();
+    // Heartbeats every 60 s keep a device online, however long.
+    for _ in 0..20 {
+        f.advance_ms(60_000);
+        f.heartbeat().await;
+        assert_eq!(d.scan().await.unwrap(), ScanReport::default());
+    }
     // Offline at exactly 120 s of silence, not a millisecond before.
     f.advance_ms(119_999);
     assert_eq!(d.scan().await.unwrap(), ScanReport::default());
