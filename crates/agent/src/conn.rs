@@ -115,6 +115,7 @@ impl Conn {
         if let Conn::Quic { endpoint, .. } = self {
             let local = endpoint.local_addr()?;
             let fresh = std::net::UdpSocket::bind(std::net::SocketAddr::new(local.ip(), 0))?;
+            proxyfleet_proto::net::enlarge_udp_buffers(&fresh);
             endpoint.rebind(fresh)?;
             tracing::info!(old = %local, new = %endpoint.local_addr()?, "moved the tunnel to a new socket");
         }

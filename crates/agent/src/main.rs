@@ -61,7 +61,10 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
-    let rt = match tokio::runtime::Builder::new_current_thread()
+    // Flows are copied on all cores (a busy proxy device carries hundreds at once), up to four threads.
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()
     {

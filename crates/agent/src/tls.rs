@@ -136,5 +136,13 @@ pub async fn endpoint_for(server: &str) -> anyhow::Result<(quinn::Endpoint, std:
     } else {
         "0.0.0.0:0".parse()?
     };
-    Ok((quinn::Endpoint::client(bind)?, addr))
+    let socket = std::net::UdpSocket::bind(bind)?;
+    proxyfleet_proto::net::enlarge_udp_buffers(&socket);
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    Ok((endpoint, addr))
 }

@@ -44,6 +44,18 @@ fn is_public_v6(a: Ipv6Addr) -> bool {
     !private
 }
 
+/// Socket buffer size asked for on tunnel UDP sockets. The kernel caps it at `net.core.rmem_max` /
+/// `net.core.wmem_max` (208 KiB by default on Linux; raise them for fast tunnels, see the README).
+pub const UDP_BUFFER: usize = 8 * 1024 * 1024;
+
+/// Ask for large send and receive buffers on a tunnel's UDP socket: with the default 208 KiB, bursts of QUIC
+/// packets overflow the receive queue and are dropped (then retransmitted), which caps throughput. Best effort.
+pub fn enlarge_udp_buffers(sock: &std::net::UdpSocket) {
+    let s = socket2::SockRef::from(sock);
+    let _ = s.set_recv_buffer_size(UDP_BUFFER);
+    let _ = s.set_send_buffer_size(UDP_BUFFER);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -169,6 +169,9 @@ impl Sender {
         let client = reqwest::Client::builder()
             .dns_resolver(Arc::new(GuardedResolver { allow_private }))
             .redirect(reqwest::redirect::Policy::none())
+            // A fresh connection per attempt: a pooled one the receiver has just closed would fail the attempt
+            // (and delay the event by a retry); webhook volume is low.
+            .pool_max_idle_per_host(0)
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(ATTEMPT_TIMEOUT)
             .user_agent(concat!("proxyfleet-webhooks/", env!("CARGO_PKG_VERSION")))
@@ -321,17 +324,27 @@ pub async fn worker(
         let now = clock.now_ms();
         match store.due_events(now, 32).await {
             Ok(ids) => {
-                let mut batch = Vec::new();
+                // One operator's events go out in the order they happened; operators are served side by side, so
+                // one slow receiver does not hold up the others.
+                let mut by_operator: Vec<(String, Vec<EventRow>)> = Vec::new();
                 for id in ids {
                     if let Ok(Some(ev)) = store.claim_event(&id, now, now + CLAIM_MS).await {
-                        let (store, clock, key, sender) =
-                            (store.clone(), clock.clone(), key.clone(), sender.clone());
-                        batch.push(async move {
-                            deliver(&store, clock.as_ref(), &key, &sender, ev).await
-                        });
+                        match by_operator.iter_mut().find(|(op, _)| *op == ev.operator_id) {
+                            Some((_, list)) => list.push(ev),
+                            None => by_operator.push((ev.operator_id.clone(), vec![ev])),
+                        }
                     }
                 }
-                futures_util::future::join_all(batch).await;
+                let runs = by_operator.into_iter().map(|(_, events)| {
+                    let (store, clock, key, sender) =
+                        (store.clone(), clock.clone(), key.clone(), sender.clone());
+                    async move {
+                        for ev in events {
+                            deliver(&store, clock.as_ref(), &key, &sender, ev).await;
+                        }
+                    }
+                });
+                futures_util::future::join_all(runs).await;
             }
             Err(e) => tracing::warn!(error = %e, "reading the webhook outbox failed"),
         }

@@ -209,25 +209,20 @@ impl Store {
         Ok(true)
     }
 
-    /// Put an event in the outbox (inside the caller's transaction) if its operator has an enabled endpoint.
+    /// Put an event in the outbox (inside the caller's transaction) if its operator has an enabled endpoint. One
+    /// statement, so that on SQLite the transaction never has to upgrade a read to a write (which fails at once
+    /// under concurrent writers instead of waiting).
     pub async fn insert_event(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         e: &NewEvent,
         now: i64,
     ) -> Result<bool, StoreError> {
-        let endpoint: Option<String> = sqlx::query_scalar(&self.sql(
-            "SELECT operator_id FROM webhook_endpoints WHERE operator_id = ? AND disabled_at IS NULL",
-        ))
-        .bind(&e.operator_id)
-        .fetch_optional(&mut **tx)
-        .await?;
-        if endpoint.is_none() {
-            return Ok(false);
-        }
-        sqlx::query(&self.sql(
+        let done = sqlx::query(&self.sql(
             "INSERT INTO webhook_events (id, operator_id, event_type, payload, created_at, status, attempts, \
-             next_attempt_at, claimed_until, updated_at) VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, NULL, ?)",
+             next_attempt_at, claimed_until, updated_at) \
+             SELECT ?, ?, ?, ?, ?, 'pending', 0, ?, NULL, ? FROM webhook_endpoints \
+             WHERE operator_id = ? AND disabled_at IS NULL",
         ))
         .bind(&e.id)
         .bind(&e.operator_id)
@@ -236,9 +231,10 @@ impl Store {
         .bind(now)
         .bind(now)
         .bind(now)
+        .bind(&e.operator_id)
         .execute(&mut **tx)
         .await?;
-        Ok(true)
+        Ok(done.rows_affected() == 1)
     }
 
     /// Put an event in the outbox on its own (events without a state row, such as usage crossings).

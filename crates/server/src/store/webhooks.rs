@@ -143,7 +143,7 @@ impl Store {
     pub async fn due_events(&self, now: i64, limit: i64) -> Result<Vec<String>, StoreError> {
         Ok(sqlx::query_scalar(&self.sql(
             "SELECT id FROM webhook_events WHERE status = 'pending' AND next_attempt_at <= ? \
-             AND (claimed_until IS NULL OR claimed_until < ?) ORDER BY next_attempt_at LIMIT ?",
+             AND (claimed_until IS NULL OR claimed_until < ?) ORDER BY next_attempt_at, id LIMIT ?",
         ))
         .bind(now)
         .bind(now)

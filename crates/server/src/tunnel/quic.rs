@@ -16,6 +16,7 @@ pub(super) fn start(
     tls: Arc<rustls::ServerConfig>,
     ctx: TunnelContext,
 ) -> anyhow::Result<SocketAddr> {
+    proxyfleet_proto::net::enlarge_udp_buffers(&socket);
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
