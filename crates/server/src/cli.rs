@@ -171,6 +171,9 @@ pub struct ServeArgs {
     /// Host name customers put in their proxy settings. Default: the host of the public URL.
     #[arg(long, env = "PROXYFLEET_PROXY_PUBLIC_HOST")]
     pub proxy_public_host: Option<String>,
+    /// Seconds a proxy client has to finish its handshake. Default 10.
+    #[arg(long, env = "PROXYFLEET_PROXY_HANDSHAKE_TIMEOUT_SECS")]
+    pub proxy_handshake_timeout_secs: Option<u64>,
     /// Seconds without a heartbeat after which a device is offline (and the grace after startup). Default 120.
     #[arg(long, env = "PROXYFLEET_OFFLINE_AFTER_SECS")]
     pub offline_after_secs: Option<u64>,
@@ -215,6 +218,7 @@ impl ServeArgs {
             proxy_dedicated_ip: self.proxy_dedicated_ip,
             proxy_public_host: self.proxy_public_host.clone(),
             usage_flush_secs: self.usage_flush_secs,
+            proxy_handshake_timeout_secs: self.proxy_handshake_timeout_secs,
             offline_after_secs: self.offline_after_secs,
             alert_cooldown_secs: self.alert_cooldown_secs,
             monitor_scan_secs: self.monitor_scan_secs,

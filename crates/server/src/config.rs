@@ -95,6 +95,7 @@ pub struct RawConfig {
     pub proxy_dedicated_ip: Option<IpAddr>,
     pub proxy_public_host: Option<String>,
     pub usage_flush_secs: Option<u64>,
+    pub proxy_handshake_timeout_secs: Option<u64>,
     pub offline_after_secs: Option<u64>,
     pub alert_cooldown_secs: Option<u64>,
     pub monitor_scan_secs: Option<u64>,
@@ -145,6 +146,7 @@ impl RawConfig {
             proxy_dedicated_ip,
             proxy_public_host,
             usage_flush_secs,
+            proxy_handshake_timeout_secs,
             offline_after_secs,
             alert_cooldown_secs,
             monitor_scan_secs,
@@ -254,6 +256,8 @@ pub struct ServeConfig {
     pub proxy_public_host: String,
     /// How often usage counters are written to the store (at most this much is lost in a crash).
     pub usage_flush: Duration,
+    /// A proxy client must finish its handshake (SOCKS5 negotiation, HTTP request head) within this.
+    pub proxy_handshake_timeout: Duration,
     /// A device is offline after this long without a heartbeat (also the grace after startup).
     pub offline_after: Duration,
     /// After an offline alert, no other for the same device for this long.
@@ -384,6 +388,13 @@ impl ServeConfig {
                 5,
                 1,
                 300,
+            )?),
+            proxy_handshake_timeout: Duration::from_secs(secs_in(
+                "proxy_handshake_timeout_secs",
+                raw.proxy_handshake_timeout_secs,
+                10,
+                1,
+                120,
             )?),
             offline_after: Duration::from_secs(secs_in(
                 "offline_after_secs",

@@ -383,6 +383,7 @@ async fn start_proxy(
     .context("loading proxy connections")?;
     let ctx = Arc::new(ProxyContext {
         dir: Arc::new(dir),
+        handshake_timeout: config.proxy_handshake_timeout,
         metrics: metrics.clone(),
         registry: registry.clone(),
         shutdown,

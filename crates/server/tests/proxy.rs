@@ -1100,3 +1100,44 @@ async fn dedicated_port_with_allow_list() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stall_in_the_handshake_are_dropped_after_the_timeout() {
+    let mut o = opts();
+    o.raw.proxy_handshake_timeout_secs = Some(1);
+    let Some(rig) = Rig::start_with(o).await else {
+        return;
+    };
+    let target = http_target("127.0.0.1:0", 10).await;
+    let c = rig
+        .create(json!({"name": "c", "device_id": rig.device}))
+        .await;
+    let (user, pass) = creds(&c);
+    // One silent SOCKS5 client, one HTTP client stuck mid-head, one SOCKS5 client stuck after its greeting.
+    let mut silent = TcpStream::connect(rig.socks_addr()).await.unwrap();
+    let mut half = TcpStream::connect(rig.http_addr()).await.unwrap();
+    half.write_all(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let mut greeted = TcpStream::connect(rig.socks_addr()).await.unwrap();
+    greeted.write_all(&[5, 1, 2]).await.unwrap();
+    let started = Instant::now();
+    // Meanwhile others are served.
+    let socks = format!("socks5://{user}:{pass}@{}", rig.socks_addr());
+    assert_eq!(
+        curl_via(&socks, &format!("http://{target}/"), &[]).await,
+        (0, "200 10".into())
+    );
+    // All three are closed once the second is up (nothing of theirs reaches a device).
+    let mut b = [0u8; 2];
+    greeted.read_exact(&mut b).await.unwrap();
+    assert_eq!(b, [5, 2], "method chosen; then the credentials never come");
+    for s in [&mut silent, &mut half, &mut greeted] {
+        drain(s, Duration::from_secs(3)).await;
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 use super::directory::Entry;
 use super::relay::{relay, RelayOptions};
-use super::{AuthFailure, Door, ProxyContext, HANDSHAKE_TIMEOUT};
+use super::{AuthFailure, Door, ProxyContext};
 
 /// Read the request head (bounded by [`hp::MAX_HEAD`]); returns it and the bytes after it.
 async fn read_head(
@@ -86,7 +86,7 @@ pub async fn serve(
     peer: SocketAddr,
     door: &Door,
 ) -> anyhow::Result<()> {
-    let head = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_head(&mut stream))
+    let head = tokio::time::timeout(ctx.handshake_timeout, read_head(&mut stream))
         .await
         .map_err(|_| anyhow::anyhow!("HTTP proxy request head timed out"))??;
     let (req, rest) = match head {
@@ -97,7 +97,8 @@ pub async fn serve(
             return Ok(());
         }
     };
-    let entry = match tokio::time::timeout(HANDSHAKE_TIMEOUT, auth(ctx, &req, peer, door)).await {
+    let entry = match tokio::time::timeout(ctx.handshake_timeout, auth(ctx, &req, peer, door)).await
+    {
         Ok(Ok(e)) => e,
         Ok(Err(AuthFailure::Invalid)) => {
             let challenge = "Proxy-Authenticate: Basic realm=\"proxyfleet\", charset=\"UTF-8\"\r\n";

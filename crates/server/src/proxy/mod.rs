@@ -27,12 +27,11 @@ use crate::tunnel::Registry;
 use directory::Entry;
 use relay::Flow;
 
-/// A customer has this long to finish a door's handshake (SOCKS5 negotiation, HTTP request head).
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Everything the doors share.
 pub struct ProxyContext {
     pub dir: Arc<Directory>,
+    /// A customer has this long to finish a door's handshake (SOCKS5 negotiation, HTTP request head).
+    pub handshake_timeout: Duration,
     pub metrics: crate::metrics::Metrics,
     pub registry: Arc<Registry>,
     pub shutdown: CancellationToken,
@@ -223,7 +222,7 @@ async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr, doo
         Door::Socks5 => socks5::serve(&ctx, stream, peer, &door).await,
         Door::Dedicated(_) => {
             let mut first = [0u8; 1];
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+            match tokio::time::timeout(ctx.handshake_timeout, stream.peek(&mut first)).await {
                 Ok(Ok(1)) if first[0] == proxyfleet_proto::socks5::VERSION => {
                     socks5::serve(&ctx, stream, peer, &door).await
                 }

@@ -12,7 +12,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::directory::{Dir, Entry};
 use super::relay::{relay, RelayOptions};
-use super::{AuthFailure, Door, OpenFailure, ProxyContext, HANDSHAKE_TIMEOUT};
+use super::{AuthFailure, Door, OpenFailure, ProxyContext};
 
 const UNSPECIFIED: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
@@ -130,9 +130,12 @@ pub async fn serve(
     peer: SocketAddr,
     door: &Door,
 ) -> anyhow::Result<()> {
-    let Some(n) = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(ctx, &mut stream, peer, door))
-        .await
-        .map_err(|_| anyhow::anyhow!("SOCKS5 handshake timed out"))??
+    let Some(n) = tokio::time::timeout(
+        ctx.handshake_timeout,
+        negotiate(ctx, &mut stream, peer, door),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("SOCKS5 handshake timed out"))??
     else {
         return Ok(());
     };
