@@ -73,8 +73,10 @@ struct State {
     /// Usage changed since the last flush.
     dirty: bool,
     pending: Vec<Pending>,
-    /// Cancelled to close every open flow; replaced when flows may run again.
+    /// Cancelled to close every open flow; replaced when flows may run again. A child of `shutdown`, so that one
+    /// token per flow says both "this connection stops" and "the server stops".
     flows: CancellationToken,
+    shutdown: CancellationToken,
 }
 
 impl State {
@@ -102,7 +104,7 @@ impl State {
         if self.refusal().is_some() {
             self.flows.cancel();
         } else if self.flows.is_cancelled() {
-            self.flows = CancellationToken::new();
+            self.flows = self.shutdown.child_token();
         }
     }
 }
@@ -123,7 +125,7 @@ pub struct Entry {
 #[derive(Debug, Clone)]
 pub struct Admission {
     pub device_id: Arc<str>,
-    /// Cancelled when the flow must end (cut-off, disable, delete, device change or revocation, shutdown).
+    /// Cancelled when the flow must end (cut-off, disable, delete, device change or revocation, server shutdown).
     pub stop: CancellationToken,
 }
 
@@ -158,7 +160,7 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 }
 
 impl Entry {
-    fn from_row(row: &ConnectionRow, sink: QuotaSink) -> Entry {
+    fn from_row(row: &ConnectionRow, sink: QuotaSink, shutdown: &CancellationToken) -> Entry {
         let mut state = State {
             device_id: row.device_id.as_deref().map(Arc::from),
             password_hash: row.password_hash.as_deref().map(Arc::from),
@@ -171,7 +173,8 @@ impl Entry {
             dedicated_port: row.dedicated_port.and_then(|p| u16::try_from(p).ok()),
             dirty: false,
             pending: Vec::new(),
-            flows: CancellationToken::new(),
+            flows: shutdown.child_token(),
+            shutdown: shutdown.clone(),
         };
         state.settle();
         Entry {
@@ -403,17 +406,13 @@ impl Directory {
         self.clock.as_ref()
     }
 
-    pub fn shutdown_token(&self) -> &CancellationToken {
-        &self.shutdown
-    }
-
     /// Add a connection or take its new settings.
     pub fn upsert(&self, row: &ConnectionRow) -> Arc<Entry> {
         if let Some(e) = self.get(&row.id) {
             e.apply(row);
             return e;
         }
-        let e = Arc::new(Entry::from_row(row, self.sink.clone()));
+        let e = Arc::new(Entry::from_row(row, self.sink.clone(), &self.shutdown));
         if let Ok(mut m) = self.entries.write() {
             m.insert(e.id.clone(), e.clone());
         }
@@ -775,7 +774,11 @@ mod tests {
 
     #[test]
     fn charges_stop_exactly_at_the_limit_and_close_flows() {
-        let e = Entry::from_row(&row(Some(100)), QuotaSink::default());
+        let e = Entry::from_row(
+            &row(Some(100)),
+            QuotaSink::default(),
+            &CancellationToken::new(),
+        );
         let dev: Arc<str> = Arc::from("d1");
         let adm = e.admit().unwrap();
         assert_eq!(e.charge(60, Dir::Up, &dev, 0), 60);
@@ -794,7 +797,11 @@ mod tests {
 
     #[test]
     fn datagrams_are_charged_whole_or_not_at_all() {
-        let e = Entry::from_row(&row(Some(100)), QuotaSink::default());
+        let e = Entry::from_row(
+            &row(Some(100)),
+            QuotaSink::default(),
+            &CancellationToken::new(),
+        );
         let dev: Arc<str> = Arc::from("d1");
         assert!(e.charge_whole(70, Dir::Up, &dev, 0));
         assert!(!e.charge_whole(31, Dir::Up, &dev, 0));
@@ -805,7 +812,11 @@ mod tests {
 
     #[test]
     fn settings_changes_close_or_reopen_flows() {
-        let e = Entry::from_row(&row(Some(100)), QuotaSink::default());
+        let e = Entry::from_row(
+            &row(Some(100)),
+            QuotaSink::default(),
+            &CancellationToken::new(),
+        );
         let dev: Arc<str> = Arc::from("d1");
         let first = e.admit().unwrap();
         // Raising the limit keeps open flows.
@@ -836,7 +847,7 @@ mod tests {
         let sink = QuotaSink::default();
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
         sink.set(tx).unwrap();
-        let e = Entry::from_row(&row(Some(1000)), sink);
+        let e = Entry::from_row(&row(Some(1000)), sink, &CancellationToken::new());
         let dev: Arc<str> = Arc::from("d1");
         e.charge(799, Dir::Down, &dev, 5);
         assert!(rx.try_recv().is_err(), "79.9 % is not 80 %");
@@ -856,7 +867,7 @@ mod tests {
 
     #[test]
     fn allow_lists_match_canonical_addresses() {
-        let e = Entry::from_row(&row(None), QuotaSink::default());
+        let e = Entry::from_row(&row(None), QuotaSink::default(), &CancellationToken::new());
         assert!(e.allows("10.2.3.4".parse().unwrap()));
         assert!(e.allows("::ffff:10.2.3.4".parse().unwrap()));
         assert!(e.allows("::1".parse().unwrap()));

@@ -141,7 +141,6 @@ impl ProxyContext {
                 entry: entry.clone(),
                 device: adm.device_id,
                 stop: adm.stop,
-                shutdown: self.shutdown.clone(),
                 counters: relay::Counters::new(&self.metrics),
             },
             r,

@@ -24,8 +24,8 @@ const WRITE_GRACE: Duration = Duration::from_secs(2);
 pub struct Flow {
     pub entry: Arc<Entry>,
     pub device: Arc<str>,
+    /// Cancelled when the flow must end, server shutdown included.
     pub stop: CancellationToken,
-    pub shutdown: CancellationToken,
     pub counters: Counters,
 }
 
@@ -62,14 +62,11 @@ impl Drop for Counters {
 
 impl Flow {
     async fn stopped(&self) {
-        tokio::select! {
-            _ = self.stop.cancelled() => {}
-            _ = self.shutdown.cancelled() => {}
-        }
+        self.stop.cancelled().await;
     }
 
     fn is_stopped(&self) -> bool {
-        self.stop.is_cancelled() || self.shutdown.is_cancelled()
+        self.stop.is_cancelled()
     }
 }
 

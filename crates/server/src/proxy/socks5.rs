@@ -219,7 +219,6 @@ async fn udp_associate(
     loop {
         tokio::select! {
             _ = flow.stop.cancelled() => break,
-            _ = flow.shutdown.cancelled() => break,
             r = stream.read(&mut ctl) => match r {
                 // The association lives as long as its TCP connection (RFC 1928 section 7).
                 Ok(0) | Err(_) => break,
