@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{rfc3339, Clock};
-use crate::store::{new_incident_id, AlertChange, AlertRow, NewEvent, Store, StoreError};
+use crate::store::{new_id, AlertChange, AlertRow, NewEvent, Store, StoreError};
 use crate::tunnel::Registry;
 
 #[derive(Debug, Clone, Copy)]
@@ -52,7 +52,7 @@ pub fn decide(
                 .is_some_and(|ls| now - ls >= rules.offline_after);
             if offline_possible && silent {
                 let last_seen = row.last_seen_at.unwrap_or(now);
-                let incident = new_incident_id();
+                let incident = new_id();
                 let alert = cooldown_over;
                 let event = alert.then(|| offline_event(row, &incident, last_seen, now, rules, 0));
                 Some((
@@ -87,7 +87,7 @@ pub fn decide(
                     event,
                 ))
             } else if row.alerted_at.is_none() && row.suppressed > 0 && cooldown_over {
-                let incident = row.incident_id.clone().unwrap_or_else(new_incident_id);
+                let incident = row.incident_id.clone().unwrap_or_else(new_id);
                 let event = offline_event(row, &incident, since, now, rules, row.suppressed);
                 Some((
                     AlertChange::Deferred {
@@ -105,19 +105,7 @@ pub fn decide(
 }
 
 fn envelope(row: &AlertRow, event_type: &str, now: i64, data: serde_json::Value) -> NewEvent {
-    let id = crate::webhooks::new_event_id();
-    let payload = json!({
-        "type": event_type,
-        "id": id,
-        "timestamp": rfc3339(now),
-        "data": data,
-    });
-    NewEvent {
-        id,
-        operator_id: row.operator_id.clone(),
-        event_type: event_type.to_owned(),
-        payload: payload.to_string(),
-    }
+    crate::webhooks::event(&row.operator_id, event_type, now, data)
 }
 
 fn offline_event(
@@ -232,12 +220,12 @@ impl Detector {
                 Err(e) if e.is_contention() => continue,
                 Err(e) => return Err(e),
             }
-            match (&change, &event) {
-                (AlertChange::Offline { alert: true, .. }, _) => report.offline_alerts += 1,
-                (AlertChange::Offline { alert: false, .. }, _) => report.suppressed += 1,
-                (AlertChange::Recovered { .. }, _) => report.recovered += 1,
-                (AlertChange::Deferred { .. }, _) => report.deferred += 1,
-                (AlertChange::ClearSuppressed { .. }, _) => {}
+            match change {
+                AlertChange::Offline { alert: true, .. } => report.offline_alerts += 1,
+                AlertChange::Offline { alert: false, .. } => report.suppressed += 1,
+                AlertChange::Recovered { .. } => report.recovered += 1,
+                AlertChange::Deferred { .. } => report.deferred += 1,
+                AlertChange::ClearSuppressed { .. } => {}
             }
         }
         if let Some(r) = &self.registry {

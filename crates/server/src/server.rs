@@ -262,28 +262,17 @@ async fn quota_events(
             _ = cancel.cancelled() => return,
             e = rx.recv() => match e { Some(e) => e, None => return },
         };
-        let id = crate::webhooks::new_event_id();
         let percent = e
             .limit
             .filter(|l| *l > 0)
             .map(|l| u128::from(e.used) * 100 / u128::from(l));
-        let payload = serde_json::json!({
-            "type": e.kind,
-            "id": id,
-            "timestamp": crate::clock::rfc3339(e.at_ms),
-            "data": {
-                "connection": {"id": e.connection_id, "username": e.username},
-                "used_bytes": e.used,
-                "limit_bytes": e.limit,
-                "percent": percent,
-            },
+        let data = serde_json::json!({
+            "connection": {"id": e.connection_id, "username": e.username},
+            "used_bytes": e.used,
+            "limit_bytes": e.limit,
+            "percent": percent,
         });
-        let event = crate::store::NewEvent {
-            id,
-            operator_id: e.operator_id,
-            event_type: e.kind.to_owned(),
-            payload: payload.to_string(),
-        };
+        let event = crate::webhooks::event(&e.operator_id, e.kind, e.at_ms, data);
         match store.enqueue_event(&event, e.at_ms).await {
             Ok(true) => wake.notify_one(),
             Ok(false) => {}

@@ -418,6 +418,28 @@ async fn deliver(store: &Store, clock: &dyn Clock, key: &DataKey, sender: &Sende
     }
 }
 
+/// An event as every receiver gets it: `{"type", "id", "timestamp", "data"}`, with a fresh id.
+pub fn event(
+    operator_id: &str,
+    event_type: &str,
+    now_ms: i64,
+    data: serde_json::Value,
+) -> crate::store::NewEvent {
+    let id = new_event_id();
+    let payload = serde_json::json!({
+        "type": event_type,
+        "id": id,
+        "timestamp": crate::clock::rfc3339(now_ms),
+        "data": data,
+    });
+    crate::store::NewEvent {
+        id,
+        operator_id: operator_id.to_owned(),
+        event_type: event_type.to_owned(),
+        payload: payload.to_string(),
+    }
+}
+
 /// A new event id: `msg_` and a UUIDv7 in hex, so ids sort in the order events were made.
 pub fn new_event_id() -> String {
     format!("msg_{}", uuid::Uuid::now_v7().simple())

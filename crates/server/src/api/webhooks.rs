@@ -14,7 +14,7 @@ use utoipa_axum::routes;
 
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, AuthSession, ErrorBody};
 use crate::clock::rfc3339;
-use crate::webhooks::{new_event_id, new_secret};
+use crate::webhooks::new_secret;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -171,14 +171,10 @@ async fn send_test(
         .open(&endpoint.secret_enc)
         .ok_or_else(|| ApiError::internal(anyhow::anyhow!("webhook secret cannot be decrypted")))?;
     let now = state.auth.clock.now_ms();
-    let id = new_event_id();
-    let body = json!({
-        "type": "device.test",
-        "id": id,
-        "timestamp": rfc3339(now),
-        "data": {"message": "Test event from proxyfleet", "operator": s.username},
-    })
-    .to_string();
+    let data = json!({"message": "Test event from proxyfleet", "operator": s.username});
+    let crate::store::NewEvent {
+        id, payload: body, ..
+    } = crate::webhooks::event(&s.operator_id, "device.test", now, data);
     let a = state
         .webhooks
         .sender

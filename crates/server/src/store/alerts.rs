@@ -1,7 +1,7 @@
 //! Offline-alert state per device and the webhook outbox. Every alert transition is a conditional update (only one
 //! of several server processes wins it) written in the same transaction as its outbox event.
 
-use super::{new_id, Store, StoreError};
+use super::{Store, StoreError};
 
 /// A device's alert state with what the detector needs to judge it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -253,9 +253,4 @@ fn now_of(c: &AlertChange) -> i64 {
         | AlertChange::Deferred { now, .. }
         | AlertChange::ClearSuppressed { now, .. } => *now,
     }
-}
-
-/// A fresh incident id.
-pub fn new_incident_id() -> String {
-    new_id()
 }

@@ -13,7 +13,7 @@ mod sessions;
 mod setup;
 mod webhooks;
 
-pub use alerts::{new_incident_id, AlertChange, AlertRow, NewEvent};
+pub use alerts::{AlertChange, AlertRow, NewEvent};
 pub use connections::{
     ConnectionRow, ConnectionSettings, HourUsage, ImportCounts, LegacyConnection, UsageBucket,
 };
