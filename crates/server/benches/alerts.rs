@@ -14,29 +14,8 @@ use proxyfleet::clock::{Clock, ManualClock};
 use proxyfleet::monitor::{Detector, Rules};
 use proxyfleet::store::{NewOperator, Role, Store};
 
-fn env_num(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn rss_kib() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// User + system CPU seconds of this process.
-fn cpu_secs() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let after = &s[s.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    (f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()) as f64 / 100.0
-}
+mod support;
+use support::env_num;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -96,7 +75,7 @@ async fn main() {
     let live = &ids[silent..];
     let quiet_since = clock.now_ms();
     store.record_seen(&beat(quiet_since, &ids)).await.unwrap();
-    let rss_before = rss_kib();
+    let rss_before = support::rss(std::process::id()) / 1024;
     let mut scan_wall = Vec::new();
     let mut scan_cpu = 0.0;
     let mut next_beat = quiet_since + 30_000;
@@ -113,14 +92,14 @@ async fn main() {
                 .unwrap();
             next_beat += 30_000;
         }
-        let (cpu, wall) = (cpu_secs(), Instant::now());
+        let (cpu, wall) = (support::cpu_secs(std::process::id()), Instant::now());
         let r = detector.scan().await.unwrap();
         scan_wall.push(wall.elapsed());
-        scan_cpu += cpu_secs() - cpu;
+        scan_cpu += support::cpu_secs(std::process::id()) - cpu;
         offline_total += r.offline_alerts;
         assert_eq!(r.recovered + r.suppressed + r.deferred, 0);
     }
-    let rss_after = rss_kib();
+    let rss_after = support::rss(std::process::id()) / 1024;
     let events = store
         .webhook_events(&op.id, i64::try_from(n).unwrap())
         .await

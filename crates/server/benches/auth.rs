@@ -16,12 +16,8 @@ use proxyfleet::config::{RawConfig, Secret, ServeConfig};
 use proxyfleet::server::ServeOptions;
 use proxyfleet::store::Role;
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod support;
+use support::env_num;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {

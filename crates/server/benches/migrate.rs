@@ -14,12 +14,8 @@ use proxyfleet::legacy::{import_connections, migrate_passwords, DEFAULT_BATCH};
 use proxyfleet::store::{NewOperator, Role, Store};
 use tokio_util::sync::CancellationToken;
 
-fn env_num(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod support;
+use support::env_num;
 
 #[tokio::main]
 async fn main() {

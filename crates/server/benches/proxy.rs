@@ -34,6 +34,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_socks::tcp::Socks5Stream;
 
+mod support;
+use support::{cpu_secs, env_num, free_port, rss};
+
 const MIB: u64 = 1024 * 1024;
 /// The benchmark operator's password (meets the server's composition rule).
 const OPERATOR_PASSWORD: &str = "Qx7!long-Passphrase";
@@ -42,46 +45,8 @@ const SMALL: u64 = 100;
 /// Client read buffer and target write chunk, bytes.
 const CHUNK: usize = 256 * 1024;
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn env_path(name: &str, default: &str) -> PathBuf {
     std::env::var_os(name).map_or_else(|| PathBuf::from(default), PathBuf::from)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Resident memory of a process, bytes.
-fn rss(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = s
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap()
-        .parse()
-        .unwrap();
-    kb * 1024
-}
-
-/// User + system CPU time of a process, seconds (0 once it is gone).
-fn cpu_secs(pid: u32) -> f64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let f: Vec<&str> = s[s.rfind(')').unwrap() + 2..].split_whitespace().collect();
-    // utime and stime, in ticks of USER_HZ (100 on Linux).
-    (f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()) as f64 / 100.0
 }
 
 fn mib_s(bytes: u64, d: Duration) -> f64 {
