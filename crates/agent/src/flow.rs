@@ -31,7 +31,16 @@ pub async fn serve_flow(
         .context("header timeout")??;
     let (host, port) = match header.target {
         Target::Tcp { host, port } => (host, port),
-        Target::Udp => return crate::udp::serve_udp(recv, send, policy).await,
+        Target::Udp => return crate::udp::serve_udp(recv, send, policy, None).await,
+        Target::Dns => {
+            match crate::dns::system_resolver() {
+                Some(r) => return crate::udp::serve_udp(recv, send, policy, Some(r)).await,
+                None => {
+                    tracing::warn!("a DNS association was asked for, but the device has no resolver configured");
+                    return answer(&mut send, OpenResult::Unreachable).await;
+                }
+            }
+        }
     };
     let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, connect(&host, port, policy)).await {
         Ok(Ok(s)) => s,

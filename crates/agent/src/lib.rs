@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod conn;
+pub mod dns;
 pub mod enroll;
 pub mod flow;
 pub mod metrics;

@@ -44,11 +44,14 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 type FrameReader = FramedRead<BoxRead, FrameCodec<UdpDatagram>>;
 type FrameWriter = FramedWrite<BoxWrite, FrameCodec<UdpDatagram>>;
 
-/// Relay one UDP association until the server closes the stream or it stays idle for [`IDLE_TIMEOUT`].
+/// Relay one UDP association until the server closes the stream or it stays idle for [`IDLE_TIMEOUT`]. With
+/// `resolver`, it is a DNS association: every datagram goes to that address (the device's own resolver, allowed
+/// whatever the policy says of its address) and only its answers come back.
 pub(crate) async fn serve_udp(
     recv: BoxRead,
     mut send: BoxWrite,
     policy: TargetPolicy,
+    resolver: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     send.write_all(&[OpenResult::Ok as u8]).await?;
     send.flush().await?;
@@ -56,7 +59,7 @@ pub(crate) async fn serve_udp(
     let mut writer = FramedWrite::new(send, FrameCodec::new(MAX_UDP_FRAME));
     let (tx, rx) = mpsc::channel(DOWNLINK_QUEUE);
     let outcome = tokio::select! {
-        r = relay(reader, tx, policy) => r,
+        r = relay(reader, tx, policy, resolver) => r,
         r = write_down(&mut writer, rx) => r,
     };
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer.close()).await;
@@ -81,6 +84,7 @@ async fn write_down(
 /// The association's sockets (each bound on first use) and resolved names.
 struct Relay {
     policy: TargetPolicy,
+    resolver: Option<SocketAddr>,
     v4: Option<UdpSocket>,
     v6: Option<UdpSocket>,
     names: NameCache,
@@ -90,9 +94,11 @@ async fn relay(
     mut reader: FrameReader,
     tx: mpsc::Sender<UdpDatagram>,
     policy: TargetPolicy,
+    resolver: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     let mut relay = Relay {
         policy,
+        resolver,
         v4: None,
         v6: None,
         names: NameCache::default(),
@@ -113,11 +119,11 @@ async fn relay(
             },
             r = readable(relay.v4.as_ref()) => {
                 r?;
-                relay.v4.as_ref().is_some_and(|s| drain(s, &mut buf, policy, &tx))
+                relay.v4.as_ref().is_some_and(|s| drain(s, &mut buf, policy, resolver, &tx))
             }
             r = readable(relay.v6.as_ref()) => {
                 r?;
-                relay.v6.as_ref().is_some_and(|s| drain(s, &mut buf, policy, &tx))
+                relay.v6.as_ref().is_some_and(|s| drain(s, &mut buf, policy, resolver, &tx))
             }
             () = &mut idle => {
                 tracing::debug!("UDP association idle; closing it");
@@ -143,6 +149,7 @@ fn drain(
     sock: &UdpSocket,
     buf: &mut [u8],
     policy: TargetPolicy,
+    resolver: Option<SocketAddr>,
     tx: &mpsc::Sender<UdpDatagram>,
 ) -> bool {
     let mut active = false;
@@ -157,8 +164,13 @@ fn drain(
             }
         };
         let ip = from.ip().to_canonical();
+        // A DNS association takes answers from its resolver only.
+        if let Some(r) = resolver {
+            if r.ip().to_canonical() != ip || r.port() != from.port() {
+                continue;
+            }
         // The socket is not connected, so anyone can send to it: keep the LAN out in this direction too.
-        if !policy.permits(ip) {
+        } else if !policy.permits(ip) {
             tracing::debug!(source = %ip, "dropped a datagram from a non-public source");
             continue;
         }
@@ -193,6 +205,13 @@ impl Relay {
             port,
             payload,
         } = d;
+        if let Some(to) = self.resolver {
+            // A DNS association: the frame's address is the customer's idea of a resolver; the device's is used.
+            if let Ok(sock) = self.socket(to.ip()).await {
+                let _ = tokio::time::timeout(SEND_TIMEOUT, sock.send_to(&payload, to)).await;
+            }
+            return;
+        }
         if port == 0 {
             tracing::debug!(target_host = %host, "dropped a datagram to port 0");
             return;

@@ -159,6 +159,9 @@ mod tests {
             Just(StreamHeader {
                 target: Target::Udp
             }),
+            Just(StreamHeader {
+                target: Target::Dns
+            }),
         ]
     }
 

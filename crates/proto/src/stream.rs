@@ -82,6 +82,10 @@ pub enum Target {
     Tcp { host: Host, port: u16 },
     /// A UDP association: the stream then carries [`UdpDatagram`] frames both ways.
     Udp,
+    /// A DNS association: like [`Target::Udp`], but the agent sends every datagram to the device's own resolver
+    /// (whatever address the frame names) and labels answers with it. Serves the VPN's pushed DNS address, so a
+    /// customer's lookups are answered by the device's network.
+    Dns,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +95,7 @@ pub struct StreamHeader {
 
 const S_TCP: u8 = 1;
 const S_UDP: u8 = 2;
+const S_DNS: u8 = 3;
 
 impl Encode for StreamHeader {
     fn encode(&self, out: &mut BytesMut) {
@@ -101,6 +106,7 @@ impl Encode for StreamHeader {
                 out.put_u16(*port);
             }
             Target::Udp => out.put_u8(S_UDP),
+            Target::Dns => out.put_u8(S_DNS),
         }
     }
 }
@@ -117,6 +123,7 @@ impl Decode for StreamHeader {
                 Target::Tcp { host, port }
             }
             S_UDP => Target::Udp,
+            S_DNS => Target::Dns,
             tag => {
                 return Err(DecodeError::UnknownTag {
                     what: "stream target",
