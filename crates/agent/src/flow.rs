@@ -33,7 +33,7 @@ pub async fn serve_flow(
         Target::Tcp { host, port } => (host, port),
         Target::Udp => return crate::udp::serve_udp(recv, send, policy, None).await,
         Target::Dns => {
-            match crate::dns::system_resolver() {
+            match policy.dns_server.or_else(crate::dns::system_resolver) {
                 Some(r) => return crate::udp::serve_udp(recv, send, policy, Some(r)).await,
                 None => {
                     tracing::warn!("a DNS association was asked for, but the device has no resolver configured");

@@ -50,7 +50,16 @@ enum Command {
             value_parser = clap::builder::BoolishValueParser::new()
         )]
         allow_private_targets: bool,
+        /// Resolver (IP or IP:PORT) for VPN customers' DNS lookups. Default: the device's own, from resolv.conf.
+        #[arg(long, env = "PROXYFLEET_AGENT_DNS_SERVER", value_parser = parse_dns_server)]
+        dns_server: Option<std::net::SocketAddr>,
     },
+}
+
+fn parse_dns_server(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse::<std::net::SocketAddr>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+        .map_err(|_| format!("{s:?} is not an IP address or IP:PORT"))
 }
 
 fn main() -> std::process::ExitCode {
@@ -93,6 +102,7 @@ fn main() -> std::process::ExitCode {
                 power_supply_dir,
                 rotate_command,
                 allow_private_targets,
+                dns_server,
             } => {
                 let cancel = CancellationToken::new();
                 let c = cancel.clone();
@@ -124,6 +134,7 @@ fn main() -> std::process::ExitCode {
                         rebind: Some(rebind),
                         rotate_command,
                         allow_private_targets,
+                        dns_server,
                         ..RunOptions::default()
                     },
                     cancel,

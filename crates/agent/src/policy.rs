@@ -8,6 +8,8 @@ use std::net::IpAddr;
 pub struct TargetPolicy {
     /// Also allow private, loopback, link-local and other non-public addresses (tests, lab setups).
     pub allow_private: bool,
+    /// Where DNS associations go instead of the device's `resolv.conf` resolver.
+    pub dns_server: Option<std::net::SocketAddr>,
 }
 
 impl TargetPolicy {
@@ -32,6 +34,7 @@ mod tests {
         assert!(TargetPolicy::default().permits(public_ip));
         let open = TargetPolicy {
             allow_private: true,
+            ..TargetPolicy::default()
         };
         assert!(open.permits(loopback));
         assert!(open.permits(public_ip));

@@ -47,6 +47,8 @@ pub struct RunOptions {
     /// Let flows reach loopback, private, link-local and other non-public addresses (the device's own LAN).
     /// Off by default: customers get the public internet only.
     pub allow_private_targets: bool,
+    /// The resolver that answers VPN customers' DNS lookups; `None`: the device's own (`resolv.conf`).
+    pub dns_server: Option<std::net::SocketAddr>,
 }
 
 impl Default for RunOptions {
@@ -57,6 +59,7 @@ impl Default for RunOptions {
             rotate_command: None,
             quic_retry: Duration::from_secs(300),
             allow_private_targets: false,
+            dns_server: None,
         }
     }
 }
@@ -265,6 +268,7 @@ async fn drive_inner(
     let rebind = opts.rebind.clone();
     let policy = TargetPolicy {
         allow_private: opts.allow_private_targets,
+        dns_server: opts.dns_server,
     };
     let (rotated_tx, mut rotated_rx) = tokio::sync::mpsc::channel::<(u64, bool, String)>(4);
     let mut rotating = false;

@@ -207,8 +207,12 @@ impl Relay {
         } = d;
         if let Some(to) = self.resolver {
             // A DNS association: the frame's address is the customer's idea of a resolver; the device's is used.
-            if let Ok(sock) = self.socket(to.ip()).await {
-                let _ = tokio::time::timeout(SEND_TIMEOUT, sock.send_to(&payload, to)).await;
+            match self.socket(to.ip()).await {
+                Ok(sock) => {
+                    let r = tokio::time::timeout(SEND_TIMEOUT, sock.send_to(&payload, to)).await;
+                    tracing::trace!(%to, sent = ?r, "DNS query to the device's resolver");
+                }
+                Err(e) => tracing::debug!(error = %e, %to, "no UDP socket for the resolver"),
             }
             return;
         }

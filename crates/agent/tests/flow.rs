@@ -23,9 +23,11 @@ const SOON: Duration = Duration::from_secs(5);
 
 const DENY: TargetPolicy = TargetPolicy {
     allow_private: false,
+    dns_server: None,
 };
 const ALLOW: TargetPolicy = TargetPolicy {
     allow_private: true,
+    dns_server: None,
 };
 
 /// The server's end of a flow stream.

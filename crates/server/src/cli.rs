@@ -192,6 +192,25 @@ pub struct ServeArgs {
     /// Seconds to wait for open requests at shutdown. Default 10.
     #[arg(long, env = "PROXYFLEET_SHUTDOWN_TIMEOUT_SECS")]
     pub shutdown_timeout_secs: Option<u64>,
+    /// Address of the OpenVPN door (for example 0.0.0.0:1194). Unset: no OpenVPN door. Needs root
+    /// (CAP_NET_ADMIN) and the `openvpn` and `nft` programs.
+    #[arg(long, env = "PROXYFLEET_OPENVPN_LISTEN")]
+    pub openvpn_listen: Option<SocketAddr>,
+    /// OpenVPN transport: udp or tcp. Default udp.
+    #[arg(long, env = "PROXYFLEET_OPENVPN_PROTO")]
+    pub openvpn_proto: Option<String>,
+    /// Customers' VPN addresses. Default 10.77.0.0/16 (server .1, DNS .2, customers from .16).
+    #[arg(long, env = "PROXYFLEET_OPENVPN_SUBNET")]
+    pub openvpn_subnet: Option<ipnet::Ipv4Net>,
+    /// DNS address pushed to VPN customers; answered by the device's resolver. Default: the subnet's .2.
+    #[arg(long, env = "PROXYFLEET_OPENVPN_DNS")]
+    pub openvpn_dns: Option<std::net::Ipv4Addr>,
+    /// The openvpn program. Default `openvpn` (from PATH).
+    #[arg(long, env = "PROXYFLEET_OPENVPN_BINARY")]
+    pub openvpn_binary: Option<std::path::PathBuf>,
+    /// Ping interval pushed to VPN clients, seconds (a silent peer is dropped after three). Default 10.
+    #[arg(long, env = "PROXYFLEET_OPENVPN_KEEPALIVE_SECS")]
+    pub openvpn_keepalive_secs: Option<u64>,
 }
 
 impl ServeArgs {
@@ -223,6 +242,12 @@ impl ServeArgs {
             alert_cooldown_secs: self.alert_cooldown_secs,
             monitor_scan_secs: self.monitor_scan_secs,
             webhook_allow_private: self.webhook_allow_private,
+            openvpn_listen: self.openvpn_listen,
+            openvpn_proto: self.openvpn_proto.clone(),
+            openvpn_subnet: self.openvpn_subnet,
+            openvpn_dns: self.openvpn_dns,
+            openvpn_binary: self.openvpn_binary.clone(),
+            openvpn_keepalive_secs: self.openvpn_keepalive_secs,
             ..RawConfig::default()
         }
     }

@@ -100,6 +100,12 @@ pub struct RawConfig {
     pub alert_cooldown_secs: Option<u64>,
     pub monitor_scan_secs: Option<u64>,
     pub webhook_allow_private: Option<bool>,
+    pub openvpn_listen: Option<SocketAddr>,
+    pub openvpn_proto: Option<String>,
+    pub openvpn_subnet: Option<ipnet::Ipv4Net>,
+    pub openvpn_dns: Option<std::net::Ipv4Addr>,
+    pub openvpn_binary: Option<PathBuf>,
+    pub openvpn_keepalive_secs: Option<u64>,
 }
 
 macro_rules! overlay_fields {
@@ -151,6 +157,12 @@ impl RawConfig {
             alert_cooldown_secs,
             monitor_scan_secs,
             webhook_allow_private,
+            openvpn_listen,
+            openvpn_proto,
+            openvpn_subnet,
+            openvpn_dns,
+            openvpn_binary,
+            openvpn_keepalive_secs,
         )
     }
 
@@ -266,6 +278,25 @@ pub struct ServeConfig {
     pub monitor_scan: Duration,
     /// Let webhooks go to private and loopback addresses (labs and tests only).
     pub webhook_allow_private: bool,
+    /// The OpenVPN door; `None`: off.
+    pub openvpn: Option<OpenVpnSettings>,
+}
+
+/// Settings of the OpenVPN door.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenVpnSettings {
+    /// Where OpenVPN listens (UDP, or TCP with `proto = "tcp"`); its port also goes into profiles.
+    pub listen: SocketAddr,
+    /// `udp` (default) or `tcp`.
+    pub proto: &'static str,
+    /// Customers' addresses; `.1` is the server, `.2` the default DNS address, customers from `.16`.
+    pub subnet: ipnet::Ipv4Net,
+    /// The DNS address pushed to customers; lookups to it are answered by the device's resolver.
+    pub dns: std::net::Ipv4Addr,
+    /// The `openvpn` program.
+    pub binary: PathBuf,
+    /// Ping interval pushed to clients; a side that hears nothing for three intervals restarts the session.
+    pub keepalive: Duration,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -273,6 +304,14 @@ pub const DEFAULT_DATA_DIR: &str = "data";
 
 impl ServeConfig {
     pub fn resolve(raw: RawConfig) -> Result<ServeConfig, ConfigError> {
+        let raw_vpn = RawVpn {
+            listen: raw.openvpn_listen,
+            proto: raw.openvpn_proto.clone(),
+            subnet: raw.openvpn_subnet,
+            dns: raw.openvpn_dns,
+            binary: raw.openvpn_binary.clone(),
+            keepalive_secs: raw.openvpn_keepalive_secs,
+        };
         let data_dir = raw
             .data_dir
             .clone()
@@ -418,8 +457,79 @@ impl ServeConfig {
                 60,
             )?),
             webhook_allow_private: raw.webhook_allow_private.unwrap_or(false),
+            openvpn: openvpn_settings(&raw_vpn)?,
         })
     }
+}
+
+/// The OpenVPN door's settings, when `openvpn_listen` is set.
+fn openvpn_settings(raw: &RawVpn) -> Result<Option<OpenVpnSettings>, ConfigError> {
+    let Some(listen) = raw.listen else {
+        return Ok(None);
+    };
+    let proto = match raw.proto.as_deref().unwrap_or("udp") {
+        "udp" => "udp",
+        "tcp" => "tcp",
+        other => {
+            return Err(invalid(
+                "openvpn_proto",
+                format!("{other:?} is neither udp nor tcp"),
+            ))
+        }
+    };
+    let subnet = raw
+        .subnet
+        .unwrap_or(ipnet::Ipv4Net::new_assert(
+            std::net::Ipv4Addr::new(10, 77, 0, 0),
+            16,
+        ))
+        .trunc();
+    if !(8..=26).contains(&subnet.prefix_len()) {
+        return Err(invalid(
+            "openvpn_subnet",
+            "must be a /8 to /26 network (for example 10.77.0.0/16)",
+        ));
+    }
+    let net = u32::from(subnet.network());
+    let dns = raw.dns.unwrap_or_else(|| std::net::Ipv4Addr::from(net + 2));
+    let host = u32::from(dns).wrapping_sub(net);
+    if dns.is_loopback()
+        || dns.is_unspecified()
+        || (subnet.contains(&dns)
+            && (host == 0 || host == 1 || host >= crate::openvpn::FIRST_CUSTOMER_HOST))
+    {
+        return Err(invalid(
+            "openvpn_dns",
+            "must not be the network's own, the server's (.1) or a customer's address (.16 and up)",
+        ));
+    }
+    Ok(Some(OpenVpnSettings {
+        listen,
+        proto,
+        subnet,
+        dns,
+        binary: raw
+            .binary
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("openvpn")),
+        keepalive: Duration::from_secs(secs_in(
+            "openvpn_keepalive_secs",
+            raw.keepalive_secs,
+            10,
+            1,
+            300,
+        )?),
+    }))
+}
+
+/// The OpenVPN part of [`RawConfig`], taken out before the rest is consumed.
+struct RawVpn {
+    listen: Option<SocketAddr>,
+    proto: Option<String>,
+    subnet: Option<ipnet::Ipv4Net>,
+    dns: Option<std::net::Ipv4Addr>,
+    binary: Option<PathBuf>,
+    keepalive_secs: Option<u64>,
 }
 
 /// `START-END`, both ports inclusive, `START <= END`, no port 0.

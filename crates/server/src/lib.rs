@@ -9,6 +9,7 @@ pub mod config;
 pub mod legacy;
 pub mod metrics;
 pub mod monitor;
+pub mod openvpn;
 pub mod pki;
 pub mod proxy;
 pub mod redis;

@@ -38,7 +38,7 @@ pub struct Pki {
 /// Validity of device certificates, in days. Revocation is by the registry, not by expiry.
 const DEVICE_CERT_DAYS: i64 = 3650;
 
-fn read(path: &Path) -> Result<Option<String>, PkiError> {
+pub(crate) fn read(path: &Path) -> Result<Option<String>, PkiError> {
     match std::fs::read_to_string(path) {
         Ok(s) => Ok(Some(s)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -49,7 +49,7 @@ fn read(path: &Path) -> Result<Option<String>, PkiError> {
     }
 }
 
-fn write(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
+pub(crate) fn write(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let err = |source| PkiError::File {

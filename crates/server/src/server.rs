@@ -336,6 +336,8 @@ pub struct Proxy {
     pub socks5_addr: Option<SocketAddr>,
     /// Host name for customers' proxy URLs.
     pub public_host: String,
+    /// The OpenVPN door, when configured and able to run.
+    pub openvpn: Option<Arc<crate::openvpn::Door>>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -410,12 +412,29 @@ async fn start_proxy(
         config.usage_flush,
         cancel.child_token(),
     ));
+    let openvpn = match &config.openvpn {
+        Some(s) => {
+            crate::openvpn::start(
+                s,
+                &config.data_dir,
+                &config.proxy_public_host,
+                &ctx,
+                tracker,
+            )
+            .await?
+        }
+        None => {
+            tracing::info!("the OpenVPN door is off (openvpn_listen is not set)");
+            None
+        }
+    };
     Ok(Arc::new(Proxy {
         ctx,
         dedicated,
         http_addr: bound[0],
         socks5_addr: bound[1],
         public_host: config.proxy_public_host.clone(),
+        openvpn,
     }))
 }
 

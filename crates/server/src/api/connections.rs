@@ -26,6 +26,7 @@ pub fn router() -> OpenApiRouter<AppState> {
             delete_connection
         ))
         .routes(routes!(regenerate_password))
+        .routes(routes!(openvpn_profile))
         .routes(routes!(reset_usage))
         .routes(routes!(connection_usage))
         .routes(routes!(device_usage))
@@ -79,6 +80,9 @@ pub struct ConnectionWithPassword {
     /// device, so DNS does not leak from the customer's network.
     http_url: Option<String>,
     socks5_url: Option<String>,
+    /// The OpenVPN profile (`.ovpn`) with the credentials inline, shown once like the password; null when the
+    /// OpenVPN door is off. Afterwards `GET /connections/{id}/profile.ovpn` serves it without the password.
+    ovpn: Option<String>,
 }
 
 fn state_name(r: Option<Refusal>) -> &'static str {
@@ -136,6 +140,10 @@ fn with_password(state: &AppState, row: ConnectionRow, password: String) -> Conn
     let host = bracket(&proxy.public_host);
     let creds = format!("{}:{password}", row.username);
     ConnectionWithPassword {
+        ovpn: proxy
+            .openvpn
+            .as_ref()
+            .map(|d| d.profile(&row.username, Some(&password))),
         http_url: proxy
             .http_addr
             .map(|a| format!("http://{creds}@{host}:{}", a.port())),
@@ -450,11 +458,47 @@ async fn delete_connection(
     }
     state.proxy.ctx.dir.remove(&id);
     state.proxy.dedicated.stop(&id);
+    if let Some(vpn) = &state.proxy.openvpn {
+        vpn.sessions.forget_address(&id);
+    }
     tracing::info!(connection = %id, operator = %s.username, "connection deleted");
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// A new password, shown once. The old one stops working for new flows at once; open flows continue.
+/// The connection's OpenVPN profile without the password (the customer's client asks for it). 404 when the
+/// OpenVPN door is off.
+#[utoipa::path(get, path = "/connections/{id}/profile.ovpn", tag = "connections", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 200, content_type = "application/x-openvpn-profile", body = String),
+        (status = 404, body = ErrorBody)))]
+async fn openvpn_profile(
+    State(state): State<AppState>,
+    AuthSession(s): AuthSession,
+    ApiPath(id): ApiPath<String>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let row = own(&state, &s.operator_id, &id).await?;
+    let Some(vpn) = &state.proxy.openvpn else {
+        return Err(ApiError::NotFoundMsg(
+            "the OpenVPN door is off on this server",
+        ));
+    };
+    let name = format!("attachment; filename=\"{}.ovpn\"", row.username);
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/x-openvpn-profile".to_owned(),
+            ),
+            (axum::http::header::CONTENT_DISPOSITION, name),
+        ],
+        vpn.profile(&row.username, None),
+    )
+        .into_response())
+}
+
+/// A new password, shown once. The old one stops working for new flows at once; open flows continue (a VPN
+/// session, which outlives flows, ends).
 #[utoipa::path(post, path = "/connections/{id}/regenerate-password", tag = "connections", security(("bearer" = [])),
     params(("id" = String, Path)),
     responses((status = 200, body = ConnectionWithPassword), (status = 404, body = ErrorBody)))]

@@ -77,6 +77,9 @@ struct State {
     /// token per flow says both "this connection stops" and "the server stops".
     flows: CancellationToken,
     shutdown: CancellationToken,
+    /// Cancelled (and replaced) when the password changes: sessions that logged in with the old one end (the VPN
+    /// door's sessions; proxy flows are per request and keep running).
+    credential: CancellationToken,
 }
 
 impl State {
@@ -175,6 +178,7 @@ impl Entry {
             pending: Vec::new(),
             flows: shutdown.child_token(),
             shutdown: shutdown.clone(),
+            credential: CancellationToken::new(),
         };
         state.settle();
         Entry {
@@ -298,6 +302,11 @@ impl Entry {
 
     pub fn dedicated_port(&self) -> Option<u16> {
         lock(&self.state).dedicated_port
+    }
+
+    /// Cancelled when this connection's password changes.
+    pub fn credential_token(&self) -> CancellationToken {
+        lock(&self.state).credential.clone()
     }
 
     /// Whether `ip` may use the dedicated port without credentials.
@@ -520,6 +529,8 @@ impl Directory {
             let mut s = lock(&e.state);
             s.password_hash = Some(Arc::from(hash));
             s.verified = None;
+            s.credential.cancel();
+            s.credential = CancellationToken::new();
         }
     }
 

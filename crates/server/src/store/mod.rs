@@ -11,6 +11,7 @@ mod devices;
 mod operators;
 mod sessions;
 mod setup;
+mod vpn;
 mod webhooks;
 
 pub use alerts::{AlertChange, AlertRow, NewEvent};

@@ -1,0 +1,152 @@
+//! The forwarding engine: turns the customer packets that arrive on proxyfleet's tun into TCP streams and UDP
+//! flows. Behind a trait so that another engine (nftables TPROXY into sockets, say) can replace the userspace
+//! stack without the rest of the door noticing; the one here is `ipstack` over a tun device.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// A byte pipe (TCP) or a datagram pipe (UDP: every read is one datagram, every write sends one).
+pub trait Pipe: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Pipe for T {}
+
+/// One customer flow the engine terminated: `src` is the customer's VPN address, `dst` where they wanted to go.
+pub struct Terminated {
+    pub kind: FlowKind,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub pipe: Box<dyn Pipe>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowKind {
+    Tcp,
+    Udp,
+}
+
+/// A source of terminated customer flows.
+pub trait Engine: Send {
+    /// The next flow; `None` once the engine has stopped (its device is gone).
+    fn accept(&mut self) -> Pin<Box<dyn Future<Output = Option<Terminated>> + Send + '_>>;
+}
+
+/// MTU of proxyfleet's tun, matching OpenVPN's default `tun-mtu`.
+pub const MTU: u16 = 1500;
+/// A UDP flow without a datagram in either direction for this long ends (DNS lookups end long before).
+const UDP_IDLE: Duration = Duration::from_secs(60);
+
+/// The userspace TCP/IP stack over any packet device (a tun in production, an in-memory pipe in tests).
+pub struct StackEngine {
+    stack: ipstack::IpStack,
+}
+
+impl StackEngine {
+    pub fn new<D>(device: D) -> StackEngine
+    where
+        D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut cfg = ipstack::IpStackConfig::default();
+        cfg.mtu_unchecked(MTU).udp_timeout(UDP_IDLE);
+        StackEngine {
+            stack: ipstack::IpStack::new(cfg, device),
+        }
+    }
+}
+
+impl Engine for StackEngine {
+    fn accept(&mut self) -> Pin<Box<dyn Future<Output = Option<Terminated>> + Send + '_>> {
+        Box::pin(async move {
+            loop {
+                let s = self.stack.accept().await.ok()?;
+                match s {
+                    ipstack::IpStackStream::Tcp(t) => {
+                        return Some(Terminated {
+                            kind: FlowKind::Tcp,
+                            src: t.local_addr(),
+                            dst: t.peer_addr(),
+                            pipe: Box::new(t),
+                        })
+                    }
+                    ipstack::IpStackStream::Udp(u) => {
+                        return Some(Terminated {
+                            kind: FlowKind::Udp,
+                            src: u.local_addr(),
+                            dst: u.peer_addr(),
+                            pipe: Box::new(u),
+                        })
+                    }
+                    // ICMP and other protocols are not relayed: dropped.
+                    ipstack::IpStackStream::UnknownTransport(_)
+                    | ipstack::IpStackStream::UnknownNetwork(_) => {}
+                }
+            }
+        })
+    }
+}
+
+/// Create proxyfleet's tun device, up, without an address (it only ever sees routed packets).
+pub fn open_tun(name: &str) -> Result<tun::AsyncDevice, tun::Error> {
+    let mut c = tun::Configuration::default();
+    c.tun_name(name).mtu(MTU).up();
+    tun::create_as_async(&c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn udp_packet(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
+        let b = etherparse::PacketBuilder::ipv4(src, dst, 64).udp(sport, dport);
+        let mut out = Vec::with_capacity(b.size(payload.len()));
+        b.write(&mut out, payload).unwrap();
+        out
+    }
+
+    /// Packets fed in memory come out as a flow with the customer's address, and answers go back as packets.
+    #[tokio::test]
+    async fn udp_packet_becomes_a_flow_and_the_answer_a_packet() {
+        let (mut outside, device) = tokio::io::duplex(64 * 1024);
+        let mut engine = StackEngine::new(device);
+        outside
+            .write_all(&udp_packet(
+                [10, 77, 0, 16],
+                40000,
+                [10, 77, 0, 2],
+                53,
+                b"query",
+            ))
+            .await
+            .unwrap();
+        let mut flow = tokio::time::timeout(Duration::from_secs(5), engine.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(flow.kind, FlowKind::Udp);
+        assert_eq!(flow.src, "10.77.0.16:40000".parse().unwrap());
+        assert_eq!(flow.dst, "10.77.0.2:53".parse().unwrap());
+        let mut buf = [0u8; 64];
+        let n = flow.pipe.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"query");
+        flow.pipe.write_all(b"answer").await.unwrap();
+        let mut pkt = vec![0u8; 2048];
+        let n = tokio::time::timeout(Duration::from_secs(5), outside.read(&mut pkt))
+            .await
+            .unwrap()
+            .unwrap();
+        let parsed = etherparse::SlicedPacket::from_ip(&pkt[..n]).unwrap();
+        let Some(etherparse::NetSlice::Ipv4(ip)) = parsed.net else {
+            panic!("not IPv4")
+        };
+        assert_eq!(ip.header().source(), [10, 77, 0, 2]);
+        assert_eq!(ip.header().destination(), [10, 77, 0, 16]);
+        let Some(etherparse::TransportSlice::Udp(udp)) = parsed.transport else {
+            panic!("not UDP")
+        };
+        assert_eq!((udp.source_port(), udp.destination_port()), (53, 40000));
+        assert_eq!(udp.payload(), b"answer");
+    }
+}

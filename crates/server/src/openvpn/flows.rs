@@ -1,0 +1,144 @@
+//! VPN flows through the relay: each TCP stream and UDP flow the engine terminated is matched to its connection by
+//! the customer's VPN address, admitted like a proxy flow, and relayed through the connection's device with the same
+//! meter and cut-off. DNS to the pushed address goes to the device's own resolver.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use proxyfleet_proto::{FrameCodec, Host, Target, UdpDatagram, MAX_UDP_FRAME};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use super::engine::{Engine, FlowKind, Terminated};
+use super::sessions::Sessions;
+use crate::proxy::directory::Dir;
+use crate::proxy::relay::{self, RelayOptions};
+use crate::proxy::ProxyContext;
+
+/// Largest datagram read from a customer, in bytes.
+const MAX_DATAGRAM: usize = 65_535;
+
+/// Serve the engine's flows until it stops or the server shuts down.
+pub async fn serve(
+    ctx: Arc<ProxyContext>,
+    sessions: Arc<Sessions>,
+    dns: Ipv4Addr,
+    mut engine: Box<dyn Engine>,
+) {
+    loop {
+        let t = tokio::select! {
+            t = engine.accept() => match t {
+                Some(t) => t,
+                None => {
+                    tracing::error!("the VPN packet engine stopped; VPN customers' packets are dropped");
+                    return;
+                }
+            },
+            _ = ctx.shutdown.cancelled() => return,
+        };
+        tracing::trace!(kind = ?t.kind, src = %t.src, dst = %t.dst, "VPN flow");
+        // IPv4 only (IPv6 is blocked on the clients); a source without a session belongs to nobody.
+        let IpAddr::V4(src) = t.src.ip() else {
+            continue;
+        };
+        let Some(entry) = sessions.by_ip(src) else {
+            tracing::debug!(%src, "VPN packet from an address without a session; dropped");
+            continue;
+        };
+        let ctx2 = ctx.clone();
+        ctx.tracker.spawn(async move {
+            match t.kind {
+                FlowKind::Tcp => tcp(&ctx2, entry, t).await,
+                FlowKind::Udp => udp(&ctx2, entry, t, dns).await,
+            }
+        });
+    }
+}
+
+fn host_of(a: SocketAddr) -> Host {
+    match a.ip() {
+        IpAddr::V4(v4) => Host::V4(v4),
+        IpAddr::V6(v6) => Host::V6(v6),
+    }
+}
+
+async fn tcp(ctx: &ProxyContext, entry: Arc<crate::proxy::directory::Entry>, t: Terminated) {
+    let target = Target::Tcp {
+        host: host_of(t.dst),
+        port: t.dst.port(),
+    };
+    let (flow, dr, dw) = match ctx.open(&entry, target).await {
+        Ok(f) => f,
+        Err(e) => {
+            // The customer's stack sees the connection close (the userspace stack had accepted it already).
+            tracing::debug!(src = %t.src, dst = %t.dst, failure = ?e, "VPN TCP flow refused");
+            return;
+        }
+    };
+    let (cr, cw) = tokio::io::split(t.pipe);
+    relay::relay(
+        &ctx.dir,
+        &flow,
+        (cr, cw),
+        (dr, dw),
+        &[],
+        RelayOptions::default(),
+    )
+    .await;
+}
+
+async fn udp(
+    ctx: &ProxyContext,
+    entry: Arc<crate::proxy::directory::Entry>,
+    mut t: Terminated,
+    dns: Ipv4Addr,
+) {
+    let is_dns = t.dst == SocketAddr::new(IpAddr::V4(dns), 53);
+    let target = if is_dns { Target::Dns } else { Target::Udp };
+    let (flow, dr, dw) = match ctx.open(&entry, target).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::debug!(src = %t.src, dst = %t.dst, failure = ?e, "VPN UDP flow refused");
+            return;
+        }
+    };
+    tracing::trace!(src = %t.src, dst = %t.dst, is_dns, "VPN UDP flow open");
+    let mut from_dev = FramedRead::new(dr, FrameCodec::<UdpDatagram>::new(MAX_UDP_FRAME));
+    let mut to_dev = FramedWrite::new(dw, FrameCodec::<UdpDatagram>::new(MAX_UDP_FRAME));
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let now = || ctx.dir.clock().now_ms();
+    let dst_host = host_of(t.dst);
+    loop {
+        tokio::select! {
+            _ = flow.stop.cancelled() => break,
+            r = t.pipe.read(&mut buf) => {
+                let n = match r { Ok(0) | Err(_) => break, Ok(n) => n };
+                if !flow.entry.charge_whole(n, Dir::Up, &flow.device, now()) {
+                    continue;
+                }
+                flow.counters.add(Dir::Up, n);
+                let d = UdpDatagram { host: dst_host.clone(), port: t.dst.port(), payload: buf[..n].to_vec() };
+                if to_dev.send(d).await.is_err() {
+                    break;
+                }
+            }
+            d = from_dev.next() => {
+                let Some(Ok(d)) = d else { break };
+                // This flow is one address pair: only answers from its destination belong to it (a DNS
+                // association's answers all come from the device's resolver and belong to it).
+                if !is_dns && (d.host != dst_host || d.port != t.dst.port()) {
+                    continue;
+                }
+                if !flow.entry.charge_whole(d.payload.len(), Dir::Down, &flow.device, now()) {
+                    continue;
+                }
+                flow.counters.add(Dir::Down, d.payload.len());
+                if t.pipe.write_all(&d.payload).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to_dev.close().await;
+}
