@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use proxyfleet::config::RawConfig;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use vpn::{curl, start_target, Client, Topology, Vpn, BIG, DEV_OUT, HELLO, TARGET_NAME};
 
@@ -55,7 +55,7 @@ fn vpn_customer_browses_through_the_device_and_dns_is_answered_there() {
             "<auth-user-pass>\n{user}\n{pass}\n</auth-user-pass>"
         )));
 
-        let mut c = Client::start(&topo.cust, &v.profile_file("c1.ovpn", ovpn));
+        let c = Client::start(&topo.cust, &v.profile_file("c1.ovpn", ovpn));
         assert!(
             c.connected(CONNECT).await,
             "client connects:\n{}",
@@ -157,6 +157,255 @@ fn vpn_customer_browses_through_the_device_and_dns_is_answered_there() {
         stop.cancel();
         v.agent_stop.cancel();
         v.s.shutdown().await;
-        let _ = BIG;
+    });
+}
+
+fn ovpn_of(v: &Value) -> String {
+    v["ovpn"]
+        .as_str()
+        .expect("profile in the answer")
+        .to_owned()
+}
+
+fn count(haystack: &str, needle: &str) -> usize {
+    haystack.matches(needle).count()
+}
+
+#[test]
+fn vpn_cut_off_stops_traffic_at_the_limit_and_reset_restores_it() {
+    in_server_ns(2, |topo| async move {
+        const LIMIT: u64 = 300_000;
+        let stop = CancellationToken::new();
+        let target = start_target(&topo.tgt, stop.clone());
+        let v = Vpn::start(&topo, RawConfig::default()).await;
+        let conn = v.create(Some(LIMIT)).await;
+        let id = conn["id"].as_str().unwrap().to_owned();
+        let profile = v.profile_file("cut.ovpn", &ovpn_of(&conn));
+        let mut c = Client::start(&topo.cust, &profile);
+        assert!(c.connected(CONNECT).await, "{}", c.log_text());
+
+        // 8 MiB asked for, 300,000 bytes paid for.
+        let (_, got, _) = curl(&topo.cust, &format!("http://{TARGET_NAME}/big"), 20).await;
+        let sent = target.sent.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(sent > LIMIT, "the target kept sending ({sent} bytes)");
+        assert!(
+            got as u64 <= LIMIT,
+            "the customer got {got} bytes, more than the limit"
+        );
+        assert!(got > 0, "traffic flowed before the cut-off");
+        v.until(
+            "the connection is exhausted",
+            Duration::from_secs(5),
+            || async { v.connection(&id).await["state"] == "exhausted" },
+        )
+        .await;
+        let c_view = v.connection(&id).await;
+        assert_eq!(
+            c_view["used_bytes"].as_u64(),
+            Some(LIMIT),
+            "exactly the limit was forwarded"
+        );
+        // The session is killed at once, and a new login is refused until the operator resets.
+        assert!(
+            c.exited(Duration::from_secs(10)).await,
+            "the client was told to stop:\n{}",
+            c.log_text()
+        );
+        drop(c);
+        let c = Client::start(&topo.cust, &profile);
+        assert!(
+            c.wait_log("AUTH_FAILED,bandwidth limit reached", CONNECT)
+                .await,
+            "{}",
+            c.log_text()
+        );
+        drop(c);
+        let r =
+            v.s.post(
+                &format!("/api/v1.0/connections/{id}/reset-usage"),
+                &v.token,
+                json!({}),
+            )
+            .await;
+        assert!(r.status().is_success());
+        let c = Client::start(&topo.cust, &profile);
+        assert!(
+            c.connected(CONNECT).await,
+            "admitted after the reset:\n{}",
+            c.log_text()
+        );
+        let (ok, _, body) = curl(&topo.cust, &format!("http://{TARGET_NAME}/"), 15).await;
+        assert!(ok && body == HELLO, "traffic flows again after the reset");
+        drop(c);
+        stop.cancel();
+        v.agent_stop.cancel();
+        v.s.shutdown().await;
+    });
+}
+
+#[test]
+fn vpn_sessions_end_on_newer_login_new_password_disable_and_revocation() {
+    in_server_ns(3, |topo| async move {
+        let stop = CancellationToken::new();
+        let _target = start_target(&topo.tgt, stop.clone());
+        let v = Vpn::start(&topo, RawConfig::default()).await;
+        let conn = v.create(None).await;
+        let id = conn["id"].as_str().unwrap().to_owned();
+        let first = v.profile_file("first.ovpn", &ovpn_of(&conn));
+
+        // One live session per connection: a second login replaces the first.
+        let mut c1 = Client::start(&topo.cust, &first);
+        assert!(c1.connected(CONNECT).await, "{}", c1.log_text());
+        let mut c2 = Client::start(&topo.cust, &v.profile_file("second.ovpn", &ovpn_of(&conn)));
+        assert!(c2.connected(CONNECT).await, "{}", c2.log_text());
+        assert!(
+            c1.exited(Duration::from_secs(15)).await,
+            "the older session was killed:\n{}",
+            c1.log_text()
+        );
+        assert_eq!(v.door().sessions.len(), 1);
+
+        // A new password ends the session; the old profile is refused; the new one works.
+        let r =
+            v.s.post(
+                &format!("/api/v1.0/connections/{id}/regenerate-password"),
+                &v.token,
+                json!({}),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+        let regenerated: Value = r.json().await.unwrap();
+        assert!(
+            c2.exited(Duration::from_secs(10)).await,
+            "session with the old password killed"
+        );
+        let old = Client::start(&topo.cust, &first);
+        assert!(
+            old.wait_log("AUTH_FAILED,invalid credentials", CONNECT)
+                .await,
+            "{}",
+            old.log_text()
+        );
+        drop(old);
+        let newer = v.profile_file("new.ovpn", &ovpn_of(&regenerated));
+        let mut c3 = Client::start(&topo.cust, &newer);
+        assert!(c3.connected(CONNECT).await, "{}", c3.log_text());
+
+        // Disabled: killed, refused with the reason.
+        let r =
+            v.s.patch(
+                &format!("/api/v1.0/connections/{id}"),
+                &v.token,
+                json!({ "enabled": false }),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+        assert!(
+            c3.exited(Duration::from_secs(10)).await,
+            "disabled connection's session killed"
+        );
+        let c = Client::start(&topo.cust, &newer);
+        assert!(
+            c.wait_log("AUTH_FAILED,connection disabled", CONNECT).await,
+            "{}",
+            c.log_text()
+        );
+        drop(c);
+        let r =
+            v.s.patch(
+                &format!("/api/v1.0/connections/{id}"),
+                &v.token,
+                json!({ "enabled": true }),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+
+        // The device revoked: killed, and refused as offline.
+        let mut c4 = Client::start(&topo.cust, &newer);
+        assert!(c4.connected(CONNECT).await, "{}", c4.log_text());
+        let r =
+            v.s.post(
+                &format!("/api/v1.0/devices/{}/revoke", v.device_id),
+                &v.token,
+                json!({}),
+            )
+            .await;
+        assert!(r.status().is_success());
+        assert!(
+            c4.exited(Duration::from_secs(10)).await,
+            "revoked device's sessions killed"
+        );
+        let c = Client::start(&topo.cust, &newer);
+        assert!(
+            c.wait_log("AUTH_FAILED,device offline", CONNECT).await,
+            "{}",
+            c.log_text()
+        );
+        drop(c);
+        stop.cancel();
+        v.agent_stop.cancel();
+        v.s.shutdown().await;
+    });
+}
+
+#[test]
+fn vpn_customers_survive_a_management_reconnect_and_come_back_after_an_openvpn_crash() {
+    in_server_ns(4, |topo| async move {
+        let stop = CancellationToken::new();
+        let _target = start_target(&topo.tgt, stop.clone());
+        let v = Vpn::start(&topo, RawConfig::default()).await;
+        let conn = v.create(None).await;
+        let c = Client::start(&topo.cust, &v.profile_file("c.ovpn", &ovpn_of(&conn)));
+        assert!(c.connected(CONNECT).await, "{}", c.log_text());
+        let url = format!("http://{TARGET_NAME}/");
+
+        // The management socket drops and comes back: the established customer stays and keeps working.
+        let cid = v.door().sessions.all()[0].cid;
+        v.door().reconnect_management();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        v.until(
+            "the session is known again",
+            Duration::from_secs(5),
+            || async { v.door().sessions.all().iter().any(|s| s.cid == cid) },
+        )
+        .await;
+        let (ok, _, body) = curl(&topo.cust, &url, 15).await;
+        assert!(
+            ok && body == HELLO,
+            "traffic flows after the manager reconnected"
+        );
+        assert_eq!(
+            count(&c.log_text(), "Initialization Sequence Completed"),
+            1,
+            "the client never reconnected"
+        );
+
+        // openvpn dies: the supervisor restarts it and the client comes back by itself.
+        let pid = v.door().openvpn_pid();
+        assert_ne!(pid, 0);
+        let killed = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let again = tokio::time::timeout(Duration::from_secs(15), v.door().wait_for_openvpn(pid))
+            .await
+            .expect("openvpn restarted");
+        assert_ne!(again, pid);
+        let deadline = std::time::Instant::now() + Duration::from_secs(40);
+        while count(&c.log_text(), "Initialization Sequence Completed") < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the client reconnected:\n{}",
+                c.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let (ok, _, body) = curl(&topo.cust, &url, 15).await;
+        assert!(ok && body == HELLO, "traffic flows after the restart");
+        drop(c);
+        stop.cancel();
+        v.agent_stop.cancel();
+        v.s.shutdown().await;
     });
 }

@@ -222,13 +222,21 @@ async fn authorize(m: &Arc<Manager>, kind: ClientKind, cid: u64, kid: u64, env: 
                 ip,
                 ended: ended.clone(),
             };
+            // The older session is told to stop before the newer one is admitted (in one write, so that OpenVPN's
+            // own replacement of a same-named client, at establishment, finds nothing left to drop silently).
+            let mut cmd = String::new();
             if let Some(old) = m.sessions.insert(s) {
                 tracing::info!(connection = %entry.id, old = old.cid, new = cid, "a newer VPN login replaces a session");
-                m.kill_later(old.cid);
+                cmd.push_str(&mgmt::client_kill(old.cid));
             }
             watch(m, &entry, cid, ended);
             tracing::info!(connection = %entry.id, cid, %ip, "VPN login accepted");
-            mgmt::client_auth(cid, kid, &[format!("ifconfig-push {ip} {}", m.netmask)])
+            cmd.push_str(&mgmt::client_auth(
+                cid,
+                kid,
+                &[format!("ifconfig-push {ip} {}", m.netmask)],
+            ));
+            cmd
         }
         Err(reason) => {
             if kind == ClientKind::Reauth {
