@@ -7,6 +7,10 @@ need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v kill >/dev/null 2>&1 || need+=(procps)
+# The OpenVPN door's tests: the real openvpn (server and client), nftables and iproute2 in network namespaces.
+command -v openvpn >/dev/null 2>&1 || need+=(openvpn)
+command -v nft >/dev/null 2>&1 || need+=(nftables)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
 # PySocks: the SOCKS5 client library the UDP ASSOCIATE test drives.
 /usr/bin/python3 -c 'import socks' >/dev/null 2>&1 || need+=(python3-socks)
 

@@ -2,6 +2,8 @@
 //! (see `vpn/mod.rs` for the topology). Needs root; skips with a printed reason otherwise (`.ci/run` runs as root
 //! and requires it).
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 mod vpn;
 
@@ -11,7 +13,7 @@ use std::time::Duration;
 use proxyfleet::config::RawConfig;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
-use vpn::{curl, start_target, Client, Topology, Vpn, BIG, DEV_OUT, HELLO, TARGET_NAME};
+use vpn::{curl, start_target, Client, Topology, Vpn, DEV_OUT, HELLO, TARGET_NAME};
 
 const CONNECT: Duration = Duration::from_secs(20);
 
@@ -88,16 +90,37 @@ fn vpn_customer_browses_through_the_device_and_dns_is_answered_there() {
             .as_u64()
             .unwrap();
         assert!(used > HELLO.len() as u64, "VPN traffic is metered: {used}");
-        // The customer's own network: the server's services are not reachable over the VPN.
-        let (ok, _, _) = curl(
-            &topo.cust,
-            &format!("http://{}/healthz", vpn::VPN_DNS.replace(".2", ".1")),
-            3,
-        )
-        .await;
+        // The server's own services are not reachable over the VPN: a service listening on every address of the
+        // server answers locally but not to the customer at the server's VPN address.
+        let local = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let port = local.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = local.accept().await {
+                use tokio::io::AsyncWriteExt;
+                let _ = s
+                    .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nlocal\n")
+                    .await;
+            }
+        });
+        let server_vpn_addr = vpn::VPN_DNS.replace(".2", ".1");
+        let here = tokio::process::Command::new("curl")
+            .args([
+                "-s",
+                "--max-time",
+                "3",
+                &format!("http://{server_vpn_addr}:{port}/"),
+            ])
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(
+            here.stdout, b"local\n",
+            "the service answers on the server itself"
+        );
+        let (ok, _, _) = curl(&topo.cust, &format!("http://{server_vpn_addr}:{port}/"), 3).await;
         assert!(
             !ok,
-            "the server's own address is not reachable through the VPN"
+            "the server's own services are not reachable through the VPN"
         );
         drop(c);
 
@@ -403,6 +426,97 @@ fn vpn_customers_survive_a_management_reconnect_and_come_back_after_an_openvpn_c
         }
         let (ok, _, body) = curl(&topo.cust, &url, 15).await;
         assert!(ok && body == HELLO, "traffic flows after the restart");
+        drop(c);
+        stop.cancel();
+        v.agent_stop.cancel();
+        v.s.shutdown().await;
+    });
+}
+
+#[test]
+fn vpn_fails_closed_when_the_stack_is_gone() {
+    in_server_ns(5, |topo| async move {
+        let stop = CancellationToken::new();
+        let target = start_target(&topo.tgt, stop.clone());
+        let v = Vpn::start(&topo, RawConfig::default()).await;
+        // Give the server an uplink that could carry a leak all the way: its default route goes to the device's
+        // namespace, which forwards, and the target can answer back.
+        let run = |ns: &vpn::Netns, args: &[&str]| {
+            let st = ns.command(args[0]).args(&args[1..]).status().unwrap();
+            assert!(st.success(), "{args:?}");
+        };
+        run(
+            &topo.srv,
+            &[
+                "ip",
+                "route",
+                "add",
+                "default",
+                "via",
+                &vpn::DEV_UP.to_string(),
+            ],
+        );
+        run(&topo.dev, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        run(
+            &topo.dev,
+            &[
+                "ip",
+                "route",
+                "add",
+                "10.77.0.0/16",
+                "via",
+                &vpn::SERVER_DEV.to_string(),
+            ],
+        );
+        run(
+            &topo.tgt,
+            &["ip", "route", "add", "default", "via", &DEV_OUT.to_string()],
+        );
+        let direct = format!("http://{}/", vpn::TARGET);
+        let out = tokio::process::Command::new("curl")
+            .args(["-s", "--max-time", "5", &direct])
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(
+            out.stdout,
+            HELLO.as_bytes(),
+            "the server's own uplink reaches the target"
+        );
+
+        let conn = v.create(None).await;
+        let c = Client::start(&topo.cust, &v.profile_file("fc.ovpn", &ovpn_of(&conn)));
+        assert!(c.connected(CONNECT).await, "{}", c.log_text());
+        let (ok, _, body) = curl(&topo.cust, &direct, 10).await;
+        assert!(
+            ok && body == HELLO,
+            "through the device while the stack is up"
+        );
+        assert_eq!(
+            target.http_peers.lock().unwrap().last(),
+            Some(&IpAddr::from(DEV_OUT))
+        );
+        let peers_before = target.http_peers.lock().unwrap().len();
+
+        // The userspace stack's tun goes away (as when proxyfleet dies): nothing leaves by the uplink instead.
+        run(
+            &topo.srv,
+            &[
+                "ip",
+                "link",
+                "set",
+                proxyfleet::openvpn::net::STACK_DEV,
+                "down",
+            ],
+        );
+        let (ok, _, _) = curl(&topo.cust, &direct, 4).await;
+        assert!(!ok, "no route out for the customer without the stack");
+        let peers = target.http_peers.lock().unwrap().clone();
+        assert_eq!(
+            peers.len(),
+            peers_before,
+            "nothing reached the target: {peers:?}"
+        );
         drop(c);
         stop.cancel();
         v.agent_stop.cancel();

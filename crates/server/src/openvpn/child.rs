@@ -59,6 +59,7 @@ pub fn server_config(s: &OpenVpnSettings, keys: &Keys, paths: &Paths) -> String 
          server {net} {mask} nopool\n\
          verify-client-cert none\n\
          username-as-common-name\n\
+         duplicate-cn\n\
          management {mgmt} unix\n\
          management-client-auth\n\
          management-hold\n\

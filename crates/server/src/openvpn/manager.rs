@@ -222,8 +222,9 @@ async fn authorize(m: &Arc<Manager>, kind: ClientKind, cid: u64, kid: u64, env: 
                 ip,
                 ended: ended.clone(),
             };
-            // The older session is told to stop before the newer one is admitted (in one write, so that OpenVPN's
-            // own replacement of a same-named client, at establishment, finds nothing left to drop silently).
+            // The older session is told to stop (HALT: its client exits instead of reconnecting and fighting the
+            // newer one) in the same write that admits the newer. OpenVPN runs with `duplicate-cn` so that it does
+            // not drop the older instance itself first, silently, before the HALT has gone out.
             let mut cmd = String::new();
             if let Some(old) = m.sessions.insert(s) {
                 tracing::info!(connection = %entry.id, old = old.cid, new = cid, "a newer VPN login replaces a session");
@@ -310,8 +311,9 @@ fn watch(m: &Arc<Manager>, entry: &Arc<Entry>, cid: u64, ended: CancellationToke
     let shutdown = m.ctx.shutdown.clone();
     m.ctx.tracker.clone().spawn(async move {
         tokio::select! {
-            _ = ended.cancelled() => return,
+            biased;
             _ = shutdown.cancelled() => return,
+            _ = ended.cancelled() => return,
             _ = stop.cancelled() => {}
             _ = credential.cancelled() => {}
         }

@@ -10,7 +10,7 @@
 //! The test thread enters the server's namespace before it builds its runtime, so the server, its `openvpn` child
 //! and its `ip`/`nft` commands all live there; the agent and the target run on threads of their own that entered
 //! theirs. Namespaces, interfaces and the customer's resolv.conf are removed on drop.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
