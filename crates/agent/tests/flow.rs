@@ -127,7 +127,14 @@ type Frames = (
 
 /// Open a UDP association and check the `Ok` byte; then both halves speak datagram frames.
 async fn associate(policy: TargetPolicy) -> (Frames, JoinHandle<anyhow::Result<()>>) {
-    let (mut end, flow) = open(Target::Udp, policy).await;
+    associate_to(Target::Udp, policy).await
+}
+
+async fn associate_to(
+    target: Target,
+    policy: TargetPolicy,
+) -> (Frames, JoinHandle<anyhow::Result<()>>) {
+    let (mut end, flow) = open(target, policy).await;
     assert_eq!(result_byte(&mut end).await, OpenResult::Ok);
     let frames = (
         FramedRead::new(end.read, FrameCodec::new(MAX_UDP_FRAME)),
@@ -324,4 +331,46 @@ async fn udp_association_ends_after_five_idle_minutes() {
         .expect("ends five minutes after the last datagram")
         .unwrap()
         .unwrap();
+}
+
+/// A DNS association sends every datagram to the device's resolver, whatever address the frame names and even
+/// though the policy refuses private addresses, and answers come back from it.
+#[tokio::test]
+async fn dns_association_goes_to_the_device_resolver() {
+    let (resolver, mut seen) = echo("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let policy = TargetPolicy {
+        dns_server: Some(resolver),
+        ..DENY
+    };
+    let ((mut read, mut write), _flow) = associate_to(Target::Dns, policy).await;
+    write
+        .send(datagram(
+            Host::V4(Ipv4Addr::new(10, 77, 0, 2)),
+            53,
+            b"query",
+        ))
+        .await
+        .unwrap();
+    let back = next_frame(&mut read).await;
+    assert_eq!(back.payload, b"query");
+    assert_eq!(
+        (back.host, back.port),
+        (Host::V4(Ipv4Addr::LOCALHOST), resolver.port())
+    );
+    assert_eq!(seen.recv().await.unwrap(), b"query");
+    // The same policy refuses that address for an ordinary UDP association.
+    let ((mut read, mut write), _flow) = associate(DENY).await;
+    write
+        .send(datagram(
+            Host::V4(Ipv4Addr::LOCALHOST),
+            resolver.port(),
+            b"leak",
+        ))
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(QUIET, read.next()).await.is_err(),
+        "no answer"
+    );
+    assert!(seen.try_recv().is_err(), "nothing reached the resolver");
 }

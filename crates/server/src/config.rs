@@ -655,6 +655,73 @@ mod tests {
     }
 
     #[test]
+    fn openvpn_settings_are_validated() {
+        assert_eq!(
+            ServeConfig::resolve(RawConfig::default()).unwrap().openvpn,
+            None,
+            "off by default"
+        );
+        let on = |f: fn(&mut RawConfig)| {
+            let mut raw = RawConfig {
+                openvpn_listen: Some("0.0.0.0:1194".parse().unwrap()),
+                ..Default::default()
+            };
+            f(&mut raw);
+            ServeConfig::resolve(raw).map(|c| c.openvpn.unwrap())
+        };
+        let d = on(|_| {}).unwrap();
+        assert_eq!(d.proto, "udp");
+        assert_eq!(d.subnet.to_string(), "10.77.0.0/16");
+        assert_eq!(d.dns, std::net::Ipv4Addr::new(10, 77, 0, 2));
+        assert_eq!(d.keepalive, Duration::from_secs(10));
+        assert_eq!(d.binary, PathBuf::from("openvpn"));
+        let tcp = on(|r| {
+            r.openvpn_proto = Some("tcp".into());
+            r.openvpn_subnet = Some("10.99.1.7/24".parse().unwrap());
+        })
+        .unwrap();
+        assert_eq!(
+            (tcp.proto, tcp.subnet.to_string()),
+            ("tcp", "10.99.1.0/24".into())
+        );
+        assert_eq!(
+            tcp.dns,
+            std::net::Ipv4Addr::new(10, 99, 1, 2),
+            "DNS follows the subnet"
+        );
+        assert!(on(|r| r.openvpn_dns = Some("1.1.1.1".parse().unwrap())).is_ok());
+        assert!(on(|r| r.openvpn_dns = Some("10.77.0.3".parse().unwrap())).is_ok());
+        type Case = (fn(&mut RawConfig), &'static str);
+        let bad: [Case; 6] = [
+            (|r| r.openvpn_proto = Some("tls".into()), "openvpn_proto"),
+            (
+                |r| r.openvpn_subnet = Some("10.0.0.0/30".parse().unwrap()),
+                "openvpn_subnet",
+            ),
+            (
+                |r| r.openvpn_dns = Some("10.77.0.1".parse().unwrap()),
+                "openvpn_dns",
+            ),
+            (
+                |r| r.openvpn_dns = Some("10.77.0.16".parse().unwrap()),
+                "openvpn_dns",
+            ),
+            (
+                |r| r.openvpn_dns = Some("127.0.0.1".parse().unwrap()),
+                "openvpn_dns",
+            ),
+            (
+                |r| r.openvpn_keepalive_secs = Some(0),
+                "openvpn_keepalive_secs",
+            ),
+        ];
+        for (f, setting) in bad {
+            let e = on(f).unwrap_err();
+            assert!(e.to_string().contains(setting), "{e}");
+        }
+    }
+
+    #[test]
     fn proxy_settings_are_validated() {
         let c = ServeConfig::resolve(RawConfig {
             proxy_dedicated_ports: Some("20000-20999".into()),

@@ -313,6 +313,9 @@ fn vpn_sessions_end_on_newer_login_new_password_disable_and_revocation() {
         let newer = v.profile_file("new.ovpn", &ovpn_of(&regenerated));
         let mut c3 = Client::start(&topo.cust, &newer);
         assert!(c3.connected(CONNECT).await, "{}", c3.log_text());
+        // Every login of the connection got the same address.
+        let ips: Vec<_> = v.door().sessions.all().iter().map(|s| s.ip).collect();
+        assert_eq!(ips, vec![std::net::Ipv4Addr::new(10, 77, 0, 16)]);
 
         // Disabled: killed, refused with the reason.
         let r =
@@ -522,4 +525,49 @@ fn vpn_fails_closed_when_the_stack_is_gone() {
         v.agent_stop.cancel();
         v.s.shutdown().await;
     });
+}
+
+/// Without the `openvpn` program the server still starts, with the door off, and the API says so.
+#[tokio::test]
+async fn without_openvpn_the_server_starts_with_the_door_off() {
+    let raw = RawConfig {
+        openvpn_listen: Some("127.0.0.1:0".parse().unwrap()),
+        openvpn_binary: Some("/nonexistent/openvpn".into()),
+        ..RawConfig::default()
+    };
+    let s = common::TestServer::start(common::Opts {
+        raw,
+        ..common::Opts::new(common::Db::Sqlite)
+    })
+    .await
+    .expect("server starts");
+    assert!(s.running().state.proxy.openvpn.is_none(), "the door is off");
+    let token = s.admin_token().await;
+    let r = s
+        .post("/api/v1.0/devices", &token, json!({ "name": "d" }))
+        .await;
+    let device: Value = r.json().await.unwrap();
+    let r = s
+        .post(
+            "/api/v1.0/connections",
+            &token,
+            json!({ "name": "x", "device_id": device["id"] }),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["password"].is_string());
+    assert!(v["ovpn"].is_null(), "no profile while the door is off");
+    let r = s
+        .get(
+            &format!(
+                "/api/v1.0/connections/{}/profile.ovpn",
+                v["id"].as_str().unwrap()
+            ),
+            &token,
+        )
+        .await;
+    assert_eq!(r.status(), 404);
+    assert!(common::error_of(r).await.contains("OpenVPN door is off"));
+    s.shutdown().await;
 }
