@@ -67,16 +67,24 @@ pub(crate) fn write(path: &Path, contents: &str, mode: u32) -> Result<(), PkiErr
 }
 
 fn ca_params() -> CertificateParams {
+    self_signed_ca(
+        "proxyfleet platform CA",
+        vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ],
+    )
+}
+
+/// Parameters of a CA valid for 30 years (from yesterday, against clock skew) that signs end certificates only.
+pub(crate) fn self_signed_ca(name: &str, key_usages: Vec<KeyUsagePurpose>) -> CertificateParams {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "proxyfleet platform CA");
+    dn.push(DnType::CommonName, name);
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    p.key_usages = key_usages;
     p.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
     p.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(365 * 30);
     p

@@ -45,6 +45,12 @@ fn vpn_customer_browses_through_the_device_and_dns_is_answered_there() {
         let stop = CancellationToken::new();
         let target = start_target(&topo.tgt, stop.clone());
         let v = Vpn::start(&topo, RawConfig::default()).await;
+        // The door forwards from its own interfaces only; the server as a whole does not become a router.
+        for dev in ["all", "eth-cust", "eth-dev"] {
+            let f = std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{dev}/forwarding"))
+                .unwrap();
+            assert_eq!(f.trim(), "0", "forwarding on {dev}");
+        }
         let conn = v.create(None).await;
         let (user, pass) = (
             conn["username"].as_str().unwrap(),

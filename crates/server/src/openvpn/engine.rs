@@ -37,6 +37,12 @@ pub trait Engine: Send {
 pub const MTU: u16 = 1500;
 /// A UDP flow without a datagram in either direction for this long ends (DNS lookups end long before).
 const UDP_IDLE: Duration = Duration::from_secs(60);
+/// A TCP connection without a segment in either direction for this long is dropped (an idle SSH session lives
+/// this long; the stack's own default, 60 s, would cut it after a minute).
+const TCP_IDLE: Duration = Duration::from_secs(2 * 3600);
+/// The stack does not scale windows, so 64 KiB is the most either side can have in flight; its default (16 KiB)
+/// caps one flow at a quarter of that.
+const TCP_WINDOW: u16 = u16::MAX;
 
 /// The userspace TCP/IP stack over any packet device (a tun in production, an in-memory pipe in tests).
 pub struct StackEngine {
@@ -48,8 +54,14 @@ impl StackEngine {
     where
         D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let mut tcp = ipstack::TcpConfig::default();
+        tcp.timeout = TCP_IDLE;
+        tcp.max_unacked_bytes = u32::from(TCP_WINDOW);
+        tcp.read_buffer_size = usize::from(TCP_WINDOW);
         let mut cfg = ipstack::IpStackConfig::default();
-        cfg.mtu_unchecked(MTU).udp_timeout(UDP_IDLE);
+        cfg.mtu_unchecked(MTU)
+            .udp_timeout(UDP_IDLE)
+            .with_tcp_config(tcp);
         StackEngine {
             stack: ipstack::IpStack::new(cfg, device),
         }
@@ -87,10 +99,16 @@ impl Engine for StackEngine {
     }
 }
 
-/// Create proxyfleet's tun device, up, without an address (it only ever sees routed packets).
+/// Create proxyfleet's tun device, without an address (it only ever sees routed packets); `net::attach_stack`
+/// brings it up.
 pub fn open_tun(name: &str) -> Result<tun::AsyncDevice, tun::Error> {
     let mut c = tun::Configuration::default();
     c.tun_name(name).mtu(MTU).up();
+    // CAP_NET_ADMIN is what it takes, not uid 0 (the systemd unit grants the capability to a service user); with
+    // this off the crate leaves the link settings to us.
+    c.platform_config(|p| {
+        p.ensure_root_privileges(false);
+    });
     tun::create_as_async(&c)
 }
 

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 
 use crate::pki::{read, write, PkiError};
@@ -106,15 +106,10 @@ impl Keys {
 }
 
 fn ca_params() -> CertificateParams {
-    let mut p = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "proxyfleet OpenVPN CA");
-    p.distinguished_name = dn;
-    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    p.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
-    p.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(365 * 30);
-    p
+    crate::pki::self_signed_ca(
+        "proxyfleet OpenVPN CA",
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign],
+    )
 }
 
 const BEGIN: &str = "-----BEGIN OpenVPN Static key V1-----";

@@ -28,52 +28,42 @@ pub struct NetError {
 }
 
 async fn run(program: &str, args: &[&str]) -> Result<(), NetError> {
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|e| NetError {
-            what: format!("{program} {}", args.join(" ")),
-            detail: e.to_string(),
-        })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(NetError {
-            what: format!("{program} {}", args.join(" ")),
-            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        })
-    }
+    exec(program, args, None).await
 }
 
 async fn input(program: &str, args: &[&str], stdin: &str) -> Result<(), NetError> {
+    exec(program, args, Some(stdin)).await
+}
+
+/// Run a command to completion; its standard error is the error's detail.
+async fn exec(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), NetError> {
     use tokio::io::AsyncWriteExt;
-    let what = || format!("{program} {}", args.join(" "));
+    let err = |detail: String| NetError {
+        what: format!("{program} {}", args.join(" ")),
+        detail,
+    };
     let mut child = Command::new(program)
         .args(args)
-        .stdin(Stdio::piped())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| NetError {
-            what: what(),
-            detail: e.to_string(),
-        })?;
-    if let Some(mut w) = child.stdin.take() {
-        let _ = w.write_all(stdin.as_bytes()).await;
+        .map_err(|e| err(e.to_string()))?;
+    if let (Some(text), Some(mut w)) = (stdin, child.stdin.take()) {
+        let _ = w.write_all(text.as_bytes()).await;
     }
-    let out = child.wait_with_output().await.map_err(|e| NetError {
-        what: what(),
-        detail: e.to_string(),
-    })?;
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| err(e.to_string()))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(NetError {
-            what: what(),
-            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        })
+        Err(err(String::from_utf8_lossy(&out.stderr).trim().to_owned()))
     }
 }
 
@@ -149,6 +139,8 @@ pub async fn setup() -> Result<(), NetError> {
 
 /// After proxyfleet's tun is up: route customer packets into it and let it forward answers back.
 pub async fn attach_stack() -> Result<(), NetError> {
+    let mtu = super::engine::MTU.to_string();
+    run("ip", &["link", "set", "dev", STACK_DEV, "mtu", &mtu, "up"]).await?;
     sysctl(
         &format!("/proc/sys/net/ipv4/conf/{STACK_DEV}/forwarding"),
         "1",
