@@ -9,6 +9,9 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v kill >/dev/null 2>&1 || need+=(procps)
 # PySocks: the SOCKS5 client library the UDP ASSOCIATE test drives.
 /usr/bin/python3 -c 'import socks' >/dev/null 2>&1 || need+=(python3-socks)
+# Headless Chromium and its WebDriver: the dashboard's browser tests drive them.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
