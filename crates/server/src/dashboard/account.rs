@@ -7,25 +7,17 @@ use maud::html;
 use serde_json::json;
 
 use super::format::time;
-use super::layout::{confirm_button, csrf, page, respond, Notes, Section};
+use super::layout::{confirm_button, csrf, load, page, respond, Notes, Section};
 use super::session::{clear_cookie, set_cookie, Id, Op, Posted, SESSION_COOKIE};
 use super::DashState;
 
 async fn render(st: &DashState, op: &Op, notes: &Notes, status: StatusCode) -> Response {
-    let r = op.get(st, "/auth/sessions").await;
-    if !r.ok() {
-        return respond(
-            r.status,
-            page(
-                op,
-                Section::Account,
-                "Account",
-                html! { p.note.err { (r.error()) } },
-            ),
-        );
-    }
+    let body = match load(st, op, "/auth/sessions", Section::Account, "page").await {
+        Ok(b) => b,
+        Err(page) => return page,
+    };
     let empty = Vec::new();
-    let sessions = r.body["sessions"].as_array().unwrap_or(&empty);
+    let sessions = body["sessions"].as_array().unwrap_or(&empty);
     let field = |name: &str, label: &str, auto: &str| {
         let key = format!("pw-{name}");
         let (desc, invalid) = notes.described(&key);

@@ -32,7 +32,11 @@ function startLive() {
   document.documentElement.dataset.live = "connecting";
   es.onopen = () => { document.documentElement.dataset.live = "on"; };
   es.onerror = () => { document.documentElement.dataset.live = "retrying"; };
+  // A page left for another must let its stream go at once: the browser allows only six connections per server,
+  // and a page kept in the back/forward cache would otherwise hold one.
+  window.addEventListener("pagehide", () => es.close(), { once: true });
 }
+window.addEventListener("pageshow", (e) => { if (e.persisted) startLive(); });
 
 // Confirmation: a form with data-confirm asks in a modal <dialog> (Esc or Cancel keeps things as they are).
 function setupConfirm() {

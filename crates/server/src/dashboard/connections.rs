@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::chart::usage_chart;
 use super::conn_form::{self, api_notes, FormValues};
 use super::format::usage;
-use super::layout::{confirm_button, not_found, page, respond, Notes, Section};
+use super::layout::{confirm_button, load, outcome, page, respond, Notes, Section};
 use super::once::OneTime;
 use super::session::{Id, Op, Posted};
 use super::DashState;
@@ -79,21 +79,13 @@ async fn devices(st: &DashState, op: &Op) -> Vec<Value> {
 
 /// `GET /connections`: every connection as a card.
 pub async fn list(State(st): State<DashState>, op: Op) -> Response {
-    let r = op.get(&st, "/connections").await;
-    if !r.ok() {
-        return respond(
-            r.status,
-            page(
-                &op,
-                Section::Connections,
-                "Connections",
-                html! { p.note.err { (r.error()) } },
-            ),
-        );
-    }
+    let list = match load(&st, &op, "/connections", Section::Connections, "page").await {
+        Ok(b) => b,
+        Err(page) => return page,
+    };
     let devices = devices(&st, &op).await;
     let empty = Vec::new();
-    let conns = r.body.as_array().unwrap_or(&empty);
+    let conns = list.as_array().unwrap_or(&empty);
     let body = html! {
         p { a.button href="/connections/new" { "New connection" } }
         @if conns.is_empty() { p { "No connections yet." } }
@@ -167,22 +159,19 @@ async fn render_detail(
     notes: &Notes,
     status: StatusCode,
 ) -> Response {
-    let r = op.get(st, &format!("/connections/{id}")).await;
-    if r.status == StatusCode::NOT_FOUND {
-        return not_found(op, "connection", "/connections");
-    }
-    if !r.ok() {
-        return respond(
-            r.status,
-            page(
-                op,
-                Section::Connections,
-                "Connection",
-                html! { p.note.err { (r.error()) } },
-            ),
-        );
-    }
-    let c = &r.body;
+    let c = match load(
+        st,
+        op,
+        &format!("/connections/{id}"),
+        Section::Connections,
+        "connection",
+    )
+    .await
+    {
+        Ok(b) => b,
+        Err(page) => return page,
+    };
+    let c = &c;
     let devices = devices(st, op).await;
     let usage = op.get(st, &format!("/connections/{id}/usage")).await;
     let current = FormValues::of(c);
@@ -314,11 +303,7 @@ pub async fn reset(State(st): State<DashState>, Id(id): Id, Posted { op, .. }: P
             None,
         )
         .await;
-    let notes = if r.ok() {
-        Notes::ok("actions", "Usage reset to zero.")
-    } else {
-        Notes::error("actions", r.error())
-    };
+    let notes = outcome(&r, "actions", "Usage reset to zero.");
     render_detail(&st, &op, &id, None, &notes, r.status).await
 }
 

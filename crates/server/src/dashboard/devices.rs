@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::chart::usage_chart;
 use super::format::time;
 use super::layout::{
-    confirm_button, csrf, not_found, page, post_button, respond, secret_row, Notes, Section,
+    confirm_button, csrf, load, outcome, page, post_button, respond, secret_row, Notes, Section,
 };
 use super::session::{Id, Op, Posted};
 use super::DashState;
@@ -105,20 +105,12 @@ async fn render_list(
     notes: &Notes,
     status: StatusCode,
 ) -> Response {
-    let r = op.get(st, "/devices").await;
-    if !r.ok() {
-        return respond(
-            r.status,
-            page(
-                op,
-                Section::Devices,
-                "Devices",
-                html! { p.note.err { (r.error()) } },
-            ),
-        );
-    }
+    let list = match load(st, op, "/devices", Section::Devices, "page").await {
+        Ok(b) => b,
+        Err(page) => return page,
+    };
     let empty = Vec::new();
-    let devices = r.body.as_array().unwrap_or(&empty);
+    let devices = list.as_array().unwrap_or(&empty);
     let (desc, invalid) = notes.described("add-name");
     let body = html! {
         @if let Some(c) = created { (pairing(c)) }
@@ -183,22 +175,19 @@ async fn render_detail(
     notes: &Notes,
     status: StatusCode,
 ) -> Response {
-    let r = op.get(st, &format!("/devices/{id}")).await;
-    if r.status == StatusCode::NOT_FOUND {
-        return not_found(op, "device", "/devices");
-    }
-    if !r.ok() {
-        return respond(
-            r.status,
-            page(
-                op,
-                Section::Devices,
-                "Device",
-                html! { p.note.err { (r.error()) } },
-            ),
-        );
-    }
-    let d = &r.body;
+    let d = match load(
+        st,
+        op,
+        &format!("/devices/{id}"),
+        Section::Devices,
+        "device",
+    )
+    .await
+    {
+        Ok(b) => b,
+        Err(page) => return page,
+    };
+    let d = &d;
     let usage = op.get(st, &format!("/devices/{id}/usage")).await;
     let (state, cells) = live(d);
     let name = d["name"].as_str().unwrap_or("");
@@ -288,14 +277,11 @@ pub async fn revoke(
     let r = op
         .send(&st, Method::POST, &format!("/devices/{id}/revoke"), None)
         .await;
-    let notes = if r.ok() {
-        Notes::ok(
-            "actions",
-            "Device revoked: its tunnel is closed and it cannot connect again.",
-        )
-    } else {
-        Notes::error("actions", r.error())
-    };
+    let notes = outcome(
+        &r,
+        "actions",
+        "Device revoked: its tunnel is closed and it cannot connect again.",
+    );
     render_detail(&st, &op, &id, &notes, r.status).await
 }
 

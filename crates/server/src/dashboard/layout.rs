@@ -5,7 +5,11 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use maud::{html, Markup, DOCTYPE};
 
+use serde_json::Value;
+
+use super::client::Reply;
 use super::session::{Op, CSRF_FIELD};
+use super::DashState;
 
 /// Which section of the navigation a page belongs to.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -14,7 +18,6 @@ pub enum Section {
     Devices,
     Webhook,
     Account,
-    None,
 }
 
 /// Messages for a page, each tied to the field or action (by key) that caused it.
@@ -158,6 +161,41 @@ pub fn respond(status: StatusCode, page: Markup) -> Response {
     (status, Html(page.into_string())).into_response()
 }
 
+/// GET `path` from the API for a page: its body, or the page that says why not (a resource the operator does not
+/// have is "not found", anything else the API's message).
+pub async fn load(
+    st: &DashState,
+    op: &Op,
+    path: &str,
+    section: Section,
+    what: &str,
+) -> Result<Value, Response> {
+    let r = op.get(st, path).await;
+    if r.ok() {
+        return Ok(r.body);
+    }
+    if r.status == StatusCode::NOT_FOUND {
+        let body = html! { p { "This " (what) " does not exist or is not yours." } };
+        return Err(respond(
+            StatusCode::NOT_FOUND,
+            page(op, section, "Not found", body),
+        ));
+    }
+    Err(respond(
+        r.status,
+        page(op, section, "Error", html! { p.note.err { (r.error()) } }),
+    ))
+}
+
+/// The note for an action's answer: `ok_text` on success, the API's message otherwise.
+pub fn outcome(r: &Reply, key: &str, ok_text: &str) -> Notes {
+    if r.ok() {
+        Notes::ok(key, ok_text)
+    } else {
+        Notes::error(key, r.error())
+    }
+}
+
 /// A generic failure page (the detail is in the log).
 pub fn server_error() -> Response {
     let body = shell(
@@ -168,15 +206,4 @@ pub fn server_error() -> Response {
             a href="/connections" { "Back to the dashboard" } } } },
     );
     respond(StatusCode::INTERNAL_SERVER_ERROR, body)
-}
-
-/// A page for a resource the operator does not have (or that is gone).
-pub fn not_found(op: &Op, what: &str, back: &str) -> Response {
-    let body = page(
-        op,
-        Section::None,
-        "Not found",
-        html! { p { "This " (what) " does not exist or is not yours. " a href=(back) { "Back" } } },
-    );
-    respond(StatusCode::NOT_FOUND, body)
 }

@@ -117,11 +117,13 @@ impl FromRequestParts<DashState> for Op {
             if parts.method == Method::GET && !parts.uri.path().starts_with("/dashboard/") {
                 Redirect::to("/login").into_response()
             } else {
-                (
-                    StatusCode::UNAUTHORIZED,
-                    "Your session has ended. Log in again.",
-                )
-                    .into_response()
+                let body = super::layout::shell(
+                    "Session ended",
+                    None,
+                    maud::html! { main.narrow { h1 { "Your session has ended" }
+                    p { a href="/login" { "Log in again" } } } },
+                );
+                super::layout::respond(StatusCode::UNAUTHORIZED, body)
             }
         };
         let Some(token) = cookie(&parts.headers, SESSION_COOKIE).filter(|t| t.len() <= 4096) else {

@@ -8,7 +8,9 @@ use maud::html;
 use serde_json::{json, Value};
 
 use super::format::time;
-use super::layout::{confirm_button, csrf, page, post_button, respond, secret_row, Notes, Section};
+use super::layout::{
+    confirm_button, csrf, load, outcome, page, post_button, respond, secret_row, Notes, Section,
+};
 use super::session::{Id, Op, Posted};
 use super::DashState;
 
@@ -19,20 +21,12 @@ async fn render(
     notes: &Notes,
     status: StatusCode,
 ) -> Response {
-    let w = op.get(st, "/settings/webhook").await;
+    let w = match load(st, op, "/settings/webhook", Section::Webhook, "page").await {
+        Ok(b) => b,
+        Err(page) => return page,
+    };
     let d = op.get(st, "/webhook-deliveries?limit=20").await;
-    if !w.ok() {
-        return respond(
-            w.status,
-            page(
-                op,
-                Section::Webhook,
-                "Webhook",
-                html! { p.note.err { (w.error()) } },
-            ),
-        );
-    }
-    let url = w.body["url"].as_str();
+    let url = w["url"].as_str();
     let empty = Vec::new();
     let deliveries = d.body.as_array().unwrap_or(&empty);
     let (desc, invalid) = notes.described("wh-url");
@@ -46,8 +40,8 @@ async fn render(
         }
         section.card {
             h2 { "Endpoint" }
-            @if w.body["enabled"].as_bool() == Some(false) && url.is_some() {
-                p.note.err { "Deliveries are paused: " (w.body["disabled_reason"].as_str().unwrap_or("disabled"))
+            @if w["enabled"].as_bool() == Some(false) && url.is_some() {
+                p.note.err { "Deliveries are paused: " (w["disabled_reason"].as_str().unwrap_or("disabled"))
                     ". Save the URL again to resume." }
             }
             form.row method="post" action="/webhook" novalidate {
@@ -192,13 +186,10 @@ pub async fn resend(
             None,
         )
         .await;
-    let notes = if r.ok() {
-        Notes::ok(
-            "wh-deliveries",
-            "Queued for delivery again; it appears below once sent.",
-        )
-    } else {
-        Notes::error("wh-deliveries", r.error())
-    };
+    let notes = outcome(
+        &r,
+        "wh-deliveries",
+        "Queued for delivery again; it appears below once sent.",
+    );
     render(&st, &op, None, &notes, StatusCode::OK).await
 }

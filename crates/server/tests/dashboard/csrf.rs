@@ -1,0 +1,343 @@
+//! Plain HTTP checks: state changes need the CSRF token, the login form has its own, cookies carry the right
+//! flags, operator text is escaped, password change and lockouts read in plain words.
+
+use serde_json::{json, Value};
+
+use crate::common::{TestServer, ADMIN_PASSWORD};
+use crate::rig::opts;
+
+/// The page's CSRF token, from its `<meta name="csrf-token">`.
+fn csrf_of(page: &str) -> String {
+    let i = page.find("name=\"csrf-token\" content=\"").unwrap() + 27;
+    page[i..i + page[i..].find('"').unwrap()].to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_changes_need_the_csrf_token_and_operator_text_is_escaped() {
+    let Some(s) = TestServer::start(opts()).await else {
+        return;
+    };
+    let token = s.admin_token().await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let cookie = format!("pf_session={token}");
+
+    // Not logged in: pages send to the login form.
+    let r = http.get(s.url("/connections")).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/login");
+
+    let r = s
+        .post(
+            "/api/v1.0/devices",
+            &token,
+            json!({"name": "<script>alert(1)</script>"}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let device = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let page = http
+        .get(s.url("/devices"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.headers()["cache-control"], "no-store");
+    assert!(page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("script-src 'self'"));
+    let page = page.text().await.unwrap();
+    assert!(
+        page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "operator text is escaped"
+    );
+    assert!(!page.contains("<script>alert"));
+    let csrf = csrf_of(&page);
+
+    let form =
+        |extra: &str| format!("name=c1&device_id={device}&limit=1&unit=GB&enabled=on{extra}");
+    let post = |body: String| {
+        http.post(s.url("/connections"))
+            .header("cookie", &cookie)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+    };
+    for (what, body) in [
+        ("no token", form("")),
+        ("a wrong token", form("&_csrf=forged")),
+        ("an empty token", form("&_csrf=")),
+    ] {
+        let r = post(body).await.unwrap();
+        assert_eq!(r.status(), 403, "a form post with {what} is refused");
+    }
+    // Another session's token does not work either.
+    let other = csrf_of(
+        &http
+            .get(s.url("/devices"))
+            .header(
+                "cookie",
+                format!("pf_session={}", s.login("admin", ADMIN_PASSWORD).await),
+            )
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    assert_ne!(other, csrf);
+    assert_eq!(
+        post(form(&format!("&_csrf={other}")))
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    let list: Value = s
+        .get("/api/v1.0/connections", &token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list, json!([]), "nothing was created");
+
+    // Logout without the token does not end the session.
+    let r = http
+        .post(s.url("/logout"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(s.get("/api/v1.0/connections", &token).await.status(), 200);
+
+    // With the token (form field or header) it goes through.
+    let r = post(form(&format!("&_csrf={csrf}"))).await.unwrap();
+    assert_eq!(r.status(), 201);
+    assert!(r.text().await.unwrap().contains("id=\"once-password\""));
+    let r = http
+        .post(s.url("/logout"))
+        .header("cookie", &cookie)
+        .header("x-csrf-token", &csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert!(r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+    assert_eq!(
+        s.get("/api/v1.0/connections", &token).await.status(),
+        401,
+        "logout ended the session"
+    );
+
+    // The login form has its own token, bound to a cookie set with the form.
+    let r = http
+        .post(s.url("/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("username=admin&password={ADMIN_PASSWORD}&_csrf=x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = http.get(s.url("/login")).send().await.unwrap();
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict") && !set.contains("Secure"),
+        "{set}"
+    );
+    let nonce = set
+        .trim_start_matches("pf_login=")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let r = http
+        .post(s.url("/login"))
+        .header("cookie", format!("pf_login={nonce}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "username=admin&password={ADMIN_PASSWORD}&_csrf={nonce}"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let set = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect::<Vec<_>>();
+    assert!(set.iter().any(|c| c.starts_with("pf_session=")
+        && c.contains("HttpOnly")
+        && c.contains("SameSite=Strict")));
+}
+
+/// A dashboard client: a cookie jar of one session cookie, no redirects followed.
+struct Browser {
+    http: reqwest::Client,
+    cookie: String,
+}
+
+impl Browser {
+    fn new(token: &str) -> Browser {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        Browser {
+            http,
+            cookie: format!("pf_session={token}"),
+        }
+    }
+
+    async fn page(&self, s: &TestServer, path: &str) -> String {
+        let r = self
+            .http
+            .get(s.url(path))
+            .header("cookie", &self.cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        r.text().await.unwrap()
+    }
+
+    async fn post(&self, s: &TestServer, path: &str, body: String) -> reqwest::Response {
+        self.http
+            .post(s.url(path))
+            .header("cookie", &self.cookie)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// The text of the note with this id (`<p … id="ID" …>TEXT</p>`).
+fn note(page: &str, id: &str) -> String {
+    let Some(i) = page.find(&format!("id=\"{id}\"")) else {
+        return String::new();
+    };
+    let start = i + page[i..].find('>').unwrap() + 1;
+    page[start..start + page[start..].find('<').unwrap()].to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_change_and_lockouts_read_in_plain_words() {
+    let Some(s) = TestServer::start(opts()).await else {
+        return;
+    };
+    let token = s.admin_token().await;
+    let b = Browser::new(&token);
+    let csrf = csrf_of(&b.page(&s, "/account").await);
+    let change = |current: &str, new: &str, repeat: &str| {
+        format!(
+            "_csrf={csrf}&current_password={current}&new_password={new}&repeat_password={repeat}"
+        )
+    };
+    let new = "Another-Str0ng-Secret";
+    let r = b
+        .post(&s, "/account/password", change(ADMIN_PASSWORD, new, "typo"))
+        .await;
+    assert_eq!(r.status(), 422);
+    assert_eq!(
+        note(&r.text().await.unwrap(), "pw-repeat_password-note"),
+        "The two new passwords differ."
+    );
+    let r = b
+        .post(&s, "/account/password", change("Wrong-Passw0rd!", new, new))
+        .await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        note(&r.text().await.unwrap(), "pw-current_password-note"),
+        "Current password is incorrect."
+    );
+    let r = b
+        .post(
+            &s,
+            "/account/password",
+            change(ADMIN_PASSWORD, "short", "short"),
+        )
+        .await;
+    assert_eq!(r.status(), 422);
+    assert!(note(&r.text().await.unwrap(), "pw-new_password-note").contains("at least 8"));
+
+    let r = b
+        .post(&s, "/account/password", change(ADMIN_PASSWORD, new, new))
+        .await;
+    assert_eq!(r.status(), 200);
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    let fresh = set
+        .trim_start_matches("pf_session=")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(r.text().await.unwrap().contains("Password changed."));
+    assert_eq!(
+        s.get("/api/v1.0/devices", &token).await.status(),
+        401,
+        "the old session ended"
+    );
+    assert_eq!(
+        s.get("/api/v1.0/devices", &fresh).await.status(),
+        200,
+        "the new cookie works"
+    );
+    let b = Browser::new(&fresh);
+    b.page(&s, "/account").await;
+
+    // Five wrong passwords lock the username; the form says for how long, and the same for an unknown name.
+    let unknown = login(&s, "nobody", "Wrong-Passw0rd!").await;
+    assert_eq!(
+        unknown,
+        (401, "Invalid username or password.".to_owned()),
+        "no enumeration"
+    );
+    for _ in 0..5 {
+        assert_eq!(login(&s, "admin", "Wrong-Passw0rd!").await.0, 401);
+    }
+    let (status, text) = login(&s, "admin", new).await;
+    assert_eq!(status, 429);
+    assert!(
+        text.starts_with("Too many attempts; try again in "),
+        "{text}"
+    );
+}
+
+/// Submit the login form as a new browser would (form first, for its CSRF cookie): status and the form's message.
+async fn login(s: &TestServer, user: &str, pw: &str) -> (u16, String) {
+    let http = reqwest::Client::new();
+    let r = http.get(s.url("/login")).send().await.unwrap();
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    let nonce = set
+        .trim_start_matches("pf_login=")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let r = http
+        .post(s.url("/login"))
+        .header("cookie", format!("pf_login={nonce}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("_csrf={nonce}&username={user}&password={pw}"))
+        .send()
+        .await
+        .unwrap();
+    (
+        r.status().as_u16(),
+        note(&r.text().await.unwrap(), "login-note"),
+    )
+}
