@@ -122,7 +122,10 @@ async fn render_list(
                     input id="add-name" name="name" required maxlength="100" aria-invalid=[invalid] aria-describedby=[desc];
                     (notes.at("add-name")) }
                 div { label for="add-description" { "Description (optional)" }
-                    input id="add-description" name="description" maxlength="1000"; }
+                    input id="add-description" name="description" maxlength="1000"
+                        aria-invalid=[notes.described("add-description").1]
+                        aria-describedby=[notes.described("add-description").0];
+                    (notes.at("add-description")) }
                 div { button type="submit" { "Add device" } }
             }
         }
@@ -136,6 +139,16 @@ async fn render_list(
         }
     };
     respond(status, page(op, Section::Devices, "Devices", body))
+}
+
+/// The API's refusal of the add or rename form (`form` is the fields' id prefix), next to the field it is about.
+fn field_error(form: &str, message: &str) -> Notes {
+    let field = if message.starts_with("Description") {
+        "description"
+    } else {
+        "name"
+    };
+    Notes::error(&format!("{form}-{field}"), message)
 }
 
 /// `GET /devices`.
@@ -157,14 +170,7 @@ pub async fn create(State(st): State<DashState>, Posted { op, form }: Posted) ->
         )
         .await
     } else {
-        render_list(
-            &st,
-            &op,
-            None,
-            &Notes::error("add-name", r.error()),
-            r.status,
-        )
-        .await
+        render_list(&st, &op, None, &field_error("add", &r.error()), r.status).await
     }
 }
 
@@ -227,7 +233,10 @@ async fn render_detail(
                     (notes.at("rename-name")) }
                 div { label for="rename-description" { "Description" }
                     input id="rename-description" name="description" maxlength="1000"
-                        value=(d["description"].as_str().unwrap_or("")); }
+                        value=(d["description"].as_str().unwrap_or(""))
+                        aria-invalid=[notes.described("rename-description").1]
+                        aria-describedby=[notes.described("rename-description").0];
+                    (notes.at("rename-description")) }
                 div { button type="submit" { "Save" } }
             }
         }
@@ -260,12 +269,8 @@ pub async fn rename(
     if r.ok() {
         return Redirect::to(&format!("/devices/{id}")).into_response();
     }
-    let key = if r.error().contains("escription") {
-        "actions"
-    } else {
-        "rename-name"
-    };
-    render_detail(&st, &op, &id, &Notes::error(key, r.error()), r.status).await
+    let notes = field_error("rename", &r.error());
+    render_detail(&st, &op, &id, &notes, r.status).await
 }
 
 /// `POST /devices/{id}/revoke`.

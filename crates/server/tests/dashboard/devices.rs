@@ -87,9 +87,14 @@ pub async fn manage(c: &Client, s: &TestServer, device: &str) {
     shot(c, "device-detail").await;
 }
 
-/// Revoke the device (its row says so live), then delete it.
+/// After the traffic the device's hourly chart has bars; revoke the device (its status says so), then delete it.
 pub async fn remove(c: &Client, s: &TestServer, device: &str) {
-    c.goto(&s.url(&format!("/devices/{device}"))).await.unwrap();
+    // The connection's traffic shows in the device's hourly chart.
+    until(10, "the device's usage chart", || async {
+        c.goto(&s.url(&format!("/devices/{device}"))).await.unwrap();
+        c.find(Locator::Css("figure.chart rect")).await.is_ok()
+    })
+    .await;
     click_confirmed(c, &format!("/devices/{device}/revoke")).await;
     until(10, "the revoked state", || async {
         text(c, "[data-live] [data-f=status]").await == "Revoked"

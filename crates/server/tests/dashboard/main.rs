@@ -8,8 +8,8 @@
 mod common;
 
 mod browser;
-mod csrf;
 mod devices;
+mod http;
 mod rig;
 
 use browser::{click, click_confirmed, fill, shot, text, until, value};

@@ -1,5 +1,6 @@
 //! Plain HTTP checks: state changes need the CSRF token, the login form has its own, cookies carry the right
-//! flags, operator text is escaped, password change and lockouts read in plain words.
+//! flags, operator text is escaped, password change and lockouts read in plain words, the live stream is scoped to
+//! its operator and ends with the session.
 
 use serde_json::{json, Value};
 
@@ -107,6 +108,24 @@ async fn state_changes_need_the_csrf_token_and_operator_text_is_escaped() {
         .await
         .unwrap();
     assert_eq!(list, json!([]), "nothing was created");
+
+    // A refusal is shown next to the field it is about.
+    let long = "x".repeat(1001);
+    let r = http
+        .post(s.url(&format!("/devices/{device}/rename")))
+        .header("cookie", &cookie)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("_csrf={csrf}&name=ok&description={long}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let page = r.text().await.unwrap();
+    assert_eq!(
+        note(&page, "rename-description-note"),
+        "Description must be at most 1000 characters."
+    );
+    assert!(page.contains("aria-describedby=\"rename-description-note\""));
 
     // Logout without the token does not end the session.
     let r = http
@@ -340,4 +359,102 @@ async fn login(s: &TestServer, user: &str, pw: &str) -> (u16, String) {
         r.status().as_u16(),
         note(&r.text().await.unwrap(), "login-note"),
     )
+}
+
+/// The next server-sent event of `resp` (its `event:` name and `data:`), reading into `buf`; `None` at the end.
+async fn next_event(resp: &mut reqwest::Response, buf: &mut String) -> Option<(String, String)> {
+    loop {
+        if let Some(i) = buf.find("\n\n") {
+            let block: String = buf.drain(..i + 2).collect();
+            let field = |name: &str| {
+                block
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim_start().to_owned())
+            };
+            // Keep-alive comments have neither.
+            if let (Some(event), Some(data)) = (field("event:"), field("data:")) {
+                return Some((event, data));
+            }
+            continue;
+        }
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), resp.chunk())
+            .await
+            .expect("an event within 10 s")
+            .unwrap()?;
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_stream_is_scoped_and_ends_with_the_session() {
+    let Some(s) = TestServer::start(opts()).await else {
+        return;
+    };
+    let token = s.admin_token().await;
+    s.create_operator(
+        "bob",
+        "B0b-Strong-Phrase",
+        proxyfleet::store::Role::Operator,
+    )
+    .await;
+    let bob = s.login("bob", "B0b-Strong-Phrase").await;
+    let mut ids = Vec::new();
+    for (t, name) in [(&token, "mine"), (&bob, "bobs")] {
+        let r = s
+            .post("/api/v1.0/devices", t, json!({ "name": name }))
+            .await;
+        ids.push(
+            r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let mut resp = reqwest::Client::new()
+        .get(s.url("/dashboard/events"))
+        .header("cookie", format!("pf_session={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let mut buf = String::new();
+    let (event, data) = next_event(&mut resp, &mut buf).await.unwrap();
+    assert_eq!(event, "snapshot");
+    let snap: Value = serde_json::from_str(&data).unwrap();
+    let keys: Vec<&str> = snap["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        [format!("device:{}", ids[0])],
+        "only the operator's own devices"
+    );
+    assert_eq!(
+        snap["items"][0]["cells"]["status"],
+        "Waiting for enrollment"
+    );
+
+    let r = s.post("/api/v1.0/auth/logout", &token, json!({})).await;
+    assert_eq!(r.status(), 204);
+    let (event, _) = next_event(&mut resp, &mut buf).await.unwrap();
+    assert_eq!(event, "ended", "the stream says the session ended");
+    assert!(
+        next_event(&mut resp, &mut buf).await.is_none(),
+        "and closes"
+    );
+    let r = reqwest::Client::new()
+        .get(s.url("/dashboard/events"))
+        .header("cookie", format!("pf_session={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "no stream without a live session");
 }
