@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use maud::html;
 use serde_json::json;
 
-use super::format::time;
+use super::format::short_time;
 use super::layout::{confirm_button, csrf, load, page, respond, Notes, Section};
 use super::session::{clear_cookie, set_cookie, Id, Op, Posted, SESSION_COOKIE};
 use super::DashState;
@@ -46,15 +46,15 @@ async fn render(st: &DashState, op: &Op, notes: &Notes, status: StatusCode) -> R
             h2 { "Your sessions" }
             (notes.at("sessions"))
             div.scroll { table {
-                thead { tr { th { "Address" } th { "Browser or client" } th { "Logged in" } th { "Last activity" } th {} } }
+                thead { tr { th { "Address" } th { "Browser or client" } th { "Logged in (UTC)" } th { "Last activity (UTC)" } th {} } }
                 tbody {
                     @for s in sessions {
                         @let id = s["id"].as_str().unwrap_or("");
                         tr data-session=(id) {
                             td { (s["ip"].as_str().unwrap_or("")) }
                             td.ua { (s["user_agent"].as_str().unwrap_or("")) }
-                            td { (time(s["created_at"].as_str().unwrap_or(""))) }
-                            td { (time(s["last_activity_at"].as_str().unwrap_or(""))) }
+                            td.nowrap { (short_time(s["created_at"].as_str().unwrap_or(""))) }
+                            td.nowrap { (short_time(s["last_activity_at"].as_str().unwrap_or(""))) }
                             td {
                                 @if s["current"].as_bool() == Some(true) { span.badge { "this session" } " " }
                                 (confirm_button(op, &format!("/account/sessions/{id}/revoke"), "Revoke",

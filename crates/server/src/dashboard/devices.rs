@@ -8,7 +8,7 @@ use maud::{html, Markup, PreEscaped};
 use serde_json::{json, Value};
 
 use super::chart::usage_chart;
-use super::format::time;
+use super::format::{short_time, time};
 use super::layout::{
     confirm_button, csrf, load, outcome, page, post_button, respond, secret_row, Notes, Section,
 };
@@ -43,7 +43,7 @@ pub fn live(d: &Value) -> (String, Value) {
     };
     let cells = json!({
         "status": label,
-        "heartbeat": s(&d["last_heartbeat_at"]).or_else(|| s(&d["last_seen_at"])).map_or_else(dash, |t| time(&t)),
+        "heartbeat": s(&d["last_heartbeat_at"]).or_else(|| s(&d["last_seen_at"])).map_or_else(dash, |t| short_time(&t)),
         "ip": s(&d["public_ip"]).unwrap_or_else(dash),
         "carrier": s(&m["carrier"]).unwrap_or_else(dash),
         "signal": signal.unwrap_or_else(dash),
@@ -132,7 +132,7 @@ async fn render_list(
         @if devices.is_empty() { p { "No devices yet." } }
         @else {
             div.scroll { table.devices {
-                thead { tr { th { "Name" } th { "Status" } th { "Last heartbeat" } th { "Public IP" } th { "Carrier" }
+                thead { tr { th { "Name" } th { "Status" } th { "Last heartbeat (UTC)" } th { "Public IP" } th { "Carrier" }
                     th { "Signal" } th { "Battery" } th { "Transport" } } }
                 tbody { @for d in devices { (row(d)) } }
             } }
@@ -203,7 +203,7 @@ async fn render_detail(
         section.card data-live=(format!("device:{id}")) data-state=(state) {
             dl.facts {
                 dt { "Status" } dd { span.status { (cell(&cells, "status")) } }
-                dt { "Last heartbeat" } dd { (cell(&cells, "heartbeat")) }
+                dt { "Last heartbeat (UTC)" } dd { (cell(&cells, "heartbeat")) }
                 dt { "Public IP" } dd { (cell(&cells, "ip")) }
                 dt { "Carrier" } dd { (cell(&cells, "carrier")) }
                 dt { "Signal" } dd { (cell(&cells, "signal")) }

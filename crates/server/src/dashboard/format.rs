@@ -55,6 +55,14 @@ pub fn time(rfc3339: &str) -> String {
     }
 }
 
+/// An RFC 3339 UTC time as `12-01 07:33:05` for table cells (the column header says UTC).
+pub fn short_time(rfc3339: &str) -> String {
+    match rfc3339.get(5..19) {
+        Some(t) if rfc3339.ends_with('Z') => t.replacen('T', " ", 1),
+        _ => rfc3339.to_owned(),
+    }
+}
+
 /// The limit form field: empty means unlimited; otherwise a positive number of `unit` (`MB` or `GB`).
 pub fn parse_limit(value: &str, unit: &str) -> Result<Option<u64>, &'static str> {
     let value = value.trim();
@@ -141,5 +149,6 @@ mod tests {
         assert_eq!(limit_field(Some(2 * GB)), ("2".into(), "GB"));
         assert_eq!(limit_field(Some(1_500 * MB)), ("1500".into(), "MB"));
         assert_eq!(time("2026-12-01T07:33:05.123Z"), "2026-12-01 07:33:05 UTC");
+        assert_eq!(short_time("2026-12-01T07:33:05.123Z"), "12-01 07:33:05");
     }
 }

@@ -7,7 +7,7 @@ use axum::response::Response;
 use maud::html;
 use serde_json::{json, Value};
 
-use super::format::time;
+use super::format::short_time;
 use super::layout::{
     confirm_button, csrf, load, outcome, page, post_button, respond, secret_row, Notes, Section,
 };
@@ -67,7 +67,7 @@ async fn render(
             @if deliveries.is_empty() { p { "No deliveries yet." } }
             @else {
                 div.scroll { table {
-                    thead { tr { th { "Time" } th { "Event" } th { "State" } th { "HTTP" } th { "Latency" } th { "Error" } th {} } }
+                    thead { tr { th { "Time (UTC)" } th { "Event" } th { "State" } th { "HTTP" } th { "Latency" } th {} } }
                     tbody { @for a in deliveries { (delivery(op, a)) } }
                 } }
             }
@@ -80,12 +80,14 @@ fn delivery(op: &Op, a: &Value) -> maud::Markup {
     let id = a["event_id"].as_str().unwrap_or("");
     html! {
         tr {
-            td { (time(a["attempted_at"].as_str().unwrap_or(""))) }
+            td.nowrap { (short_time(a["attempted_at"].as_str().unwrap_or(""))) }
             td { code { (a["event_type"].as_str().unwrap_or("")) } }
-            td { span.badge { (a["event_status"].as_str().unwrap_or("")) } }
+            td {
+                span.badge { (a["event_status"].as_str().unwrap_or("")) }
+                @if let Some(e) = a["error"].as_str() { br; span.err { (e) } }
+            }
             td { (a["status_code"].as_i64().map_or_else(|| "—".to_owned(), |c| c.to_string())) }
             td { (a["latency_ms"].as_i64().unwrap_or(0)) " ms" }
-            td.err { (a["error"].as_str().unwrap_or("")) }
             td { (post_button(op, &format!("/webhook/deliveries/{id}/resend"), "Resend")) }
         }
     }
