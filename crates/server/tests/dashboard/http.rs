@@ -168,28 +168,13 @@ async fn state_changes_need_the_csrf_token_and_operator_text_is_escaped() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
-    let r = http.get(s.url("/login")).send().await.unwrap();
-    let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    let (form_cookie, r) = login_form(&s, "admin", ADMIN_PASSWORD).await;
     assert!(
-        set.contains("HttpOnly") && set.contains("SameSite=Strict") && !set.contains("Secure"),
-        "{set}"
+        form_cookie.contains("HttpOnly")
+            && form_cookie.contains("SameSite=Strict")
+            && !form_cookie.contains("Secure"),
+        "{form_cookie}"
     );
-    let nonce = set
-        .trim_start_matches("pf_login=")
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
-    let r = http
-        .post(s.url("/login"))
-        .header("cookie", format!("pf_login={nonce}"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!(
-            "username=admin&password={ADMIN_PASSWORD}&_csrf={nonce}"
-        ))
-        .send()
-        .await
-        .unwrap();
     assert_eq!(r.status(), 303);
     let set = r
         .headers()
@@ -336,9 +321,13 @@ async fn password_change_and_lockouts_read_in_plain_words() {
     );
 }
 
-/// Submit the login form as a new browser would (form first, for its CSRF cookie): status and the form's message.
-async fn login(s: &TestServer, user: &str, pw: &str) -> (u16, String) {
-    let http = reqwest::Client::new();
+/// Submit the login form as a new browser would (form first, for its CSRF cookie): the form's `Set-Cookie` and
+/// the answer to the submission.
+async fn login_form(s: &TestServer, user: &str, pw: &str) -> (String, reqwest::Response) {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
     let r = http.get(s.url("/login")).send().await.unwrap();
     let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
     let nonce = set
@@ -355,6 +344,12 @@ async fn login(s: &TestServer, user: &str, pw: &str) -> (u16, String) {
         .send()
         .await
         .unwrap();
+    (set, r)
+}
+
+/// The login form's status and message.
+async fn login(s: &TestServer, user: &str, pw: &str) -> (u16, String) {
+    let (_, r) = login_form(s, user, pw).await;
     (
         r.status().as_u16(),
         note(&r.text().await.unwrap(), "login-note"),
@@ -457,4 +452,29 @@ async fn live_stream_is_scoped_and_ends_with_the_session() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401, "no stream without a live session");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookies_are_secure_when_the_public_url_is_https() {
+    let mut o = opts();
+    o.raw.public_url = Some("https://fleet.example.com".into());
+    let Some(s) = TestServer::start(o).await else {
+        return;
+    };
+    s.create_operator("admin", ADMIN_PASSWORD, proxyfleet::store::Role::Admin)
+        .await;
+    let (form_cookie, r) = login_form(&s, "admin", ADMIN_PASSWORD).await;
+    assert!(form_cookie.ends_with("; Secure"), "{form_cookie}");
+    assert_eq!(r.status(), 303);
+    let session = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned());
+    let session: Vec<String> = session.filter(|c| c.starts_with("pf_session=")).collect();
+    assert_eq!(session.len(), 1);
+    assert!(
+        session[0].contains("HttpOnly; SameSite=Strict; Secure"),
+        "{session:?}"
+    );
 }
