@@ -39,8 +39,8 @@ async fn log_in(c: &Client, s: &TestServer) {
     .await;
 }
 
-/// Set the webhook URL (a bad one is refused next to the field); the signing secret is shown once.
-async fn set_webhook(c: &Client, s: &TestServer, url: &str) {
+/// Set the webhook URL (a bad one is refused next to the field); the signing secret is shown once and returned.
+async fn set_webhook(c: &Client, s: &TestServer, url: &str) -> String {
     c.goto(&s.url("/webhook")).await.unwrap();
     fill(c, "#wh-url", "not a url").await;
     click(c, "form[action=\"/webhook\"] button").await;
@@ -61,6 +61,7 @@ async fn set_webhook(c: &Client, s: &TestServer, url: &str) {
         !c.source().await.unwrap().contains(&secret),
         "the secret is shown once"
     );
+    secret
 }
 
 /// The one-time credentials view: (username, password, HTTP proxy URL).
@@ -256,11 +257,8 @@ async fn operator_runs_the_fleet_from_the_browser() {
     };
     let (events, receiver) = rig::receiver().await;
     timed("log_in", log_in(&c, &s)).await;
-    timed(
-        "set_webhook",
-        set_webhook(&c, &s, &format!("http://{receiver}/hook")),
-    )
-    .await;
+    let hook = format!("http://{receiver}/hook");
+    let secret = timed("set_webhook", set_webhook(&c, &s, &hook)).await;
     let (device, agent, _state) = timed("add_device", devices::add(&c, &s)).await;
     timed("manage_device", devices::manage(&c, &s, &device)).await;
     let (conn, password, http_url) =
@@ -272,7 +270,11 @@ async fn operator_runs_the_fleet_from_the_browser() {
         regenerate(&c, &s, &conn, (&password, &http_url)),
     )
     .await;
-    timed("webhook_deliveries", webhook_deliveries(&c, &s, &events)).await;
+    timed(
+        "webhook_deliveries",
+        webhook_deliveries(&c, &s, &events, &secret),
+    )
+    .await;
     timed("account", account(&c, &s)).await;
     timed("measure", measure(&c, &s)).await;
     timed("remove_device", devices::remove(&c, &s, &device)).await;
@@ -280,15 +282,44 @@ async fn operator_runs_the_fleet_from_the_browser() {
     c.close().await.unwrap();
 }
 
-/// "Send Test" shows the receiver's status and latency; the quota events are in the delivery log; "Resend"
-/// delivers one again.
-async fn webhook_deliveries(c: &Client, s: &TestServer, events: &rig::Events) {
-    let count = |kind: &str| events.lock().unwrap().iter().filter(|t| *t == kind).count();
+/// Whether `secret` signed a delivery (checked by the Standard Webhooks crate).
+fn signed_with(secret: &str, d: &rig::Delivery) -> bool {
+    let wh = standardwebhooks::Webhook::new(secret).unwrap();
+    wh.verify(d.body.as_bytes(), &d.headers).is_ok()
+}
+
+/// The quota events were signed with the secret the page showed; "Rotate secret" shows a new one that signs
+/// "Send Test" (whose status and latency the page shows); the delivery log has the events and "Resend" delivers
+/// one again.
+async fn webhook_deliveries(c: &Client, s: &TestServer, events: &rig::Events, secret: &str) {
+    let count = |kind: &str| {
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|d| d.kind == kind)
+            .count()
+    };
+    let last = |kind: &str, key: &str| {
+        let got = events.lock().unwrap();
+        signed_with(key, got.iter().rev().find(|d| d.kind == kind).unwrap())
+    };
     until(15, "the exhausted event", || async {
         count("connection.exhausted") == 1
     })
     .await;
+    assert!(
+        last("connection.exhausted", secret),
+        "signed with the secret shown"
+    );
     c.goto(&s.url("/webhook")).await.unwrap();
+    click_confirmed(c, "/webhook/rotate").await;
+    until(10, "the new secret", || async {
+        c.find(Locator::Css("#wh-secret")).await.is_ok()
+    })
+    .await;
+    let rotated = value(c, "#wh-secret").await;
+    assert_ne!(rotated, secret);
     click(c, "form[action=\"/webhook/test\"] button").await;
     until(10, "the test result", || async {
         text(c, "#wh-test-note")
@@ -297,6 +328,11 @@ async fn webhook_deliveries(c: &Client, s: &TestServer, events: &rig::Events) {
     })
     .await;
     assert_eq!(count("device.test"), 1);
+    assert!(last("device.test", &rotated), "signed with the new secret");
+    assert!(
+        !last("device.test", secret),
+        "the old secret no longer signs"
+    );
     let row = "//tr[td/code[text()='connection.exhausted']]";
     let status = c
         .find(Locator::XPath(&format!("{row}/td[3]")))
@@ -375,6 +411,12 @@ async fn account(c: &Client, s: &TestServer) {
 /// Page weight of the connections page and time to first render on loopback, printed for the report.
 async fn measure(c: &Client, s: &TestServer) {
     c.goto(&s.url("/connections")).await.unwrap();
+    // The paint entry is recorded shortly after the load.
+    until(5, "the first paint", || async {
+        let painted = "return performance.getEntriesByName('first-contentful-paint').length > 0";
+        c.execute(painted, vec![]).await.unwrap() == json!(true)
+    })
+    .await;
     let t = c
         .execute(
             "const n = performance.getEntriesByType('navigation')[0];

@@ -78,20 +78,30 @@ pub async fn curl_status(proxy: &str, url: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A webhook receiver on loopback that keeps each event's type.
-/// The event types a receiver got, in order.
-pub type Events = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+/// One request a receiver got: the event's type, the headers and the body.
+pub struct Delivery {
+    pub kind: String,
+    pub headers: axum::http::HeaderMap,
+    pub body: String,
+}
 
+/// What a receiver got, in order.
+pub type Events = std::sync::Arc<std::sync::Mutex<Vec<Delivery>>>;
+
+/// A webhook receiver on loopback that keeps every request.
 pub async fn receiver() -> (Events, SocketAddr) {
-    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let got: Events = Events::default();
     let g = got.clone();
-    let app = axum::Router::new().fallback(move |body: String| {
+    let app = axum::Router::new().fallback(move |headers: axum::http::HeaderMap, body: String| {
         let g = g.clone();
         async move {
             let v: Value = serde_json::from_str(&body).unwrap();
-            g.lock()
-                .unwrap()
-                .push(v["type"].as_str().unwrap().to_owned());
+            let kind = v["type"].as_str().unwrap().to_owned();
+            g.lock().unwrap().push(Delivery {
+                kind,
+                headers,
+                body,
+            });
             "ok"
         }
     });
