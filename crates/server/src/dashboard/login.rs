@@ -2,7 +2,7 @@
 //! unknown username as for a wrong password.
 
 use axum::extract::State;
-use axum::http::{header, Method, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use maud::html;
 use serde_json::json;
@@ -10,7 +10,7 @@ use serde_json::json;
 use super::client::call;
 use super::layout::{respond, shell, Notes};
 use super::session::{
-    clear_cookie, set_cookie, LoginPost, Posted, CSRF_FIELD, LOGIN_COOKIE, SESSION_COOKIE,
+    clear_cookie, cookie, set_cookie, LoginPost, Posted, CSRF_FIELD, LOGIN_COOKIE, SESSION_COOKIE,
 };
 use super::DashState;
 
@@ -45,8 +45,13 @@ fn form(st: &DashState, username: &str, notes: &Notes, status: StatusCode) -> Re
     resp
 }
 
-/// `GET /login`.
-pub async fn page(State(st): State<DashState>) -> Response {
+/// `GET /login`; an operator who is logged in already goes on to the connections.
+pub async fn page(State(st): State<DashState>, headers: HeaderMap) -> Response {
+    if let Some(token) = cookie(&headers, SESSION_COOKIE).filter(|t| t.len() <= 4096) {
+        if let Ok(Some(_)) = st.app.auth.sessions.validate(token).await {
+            return Redirect::to("/connections").into_response();
+        }
+    }
     form(&st, "", &Notes::default(), StatusCode::OK)
 }
 

@@ -30,6 +30,16 @@ async fn state_changes_need_the_csrf_token_and_operator_text_is_escaped() {
     assert_eq!(r.status(), 303);
     assert_eq!(r.headers()["location"], "/login");
 
+    // Logged in: the login form sends on to the connections.
+    let r = http
+        .get(s.url("/login"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/connections");
+
     let r = s
         .post(
             "/api/v1.0/devices",
