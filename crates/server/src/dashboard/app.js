@@ -25,7 +25,8 @@ function applySnapshot(snap) {
 
 function startLive() {
   if (!document.querySelector("[data-live]") || !window.EventSource) return;
-  const es = new EventSource("/dashboard/events");
+  const kinds = new Set([...document.querySelectorAll("[data-live]")].map((e) => e.dataset.live.split(":")[0]));
+  const es = new EventSource("/dashboard/events?kinds=" + [...kinds].join(","));
   es.addEventListener("snapshot", (e) => applySnapshot(JSON.parse(e.data)));
   // The session ended (logout elsewhere, revoked, expired): reloading leads to the login page.
   es.addEventListener("ended", () => { es.close(); location.reload(); });
@@ -87,5 +88,17 @@ function setupButtons() {
     });
   }
 }
+
+// A submitted form's button says it is working (an IP rotation can take minutes) and cannot be pressed twice.
+document.addEventListener("submit", (e) => {
+  if (e.defaultPrevented) return;
+  const b = e.target.querySelector("button[type=submit]");
+  if (b) { b.disabled = true; b.setAttribute("aria-busy", "true"); b.dataset.label = b.textContent; b.textContent = "Working…"; }
+});
+window.addEventListener("pageshow", () => {
+  for (const b of document.querySelectorAll("button[aria-busy]")) {
+    b.disabled = false; b.removeAttribute("aria-busy"); b.textContent = b.dataset.label;
+  }
+});
 
 document.addEventListener("DOMContentLoaded", () => { setupConfirm(); setupButtons(); startLive(); });

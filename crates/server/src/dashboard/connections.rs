@@ -43,7 +43,7 @@ fn meter(c: &Value) -> Markup {
     let id = c["id"].as_str().unwrap_or("");
     html! {
         div.meter data-live=(format!("conn:{id}")) data-state=(state) {
-            span.badge.state data-f="state" { (text(&cells, "state")) }
+            span.badge.state data-f="state" aria-live="polite" { (text(&cells, "state")) }
             div.bar role="progressbar" aria-label="Usage of the limit" aria-valuemin="0" aria-valuemax="100"
                 aria-valuenow=[pct] hidden[pct.is_none()] {
                 span style=(format!("width:{}%", pct.unwrap_or(0))) {}

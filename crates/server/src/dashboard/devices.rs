@@ -63,7 +63,7 @@ fn row(d: &Value) -> Markup {
     html! {
         tr data-live=(format!("device:{id}")) data-state=(status) {
             td { a href=(format!("/devices/{id}")) { (d["name"].as_str().unwrap_or("")) } }
-            td { span.status { (cell(&cells, "status")) } }
+            td { span.status aria-live="polite" { (cell(&cells, "status")) } }
             td { (cell(&cells, "heartbeat")) }
             td { (cell(&cells, "ip")) }
             td { (cell(&cells, "carrier")) }
@@ -202,7 +202,7 @@ async fn render_detail(
     let body = html! {
         section.card data-live=(format!("device:{id}")) data-state=(state) {
             dl.facts {
-                dt { "Status" } dd { span.status { (cell(&cells, "status")) } }
+                dt { "Status" } dd { span.status aria-live="polite" { (cell(&cells, "status")) } }
                 dt { "Last heartbeat (UTC)" } dd { (cell(&cells, "heartbeat")) }
                 dt { "Public IP" } dd { (cell(&cells, "ip")) }
                 dt { "Carrier" } dd { (cell(&cells, "carrier")) }

@@ -447,6 +447,18 @@ async fn live_stream_is_scoped_and_ends_with_the_session() {
         "Waiting for enrollment"
     );
 
+    // A page that shows only connections gets only connections.
+    let mut conns_only = reqwest::Client::new()
+        .get(s.url("/dashboard/events?kinds=conn"))
+        .header("cookie", format!("pf_session={token}"))
+        .send()
+        .await
+        .unwrap();
+    let (_, data) = next_event(&mut conns_only, &mut String::new())
+        .await
+        .unwrap();
+    assert_eq!(data, r#"{"items":[]}"#);
+
     let r = s.post("/api/v1.0/auth/logout", &token, json!({})).await;
     assert_eq!(r.status(), 204);
     let (event, _) = next_event(&mut resp, &mut buf).await.unwrap();
