@@ -13,6 +13,9 @@ command -v nft >/dev/null 2>&1 || need+=(nftables)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 # PySocks: the SOCKS5 client library the UDP ASSOCIATE test drives.
 /usr/bin/python3 -c 'import socks' >/dev/null 2>&1 || need+=(python3-socks)
+# Headless Chromium and its WebDriver: the dashboard's browser tests drive them.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -6,6 +6,7 @@ pub mod api;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod dashboard;
 pub mod legacy;
 pub mod metrics;
 pub mod monitor;

@@ -145,12 +145,17 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .merge(health::router())
         .split_for_parts();
     let spec = openapi.clone();
+    // The dashboard calls the API in-process, through these same routes.
+    let dashboard =
+        crate::dashboard::router(state.clone(), router.clone().with_state(state.clone()));
     let router = router
         .route(
             "/api/v1.0/openapi.json",
             axum::routing::get(move || async move { axum::Json(spec) }),
         )
         .merge(setup::page_router())
+        .with_state(state.clone())
+        .merge(dashboard)
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -158,7 +163,6 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .layer(axum::middleware::from_fn_with_state(
             state.metrics.clone(),
             crate::metrics::track,
-        ))
-        .with_state(state);
+        ));
     (router, openapi)
 }

@@ -1,0 +1,136 @@
+//! The hourly usage chart: inline SVG bars, one per UTC hour of the last seven days, from the API's usage history.
+
+use maud::{html, Markup};
+use serde_json::Value;
+
+use super::format::{bytes, time};
+
+const HOUR_MS: i64 = 3_600_000;
+/// Hours shown: the API's default range, seven days.
+const HOURS: i64 = 7 * 24;
+/// Drawing size in SVG units (the chart scales to its container's width).
+const W: i64 = 840;
+const H: i64 = 160;
+const BAR: i64 = W / HOURS;
+
+/// One bucket: start of the hour (Unix ms), bytes up, bytes down.
+struct Bucket {
+    hour: i64,
+    up: u64,
+    down: u64,
+}
+
+fn buckets(history: &Value) -> (i64, Vec<Bucket>) {
+    let until = history["until"].as_i64().unwrap_or(0);
+    let n = |v: &Value| v.as_i64().and_then(|x| u64::try_from(x).ok()).unwrap_or(0);
+    let rows = history["hours"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    let list = rows
+        .iter()
+        .filter_map(|h| {
+            Some(Bucket {
+                hour: h["hour_ms"].as_i64()?,
+                up: n(&h["bytes_up"]),
+                down: n(&h["bytes_down"]),
+            })
+        })
+        .collect();
+    (until, list)
+}
+
+/// The chart for a usage history answer (`GET …/usage`), with a text summary for screen readers.
+pub fn usage_chart(history: &Value) -> Markup {
+    let (until, list) = buckets(history);
+    // The last bar is the hour that contains `until - 1`.
+    let last_hour = (until - 1).div_euclid(HOUR_MS) * HOUR_MS;
+    let first_hour = last_hour - (HOURS - 1) * HOUR_MS;
+    let shown: Vec<&Bucket> = list
+        .iter()
+        .filter(|b| b.hour >= first_hour && b.hour <= last_hour)
+        .collect();
+    let total: u64 = shown.iter().map(|b| b.up + b.down).sum();
+    let peak = shown.iter().max_by_key(|b| b.up + b.down);
+    let max = peak.map_or(0, |b| b.up + b.down).max(1);
+    let summary = match peak {
+        Some(p) if total > 0 => format!(
+            "Hourly usage, last 7 days: {} in total; busiest hour {} with {}.",
+            bytes(total),
+            time(&crate::clock::rfc3339(p.hour)),
+            bytes(p.up + p.down)
+        ),
+        _ => "Hourly usage, last 7 days: no traffic yet.".to_owned(),
+    };
+    html! {
+        figure.chart {
+            svg viewBox=(format!("0 0 {W} {}", H + 20)) role="img" aria-label=(summary) preserveAspectRatio="none" {
+                line x1="0" y1=(H) x2=(W) y2=(H) class="axis" {}
+                @for b in &shown {
+                    @let total = b.up + b.down;
+                    @let x = (b.hour - first_hour) / HOUR_MS * BAR;
+                    @let h = scaled(total, max);
+                    rect x=(x) y=(H - h) width=(BAR - 1) height=(h) {
+                        title { (time(&crate::clock::rfc3339(b.hour))) ": " (bytes(total))
+                            " (up " (bytes(b.up)) ", down " (bytes(b.down)) ")" }
+                    }
+                }
+                @for day in 0..7 {
+                    text x=(day * 24 * BAR + 2) y=(H + 15) class="tick" {
+                        (day_label(first_hour + day * 24 * HOUR_MS))
+                    }
+                }
+                text x=(W - 2) y="12" class="tick" text-anchor="end" { "peak " (bytes(max)) }
+            }
+            figcaption { (summary) }
+        }
+    }
+}
+
+/// Bar height for `v` of `max`, at least 1 unit for any traffic so that small hours stay visible.
+fn scaled(v: u64, max: u64) -> i64 {
+    if v == 0 {
+        return 0;
+    }
+    let h = u128::from(v) * u128::from(H.unsigned_abs()) / u128::from(max);
+    i64::try_from(h).unwrap_or(H).clamp(1, H)
+}
+
+/// `12-01` for the day a bucket starts in.
+fn day_label(ms: i64) -> String {
+    let t = crate::clock::rfc3339(ms);
+    t.get(5..10).unwrap_or("").to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bars_scale_to_the_busiest_hour_and_old_hours_are_left_out() {
+        let until = 1_764_576_000_000 + 30 * 60_000; // half past an hour
+        let hour = until / HOUR_MS * HOUR_MS;
+        let history = serde_json::json!({"since": 0, "until": until, "hours": [
+            {"hour_ms": hour, "bytes_up": 1_000_000, "bytes_down": 1_000_000},
+            {"hour_ms": hour - HOUR_MS, "bytes_up": 0, "bytes_down": 500_000},
+            {"hour_ms": hour - 200 * HOUR_MS, "bytes_up": 9_000_000_000u64, "bytes_down": 0},
+        ]});
+        let svg = usage_chart(&history).into_string();
+        assert_eq!(
+            svg.matches("<rect").count(),
+            2,
+            "the 200-hour-old bucket is outside the week"
+        );
+        assert!(
+            svg.contains(&format!("height=\"{H}\"")),
+            "the busiest hour is full height"
+        );
+        assert!(
+            svg.contains("height=\"40\""),
+            "a quarter of the peak is a quarter of the height"
+        );
+        assert!(svg.contains("2.5 MB in total"), "{svg}");
+        let empty = usage_chart(&serde_json::json!({"until": until, "hours": []})).into_string();
+        assert!(empty.contains("no traffic yet"));
+    }
+}
