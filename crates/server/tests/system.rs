@@ -80,6 +80,7 @@ async fn openapi_document_describes_every_endpoint() {
         ("/api/v1.0/connections/{id}", "patch"),
         ("/api/v1.0/connections/{id}", "delete"),
         ("/api/v1.0/connections/{id}/regenerate-password", "post"),
+        ("/api/v1.0/connections/{id}/profile.ovpn", "get"),
         ("/api/v1.0/connections/{id}/reset-usage", "post"),
         ("/api/v1.0/connections/{id}/usage", "get"),
         ("/api/v1.0/settings/webhook", "get"),

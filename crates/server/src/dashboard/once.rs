@@ -88,6 +88,19 @@ mod tests {
     }
 
     #[test]
+    fn the_profile_comes_from_the_api_answer() {
+        let answer = serde_json::json!({"id": "c1", "name": "n", "username": "pfabc", "password": "p",
+            "ovpn": "client\nremote h 1194\n"});
+        assert_eq!(
+            OneTime::from_answer(&answer).ovpn.as_deref(),
+            Some("client\nremote h 1194\n")
+        );
+        let off =
+            serde_json::json!({"id": "c1", "username": "pfabc", "password": "p", "ovpn": null});
+        assert_eq!(OneTime::from_answer(&off).ovpn, None);
+    }
+
+    #[test]
     fn the_profile_is_offered_as_a_download_only_when_there_is_one() {
         let with = sample(Some(
             "client\n<auth-user-pass>\npfabc\nSecr3t\n</auth-user-pass>",
