@@ -577,3 +577,34 @@ async fn without_openvpn_the_server_starts_with_the_door_off() {
     assert!(common::error_of(r).await.contains("OpenVPN door is off"));
     s.shutdown().await;
 }
+
+#[test]
+fn vpn_over_tcp_reaches_the_target_through_the_device() {
+    in_server_ns(6, |topo| async move {
+        let stop = CancellationToken::new();
+        let target = start_target(&topo.tgt, stop.clone());
+        let v = Vpn::start(
+            &topo,
+            RawConfig {
+                openvpn_proto: Some("tcp".into()),
+                ..RawConfig::default()
+            },
+        )
+        .await;
+        let conn = v.create(None).await;
+        let ovpn = ovpn_of(&conn);
+        assert!(ovpn.contains("proto tcp-client"), "{ovpn}");
+        let c = Client::start(&topo.cust, &v.profile_file("tcp.ovpn", &ovpn));
+        assert!(c.connected(CONNECT).await, "{}", c.log_text());
+        let (ok, _, body) = curl(&topo.cust, &format!("http://{TARGET_NAME}/"), 15).await;
+        assert!(ok && body == HELLO, "through the device over TCP");
+        assert_eq!(
+            target.http_peers.lock().unwrap().as_slice(),
+            &[IpAddr::from(DEV_OUT)]
+        );
+        drop(c);
+        stop.cancel();
+        v.agent_stop.cancel();
+        v.s.shutdown().await;
+    });
+}
