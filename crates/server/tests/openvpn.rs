@@ -507,17 +507,16 @@ fn vpn_fails_closed_when_the_stack_is_gone() {
         );
         let peers_before = target.http_peers.lock().unwrap().len();
 
-        // The userspace stack's tun goes away (as when proxyfleet dies): nothing leaves by the uplink instead.
-        run(
-            &topo.srv,
-            &[
-                "ip",
-                "link",
-                "set",
-                proxyfleet::openvpn::net::STACK_DEV,
-                "down",
-            ],
-        );
+        // proxyfleet's data path goes away (its tun and its TCP listener, as when proxyfleet dies; the kernel rules
+        // stay): nothing leaves by the uplink instead.
+        v.door().stop_data_path();
+        let tun = format!("/sys/class/net/{}", proxyfleet::openvpn::net::STACK_DEV);
+        v.until(
+            "the stack's tun is gone",
+            Duration::from_secs(5),
+            || async { !std::path::Path::new(&tun).exists() },
+        )
+        .await;
         let (ok, _, _) = curl(&topo.cust, &direct, 4).await;
         assert!(!ok, "no route out for the customer without the stack");
         let peers = target.http_peers.lock().unwrap().clone();

@@ -99,6 +99,56 @@ impl Engine for StackEngine {
     }
 }
 
+/// TCP by the kernel (nftables TPROXY hands customers' connections to one transparent listener, so the kernel's
+/// TCP, with window scaling and GRO, terminates them) and everything else by the userspace stack. The accepted
+/// socket's local address is where the customer wanted to go; its peer, the customer's VPN address.
+pub struct TproxyEngine {
+    listener: tokio::net::TcpListener,
+    stack: StackEngine,
+}
+
+impl TproxyEngine {
+    pub fn new(listener: tokio::net::TcpListener, stack: StackEngine) -> TproxyEngine {
+        TproxyEngine { listener, stack }
+    }
+}
+
+/// A listener on 127.0.0.1 (port chosen by the kernel) with `IP_TRANSPARENT`, for nftables TPROXY.
+pub fn transparent_listener() -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_ip_transparent_v4(true)?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)).into())?;
+    s.listen(1024)?;
+    tokio::net::TcpListener::from_std(std::net::TcpListener::from(s))
+}
+
+impl Engine for TproxyEngine {
+    fn accept(&mut self) -> Pin<Box<dyn Future<Output = Option<Terminated>> + Send + '_>> {
+        Box::pin(async move {
+            loop {
+                tokio::select! {
+                    r = self.listener.accept() => match r {
+                        Ok((stream, peer)) => {
+                            let Ok(dst) = stream.local_addr() else { continue };
+                            let _ = stream.set_nodelay(true);
+                            return Some(Terminated { kind: FlowKind::Tcp, src: peer, dst, pipe: Box::new(stream) });
+                        }
+                        Err(e) => {
+                            // Out of descriptors and the like: back off instead of spinning.
+                            tracing::warn!(error = %e, "VPN TCP accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    },
+                    t = self.stack.accept() => return t,
+                }
+            }
+        })
+    }
+}
+
 /// Create proxyfleet's tun device, without an address (it only ever sees routed packets); `net::attach_stack`
 /// brings it up.
 pub fn open_tun(name: &str) -> Result<tun::AsyncDevice, tun::Error> {

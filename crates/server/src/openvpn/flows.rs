@@ -25,6 +25,7 @@ pub async fn serve(
     sessions: Arc<Sessions>,
     dns: Ipv4Addr,
     mut engine: Box<dyn Engine>,
+    stop: tokio_util::sync::CancellationToken,
 ) {
     loop {
         let t = tokio::select! {
@@ -36,6 +37,8 @@ pub async fn serve(
                 }
             },
             _ = ctx.shutdown.cancelled() => return,
+            // The engine (its tun and listener) is dropped: what the kernel has left is the blackhole.
+            _ = stop.cancelled() => return,
         };
         tracing::trace!(kind = ?t.kind, src = %t.src, dst = %t.dst, "VPN flow");
         // IPv4 only (IPv6 is blocked on the clients); a source without a session belongs to nobody.

@@ -37,6 +37,8 @@ pub struct Door {
     pub sessions: Arc<sessions::Sessions>,
     pub manager: Arc<manager::Manager>,
     pid: tokio::sync::watch::Receiver<u32>,
+    /// Stops the packet engine (see [`Door::stop_data_path`]).
+    data_path: CancellationToken,
 }
 
 impl Door {
@@ -71,6 +73,12 @@ impl Door {
                 return 0;
             }
         }
+    }
+
+    /// Stop the packet engine as if proxyfleet's data path had died: its tun and its TCP listener go away, the
+    /// kernel rules stay. Customers' packets then meet the blackhole (tests of the fail-closed promise use this).
+    pub fn stop_data_path(&self) {
+        self.data_path.cancel();
     }
 
     /// Drop the management connection (it comes back at once and resyncs); established customers stay.
@@ -112,7 +120,16 @@ pub async fn start(
     let paths = child::Paths::new(&dir);
     child::kill_stale(&paths.pid).await;
     let _ = std::fs::remove_file(&paths.mgmt);
-    if let Err(e) = net::setup().await {
+    let tcp = match engine::transparent_listener() {
+        Ok(l) => l,
+        Err(e) => {
+            return off(format!(
+                "cannot open its transparent TCP listener (it needs CAP_NET_ADMIN): {e}"
+            ))
+        }
+    };
+    let tproxy_port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
+    if let Err(e) = net::setup(tproxy_port).await {
         net::teardown().await;
         return off(format!(
             "cannot set up its network (it needs root or CAP_NET_ADMIN): {e}"
@@ -149,11 +166,16 @@ pub async fn start(
         net::teardown().await;
     });
     tracker.spawn(manager::run(manager.clone()));
+    let data_path = ctx.shutdown.child_token();
     tracker.spawn(flows::serve(
         ctx.clone(),
         sessions.clone(),
         settings.dns,
-        Box::new(engine::StackEngine::new(tun)),
+        Box::new(engine::TproxyEngine::new(
+            tcp,
+            engine::StackEngine::new(tun),
+        )),
+        data_path.clone(),
     ));
     tracing::info!(
         listen = %settings.listen,
@@ -170,5 +192,6 @@ pub async fn start(
         sessions,
         manager,
         pid,
+        data_path,
     })))
 }

@@ -19,6 +19,11 @@ pub const STACK_DEV: &str = "pfnet0";
 pub const TABLE: u32 = 7701;
 /// nftables table holding the door's filter rules.
 const NFT_TABLE: &str = "proxyfleet_vpn";
+/// Packet mark of customers' TCP that TPROXY handed to proxyfleet's listener, and the routing table (and rule
+/// preference) that delivers such packets locally.
+pub const TPROXY_MARK: u32 = 7702;
+/// Preference of the rule for marked packets: before the policy route's (7701), which would send them to the stack.
+const TPROXY_PREF: u32 = 7700;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{what}: {detail}")]
@@ -74,14 +79,21 @@ fn sysctl(path: &str, value: &str) -> Result<(), NetError> {
     })
 }
 
-/// The nftables rules, replaced as a whole (`nft -f` applies a file atomically).
-fn ruleset() -> String {
+/// The nftables rules, replaced as a whole (`nft -f` applies a file atomically). Customers' TCP goes to the
+/// transparent listener on `tproxy_port` (if nothing listens there, the rule does not match and the packet takes
+/// the policy route, to the stack or the blackhole); only packets TPROXY marked may be delivered locally.
+fn ruleset(tproxy_port: u16) -> String {
     format!(
         "table inet {NFT_TABLE}\n\
          delete table inet {NFT_TABLE}\n\
          table inet {NFT_TABLE} {{\n\
+         \tchain prerouting {{\n\
+         \t\ttype filter hook prerouting priority mangle; policy accept;\n\
+         \t\tiifname \"{VPN_DEV}\" meta l4proto tcp tproxy ip to 127.0.0.1:{tproxy_port} meta mark set {TPROXY_MARK} accept\n\
+         \t}}\n\
          \tchain input {{\n\
          \t\ttype filter hook input priority -10; policy accept;\n\
+         \t\tiifname \"{VPN_DEV}\" meta mark {TPROXY_MARK} meta l4proto tcp accept\n\
          \t\tiifname \"{VPN_DEV}\" drop\n\
          \t}}\n\
          \tchain forward {{\n\
@@ -94,11 +106,37 @@ fn ruleset() -> String {
 
 /// Create OpenVPN's tun device (so that forwarding can be switched on for it before OpenVPN starts, and so that it
 /// outlives OpenVPN restarts) and the rules that send its packets to proxyfleet only.
-pub async fn setup() -> Result<(), NetError> {
+pub async fn setup(tproxy_port: u16) -> Result<(), NetError> {
     // Leftovers from a run that did not clean up are replaced.
     teardown().await;
     run("ip", &["tuntap", "add", "dev", VPN_DEV, "mode", "tun"]).await?;
-    input("nft", &["-f", "-"], &ruleset()).await?;
+    input("nft", &["-f", "-"], &ruleset(tproxy_port)).await?;
+    let (mark, local, pref) = (
+        TPROXY_MARK.to_string(),
+        TPROXY_MARK.to_string(),
+        TPROXY_PREF.to_string(),
+    );
+    run(
+        "ip",
+        &[
+            "route",
+            "replace",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            &local,
+        ],
+    )
+    .await?;
+    run(
+        "ip",
+        &[
+            "rule", "add", "fwmark", &mark, "lookup", &local, "pref", &pref,
+        ],
+    )
+    .await?;
     let table = TABLE.to_string();
     run(
         "ip",
@@ -172,9 +210,10 @@ pub async fn attach_stack() -> Result<(), NetError> {
 
 /// Remove everything [`setup`] made. Errors are ignored: parts may not exist.
 pub async fn teardown() {
-    let table = TABLE.to_string();
-    let _ = run("ip", &["rule", "del", "pref", &table]).await;
-    let _ = run("ip", &["route", "flush", "table", &table]).await;
+    for (pref, table) in [(TABLE, TABLE), (TPROXY_PREF, TPROXY_MARK)] {
+        let _ = run("ip", &["rule", "del", "pref", &pref.to_string()]).await;
+        let _ = run("ip", &["route", "flush", "table", &table.to_string()]).await;
+    }
     let _ = run("nft", &["delete", "table", "inet", NFT_TABLE]).await;
     let _ = run("ip", &["tuntap", "del", "dev", VPN_DEV, "mode", "tun"]).await;
 }
