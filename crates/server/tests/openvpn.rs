@@ -607,3 +607,48 @@ fn vpn_over_tcp_reaches_the_target_through_the_device() {
         v.s.shutdown().await;
     });
 }
+
+/// A TLS renegotiation (REAUTH on the management interface) is answered: the session and its traffic carry on.
+#[test]
+fn vpn_renegotiation_is_reauthenticated_without_dropping_the_session() {
+    in_server_ns(7, |topo| async move {
+        let stop = CancellationToken::new();
+        let _target = start_target(&topo.tgt, stop.clone());
+        let v = Vpn::start(&topo, RawConfig::default()).await;
+        let conn = v.create(None).await;
+        // The client asks for a new key every 3 seconds.
+        let ovpn = ovpn_of(&conn).replace("nobind\n", "nobind\nreneg-sec 3\n");
+        let c = Client::start(&topo.cust, &v.profile_file("reneg.ovpn", &ovpn));
+        assert!(c.connected(CONNECT).await, "{}", c.log_text());
+        let cid = v.door().sessions.all()[0].cid;
+        assert!(
+            c.wait_log("soft reset", Duration::from_secs(15)).await,
+            "the client renegotiated:\n{}",
+            c.log_text()
+        );
+        // Give the renegotiation time to finish (or to fail, which would end the session).
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (ok, _, body) = curl(&topo.cust, &format!("http://{TARGET_NAME}/"), 15).await;
+        assert!(
+            ok && body == HELLO,
+            "traffic flows after the renegotiation:\n{}",
+            c.log_text()
+        );
+        assert!(!c.log_text().contains("AUTH_FAILED"), "{}", c.log_text());
+        assert_eq!(
+            v.door()
+                .sessions
+                .all()
+                .iter()
+                .map(|s| s.cid)
+                .collect::<Vec<_>>(),
+            vec![cid],
+            "the same session"
+        );
+        assert_eq!(count(&c.log_text(), "Initialization Sequence Completed"), 1);
+        drop(c);
+        stop.cancel();
+        v.agent_stop.cancel();
+        v.s.shutdown().await;
+    });
+}
