@@ -241,7 +241,7 @@ fn main() {
         println!("| path | upload Mbit/s | download Mbit/s |");
         println!("|---|---|---|");
         println!("| OpenVPN + kernel forwarding/NAT (baseline) | {base_up:.0} | {base_down:.0} |");
-        println!("| OpenVPN + proxyfleet (tun, userspace stack, relay, QUIC to the agent) | {pf_up:.0} | {pf_down:.0} |");
+        println!("| OpenVPN + proxyfleet (TPROXY, relay and meter, QUIC to the agent) | {pf_up:.0} | {pf_down:.0} |");
         println!(
             "| proxyfleet ÷ baseline | {:.0} % | {:.0} % |",
             100.0 * pf_up / base_up,
