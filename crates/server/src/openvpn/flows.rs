@@ -83,42 +83,12 @@ async fn tcp(ctx: &ProxyContext, entry: Arc<crate::proxy::directory::Entry>, t: 
     relay::relay(
         &ctx.dir,
         &flow,
-        (Gather(cr), cw),
+        (cr, cw),
         (dr, dw),
         &[],
         RelayOptions::default(),
     )
     .await;
-}
-
-/// A reader that hands over everything already received, not one segment at a time: the userspace stack yields
-/// one TCP segment (about 1.4 KB) per read, and the relay costs the same per read (a meter charge, a tunnel write)
-/// whatever its size.
-struct Gather<R>(R);
-
-impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Gather<R> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        use std::task::Poll;
-        let start = buf.filled().len();
-        loop {
-            let before = buf.filled().len();
-            match std::pin::Pin::new(&mut self.0).poll_read(cx, buf) {
-                // More may be waiting: read on while there is room.
-                Poll::Ready(Ok(())) if buf.filled().len() > before && buf.remaining() > 0 => {}
-                // End of stream (nothing new) or a full buffer: done, with whatever was gathered.
-                Poll::Ready(Ok(())) => return Poll::Ready(Ok(())),
-                Poll::Ready(Err(e)) if buf.filled().len() == start => return Poll::Ready(Err(e)),
-                // An error after some data: hand over the data; the next read reports the error.
-                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
-                Poll::Pending if buf.filled().len() > start => return Poll::Ready(Ok(())),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
 }
 
 async fn udp(
@@ -174,61 +144,4 @@ async fn udp(
         }
     }
     let _ = to_dev.close().await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Gather;
-    use std::collections::VecDeque;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-    use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
-
-    /// One segment per read, then "nothing yet" (or the end, once `eof`).
-    struct Segments {
-        queue: VecDeque<Vec<u8>>,
-        eof: bool,
-    }
-
-    impl AsyncRead for Segments {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            match self.queue.pop_front() {
-                Some(mut s) => {
-                    // Like the stack: what does not fit waits for the next read.
-                    let n = s.len().min(buf.remaining());
-                    buf.put_slice(&s[..n]);
-                    if n < s.len() {
-                        self.queue.push_front(s.split_off(n));
-                    }
-                    Poll::Ready(Ok(()))
-                }
-                None if self.eof => Poll::Ready(Ok(())),
-                None => Poll::Pending,
-            }
-        }
-    }
-
-    #[tokio::test]
-    async fn gathers_waiting_segments_into_one_read_and_keeps_the_end() {
-        let segs = |n: usize, eof| Segments {
-            queue: (0..n).map(|i| vec![i as u8; 1400]).collect(),
-            eof,
-        };
-        let mut g = Gather(segs(5, false));
-        let mut buf = vec![0u8; 64 * 1024];
-        let n = g.read(&mut buf).await.unwrap();
-        assert_eq!(n, 5 * 1400, "everything waiting in one read");
-        assert_eq!(&buf[1400..1403], &[1, 1, 1]);
-        // A small buffer is filled, and the rest stays for the next read.
-        let mut g = Gather(segs(3, true));
-        let mut small = vec![0u8; 2000];
-        assert_eq!(g.read(&mut small).await.unwrap(), 2000);
-        let mut rest = Vec::new();
-        g.read_to_end(&mut rest).await.unwrap();
-        assert_eq!(rest.len(), 3 * 1400 - 2000, "nothing lost, then the end");
-    }
 }
