@@ -1,5 +1,8 @@
 //! `proxyfleet-agent`: parse the command line, set up logging and signals, call the library.
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};

@@ -34,3 +34,9 @@ pub const MAX_CONTROL_FRAME: usize = 64 * 1024;
 pub const MAX_STREAM_HEADER: usize = 1024;
 /// Largest UDP datagram frame body, in bytes (65 535 payload + address).
 pub const MAX_UDP_FRAME: usize = 65_535 + 300;
+
+/// Most bytes of one flow stream in flight over a device tunnel before the receiver must grant more: the QUIC
+/// stream receive window, and the largest yamux stream window on the TLS-over-TCP fallback. yamux only grants more
+/// once half of it is consumed, so its default (256 KiB) stalls a fast flow every 128 KiB; 2 MiB keeps one flow
+/// streaming while bounding what a stalled reader can make the other side buffer.
+pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;

@@ -25,7 +25,7 @@ pub(super) fn start(
     // open and how much it may make us buffer keeps a hostile or broken client from pinning memory.
     transport.max_concurrent_uni_streams(0u32.into());
     transport.max_concurrent_bidi_streams(4u32.into());
-    transport.stream_receive_window((2u32 * 1024 * 1024).into());
+    transport.stream_receive_window(proxyfleet_proto::STREAM_WINDOW.into());
     transport.receive_window((16u32 * 1024 * 1024).into());
     config.transport_config(Arc::new(transport));
     let endpoint = Endpoint::new(
