@@ -16,6 +16,13 @@ if [ -z "${MICROSOCKS_BIN:-}" ] && ! command -v microsocks >/dev/null 2>&1; then
     || { as_root apt-get update -q >&2 && as_root apt-get install -y -q microsocks >&2; } \
     || echo "bench: could not install microsocks; the peer stack will be skipped" >&2
 fi
+# socat runs the reference ceilings (two plain or TLS hops); without it they are left out.
+if [ -z "${SOCAT_BIN:-}" ] && ! command -v socat >/dev/null 2>&1; then
+  echo "bench: installing socat (apt-get)" >&2
+  as_root apt-get install -y -q socat >&2 \
+    || { as_root apt-get update -q >&2 && as_root apt-get install -y -q socat >&2; } \
+    || echo "bench: could not install socat; the reference ceilings will be skipped" >&2
+fi
 if [ -z "${RATHOLE_BIN:-}" ] && ! command -v rathole >/dev/null 2>&1; then
   cache="$HOME/.cache/proxyfleet-bench"
   if [ ! -x "$cache/bin/rathole" ]; then

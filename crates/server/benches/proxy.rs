@@ -119,6 +119,8 @@ enum Via {
     Socks5(SocketAddr, Option<(String, String)>),
     /// An HTTP proxy's `CONNECT`, with a `Proxy-Authorization: Basic` value.
     Connect(SocketAddr, String),
+    /// A port forward: whatever connects to it is carried to the target, no proxy handshake.
+    Forward(SocketAddr),
 }
 
 impl Via {
@@ -126,12 +128,12 @@ impl Via {
     async fn open(&self, target: SocketAddr) -> anyhow::Result<TcpStream> {
         let to = match self {
             Via::Direct => target,
-            Via::Socks5(p, _) | Via::Connect(p, _) => *p,
+            Via::Socks5(p, _) | Via::Connect(p, _) | Via::Forward(p) => *p,
         };
         let mut s = TcpStream::connect(to).await?;
         s.set_nodelay(true)?;
         match self {
-            Via::Direct => Ok(s),
+            Via::Direct | Via::Forward(_) => Ok(s),
             Via::Socks5(_, None) => Ok(Socks5Stream::connect_with_socket(s, target)
                 .await?
                 .into_inner()),
@@ -451,10 +453,88 @@ impl Drop for Peer {
     }
 }
 
+/// What any relay of the same shape reaches on this machine: two hops between client and target, as proxyfleet
+/// has (server, agent), each a `socat` process copying in 256 KiB reads — once with plain TCP between the hops, once
+/// with TLS 1.3 (OpenSSL) between them, as proxyfleet's tunnel is always encrypted. No proxy protocol, no
+/// multiplexing, no metering: these are ceilings for the shape, not competitors.
+struct Ceiling {
+    plain: SocketAddr,
+    tls: SocketAddr,
+    _procs: Vec<Kill>,
+    _dir: tempfile::TempDir,
+}
+
+impl Ceiling {
+    async fn start(target: SocketAddr) -> Result<Ceiling, String> {
+        let socat = std::env::var("SOCAT_BIN").unwrap_or_else(|_| "socat".into());
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let key = rcgen::generate_simple_self_signed(vec!["localhost".into()])
+            .map_err(|e| e.to_string())?;
+        let pem = dir.path().join("hop.pem");
+        std::fs::write(
+            &pem,
+            format!("{}{}", key.signing_key.serialize_pem(), key.cert.pem()),
+        )
+        .map_err(|e| e.to_string())?;
+        let hop = |from: String, to: String| -> Result<Kill, String> {
+            Command::new(&socat)
+                .args(["-b", "262144", &from, &to])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map(Kill)
+                .map_err(|e| format!("{socat}: {e} (apt-get install socat)"))
+        };
+        let listen = |port: u16| format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork");
+        let (p1, p2, t1, t2) = (free_port(), free_port(), free_port(), free_port());
+        let procs = vec![
+            hop(listen(p1), format!("TCP:127.0.0.1:{p2}"))?,
+            hop(listen(p2), format!("TCP:{target}"))?,
+            hop(listen(t1), format!("OPENSSL:127.0.0.1:{t2},verify=0"))?,
+            hop(
+                format!(
+                    "OPENSSL-LISTEN:{t2},bind=127.0.0.1,reuseaddr,fork,cert={},verify=0",
+                    pem.display()
+                ),
+                format!("TCP:{target}"),
+            )?,
+        ];
+        let ceiling = Ceiling {
+            plain: SocketAddr::from(([127, 0, 0, 1], p1)),
+            tls: SocketAddr::from(([127, 0, 0, 1], t1)),
+            _procs: procs,
+            _dir: dir,
+        };
+        // Ready when a request goes all the way through.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = vec![0u8; CHUNK];
+        for via in [Via::Forward(ceiling.plain), Via::Forward(ceiling.tls)] {
+            loop {
+                let ok = async {
+                    let mut s = via.open(target).await?;
+                    let got = request(&mut s, SMALL, &mut buf).await?;
+                    drain(&mut s, SMALL - got, &mut buf).await
+                };
+                match tokio::time::timeout(Duration::from_secs(2), ok).await {
+                    Ok(Ok(())) => break,
+                    _ if Instant::now() > deadline => {
+                        return Err("socat hops did not come up".into())
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }
+        Ok(ceiling)
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Measurements
 
 const PEER: &str = "peer SOCKS5 (rathole + microsocks)";
+const CEIL_PLAIN: &str = "ceiling: 2 hops, plain TCP (socat)";
+const CEIL_TLS: &str = "ceiling: 2 hops, TLS between (socat)";
 
 /// A path under test: its name, how to reach the target, and which processes do its relaying.
 struct Route {
@@ -755,6 +835,14 @@ async fn main() {
         }
         Err(why) => println!("peer stack unavailable, its figures are left out: {why}"),
     }
+    let ceiling = Ceiling::start(target).await;
+    match &ceiling {
+        Ok(c) => {
+            routes.push(Route::new(CEIL_PLAIN, Via::Forward(c.plain), Vec::new()));
+            routes.push(Route::new(CEIL_TLS, Via::Forward(c.tls), Vec::new()));
+        }
+        Err(why) => println!("reference ceilings unavailable, their figures are left out: {why}"),
+    }
     // Warm up every route; the first flow of a connection runs bcrypt, later ones hit the cache.
     let mut buf = vec![0u8; CHUNK];
     for r in &routes {
@@ -764,6 +852,7 @@ async fn main() {
     }
 
     let rates = throughput(&routes, target, mib, runs).await;
+    let rate = |name: &str| routes.iter().position(|r| r.name == name).map(|i| rates[i]);
     let (direct, socks, http) = (rates[0], rates[1], rates[2]);
     println!(
         "    proxyfleet / direct: SOCKS5 {:.0} %, HTTP CONNECT {:.0} %   (target >= 40 %: {})",
@@ -771,7 +860,7 @@ async fn main() {
         http / direct * 100.0,
         verdict(socks.max(http) / direct >= 0.4)
     );
-    if let Some(peer_rate) = rates.get(3) {
+    if let Some(peer_rate) = rate(PEER) {
         println!(
             "    proxyfleet / peer:   SOCKS5 {:.2}x, HTTP CONNECT {:.2}x   (target >= 1.5x: {})",
             socks / peer_rate,
@@ -779,7 +868,18 @@ async fn main() {
             verdict(socks.max(http) / peer_rate >= 1.5)
         );
     }
+    if let (Some(plain), Some(tls)) = (rate(CEIL_PLAIN), rate(CEIL_TLS)) {
+        println!(
+            "    ceilings / direct:   plain {:.0} %, TLS {:.0} %;   proxyfleet's better door / TLS ceiling: {:.0} %",
+            plain / direct * 100.0,
+            tls / direct * 100.0,
+            socks.max(http) / tls * 100.0
+        );
+    }
 
+    // Latency and the crowd compare the real proxies only.
+    routes.retain(|r| r.name != CEIL_PLAIN && r.name != CEIL_TLS);
+    drop(ceiling);
     latency(&routes, target, requests).await;
 
     println!("\n[3] {flows} concurrent flows, {flow_mib} MiB each: all opened first, then all downloading at once");
@@ -788,7 +888,7 @@ async fn main() {
     let idle = rss(watch);
     let c = concurrent(&routes[1].via, target, flows, flow_mib, watch).await;
     report_crowd("proxyfleet SOCKS5", "server", &c, idle, flows);
-    if let (Ok(p), Some(r)) = (&peer, routes.get(3)) {
+    if let (Ok(p), Some(r)) = (&peer, routes.iter().find(|r| r.name == PEER)) {
         if let Some((_, watch)) = p.pids().into_iter().find(|(n, _)| n == "rathole-server") {
             let idle = rss(watch);
             let c = concurrent(&r.via, target, flows, flow_mib, watch).await;
