@@ -148,7 +148,7 @@ pub async fn connect_tcp(server: &str, tls: rustls::ClientConfig) -> anyhow::Res
     let tls = tokio::time::timeout(TCP_TIMEOUT, handshake)
         .await
         .context("TCP/TLS handshake timed out")??;
-    let mut session = tokio_yamux::Session::new_client(tls, yamux_config());
+    let mut session = tokio_yamux::Session::new_client(tls, proxyfleet_proto::yamux_config());
     let control = session.control();
     let (tx, incoming) = tokio::sync::mpsc::channel(1024);
     let done = CancellationToken::new();
@@ -191,13 +191,5 @@ pub async fn connect(
                 .await
                 .map_err(|tcp| anyhow::anyhow!("QUIC: {quic:#}; TCP: {tcp:#}"))
         }
-    }
-}
-
-/// yamux with proxyfleet's stream window (see [`proxyfleet_proto::STREAM_WINDOW`]).
-fn yamux_config() -> tokio_yamux::Config {
-    tokio_yamux::Config {
-        max_stream_window_size: proxyfleet_proto::STREAM_WINDOW,
-        ..tokio_yamux::Config::default()
     }
 }

@@ -62,24 +62,8 @@ fn parse_dns_server(s: &str) -> Result<std::net::SocketAddr, String> {
         .map_err(|_| format!("{s:?} is not an IP address or IP:PORT"))
 }
 
-/// glibc's allocator, tuned for a relay: with its defaults it hands the heap's free top back to the kernel as soon as
-/// 128 KiB are free and serves large buffers from fresh mappings, so the buffers a busy flow allocates and frees by
-/// the tens of kilobytes were faulted in and zeroed again and again (one QUIC flow ran 15–25 % slower). Fixed
-/// thresholds keep up to 32 MiB of freed memory per arena for reuse. musl and other platforms keep their defaults.
-#[allow(unsafe_code)]
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets malloc's parameters and is called first thing in main, before any other thread
-    // exists; a rejected value leaves the default in place.
-    unsafe {
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TOP_PAD, 4 << 20);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
-    }
-}
-
 fn main() -> std::process::ExitCode {
-    tune_allocator();
+    proxyfleet_proto::net::tune_allocator();
     let cli = Cli::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());

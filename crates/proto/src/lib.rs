@@ -4,7 +4,8 @@
 //! Every frame is `u32` big-endian length + body. Lengths are checked against a maximum before anything is
 //! allocated, and every decoder rejects truncated input, unknown tags, over-long strings and trailing bytes with a
 //! [`DecodeError`] instead of panicking.
-#![forbid(unsafe_code)]
+// One unsafe call in all of proxyfleet: `net::tune_allocator` (glibc `mallopt`), allowed there alone.
+#![deny(unsafe_code)]
 
 pub mod base32;
 pub mod codec;
@@ -40,3 +41,11 @@ pub const MAX_UDP_FRAME: usize = 65_535 + 300;
 /// once half of it is consumed, so its default (256 KiB) stalls a fast flow every 128 KiB; 2 MiB keeps one flow
 /// streaming while bounding what a stalled reader can make the other side buffer.
 pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+
+/// The yamux settings both ends of the TLS-over-TCP fallback use: its defaults with [`STREAM_WINDOW`].
+pub fn yamux_config() -> tokio_yamux::Config {
+    tokio_yamux::Config {
+        max_stream_window_size: STREAM_WINDOW,
+        ..tokio_yamux::Config::default()
+    }
+}

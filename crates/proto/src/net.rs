@@ -56,6 +56,23 @@ pub fn enlarge_udp_buffers(sock: &std::net::UdpSocket) {
     let _ = s.set_send_buffer_size(UDP_BUFFER);
 }
 
+/// Tune glibc's allocator for relaying; both binaries call this first thing in `main`. With glibc's defaults the
+/// heap's free top goes back to the kernel as soon as 128 KiB are free and large buffers come from fresh mappings,
+/// so the buffers a busy flow allocates and frees by the tens of kilobytes were faulted in and zeroed again and
+/// again (one QUIC flow ran 15–25 % slower). Fixed thresholds keep up to 32 MiB of freed memory per arena for
+/// reuse. musl and other platforms keep their defaults.
+#[allow(unsafe_code)]
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets malloc's parameters and takes no pointers; a rejected value leaves the default in
+    // place. Called before the binaries start any thread.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TOP_PAD, 4 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

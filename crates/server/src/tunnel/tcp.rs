@@ -68,7 +68,7 @@ async fn accept_loop(
             let (_, conn) = tls.get_ref();
             let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
             let peer_cert = conn.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
-            let mut session = tokio_yamux::Session::new_server(tls, yamux_config());
+            let mut session = tokio_yamux::Session::new_server(tls, proxyfleet_proto::yamux_config());
             let control = session.control();
             let (tx, rx) = tokio::sync::mpsc::channel(INCOMING_BACKLOG);
             let done = CancellationToken::new();
@@ -101,13 +101,5 @@ async fn accept_loop(
             };
             serve_link(Handshaken { link: Arc::new(link), alpn, peer_cert }, ctx2).await;
         });
-    }
-}
-
-/// yamux with proxyfleet's stream window (see [`proxyfleet_proto::STREAM_WINDOW`]).
-fn yamux_config() -> tokio_yamux::Config {
-    tokio_yamux::Config {
-        max_stream_window_size: proxyfleet_proto::STREAM_WINDOW,
-        ..tokio_yamux::Config::default()
     }
 }
