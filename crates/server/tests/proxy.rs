@@ -162,14 +162,9 @@ async fn http_target(bind: &str, len: usize) -> SocketAddr {
                 return;
             };
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut b).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&b[..n]),
-                    }
-                }
+                let Some(head) = common::read_request_head(&mut s).await else {
+                    return;
+                };
                 let first = String::from_utf8_lossy(&head)
                     .lines()
                     .next()

@@ -524,3 +524,18 @@ pub async fn parallel_wrong_logins(
     }
     counts
 }
+
+/// Read an HTTP request head, through its blank line, from a client of a test's target server; `None` if the client
+/// goes away first.
+pub async fn read_request_head(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut b).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&b[..n]),
+        }
+    }
+    Some(head)
+}

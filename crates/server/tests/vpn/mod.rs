@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use proxyfleet::config::RawConfig;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::common::{skip, Db, Opts, TestServer, ADMIN_PASSWORD};
@@ -256,14 +256,9 @@ async fn serve_http(l: tokio::net::TcpListener, log: Arc<TargetLog>) {
         log.http_peers.lock().unwrap().push(peer.ip());
         let log = log.clone();
         tokio::spawn(async move {
-            let mut head = Vec::new();
-            let mut b = [0u8; 1024];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut b).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => head.extend_from_slice(&b[..n]),
-                }
-            }
+            let Some(head) = crate::common::read_request_head(&mut s).await else {
+                return;
+            };
             let big = head.starts_with(b"GET /big ");
             let len = if big { BIG } else { HELLO.len() };
             let h =
