@@ -183,6 +183,50 @@ fn vpn_customer_browses_through_the_device_and_dns_is_answered_there() {
             "no new session without a password"
         );
         drop(c);
+
+        // The operator's dashboard offers the same profile on the connection's page, and with the password given
+        // separately (as the customer's client would ask for it) it connects.
+        let id = conn["id"].as_str().unwrap();
+        let dash = reqwest::Client::new();
+        let cookie = format!("pf_session={}", v.token);
+        let get = |path: String| dash.get(v.s.url(&path)).header("cookie", &cookie).send();
+        let page = get(format!("/connections/{id}")).await.unwrap();
+        assert_eq!(page.status(), 200);
+        let page = page.text().await.unwrap();
+        assert!(
+            page.contains(&format!("href=\"/connections/{id}/profile.ovpn\"")),
+            "{page}"
+        );
+        assert!(page.contains(&format!("{}:{} UDP", vpn::SERVER_CUST, vpn::VPN_PORT)));
+        let r = get(format!("/connections/{id}/profile.ovpn"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["content-disposition"],
+            format!("attachment; filename=\"{user}.ovpn\"").as_str()
+        );
+        assert_eq!(r.headers()["cache-control"], "no-store");
+        let from_dashboard = r.text().await.unwrap();
+        assert_eq!(from_dashboard, plain);
+        let profile = v.profile_file("dashboard.ovpn", &from_dashboard);
+        let creds = v.profile_file("dashboard.pass", &format!("{user}\n{pass}\n"));
+        let c = Client::start_with(
+            &topo.cust,
+            &profile,
+            &["--auth-user-pass".as_ref(), creds.as_os_str()],
+        );
+        assert!(
+            c.connected(CONNECT).await,
+            "the dashboard's profile connects with the password:\n{}",
+            c.log_text()
+        );
+        let (ok, _, body) = curl(&topo.cust, &format!("http://{TARGET_NAME}/"), 15).await;
+        assert!(
+            ok && body == HELLO,
+            "traffic flows with the dashboard's profile"
+        );
+        drop(c);
         stop.cancel();
         v.agent_stop.cancel();
         v.s.shutdown().await;

@@ -64,9 +64,21 @@ pub struct ConnectionView {
     http_proxy: Option<String>,
     socks5_proxy: Option<String>,
     dedicated_proxy: Option<String>,
+    /// Where the connection's OpenVPN profile connects, when the OpenVPN door is on. The profile itself (without
+    /// the password) is at `GET /connections/{id}/profile.ovpn`.
+    openvpn: Option<OpenVpnView>,
     /// RFC 3339 UTC timestamps.
     created_at: String,
     updated_at: String,
+}
+
+/// The OpenVPN door as a connection's profile uses it.
+#[derive(Serialize, ToSchema)]
+pub struct OpenVpnView {
+    /// `host:port` of the server.
+    remote: String,
+    /// `udp` or `tcp`.
+    proto: &'static str,
 }
 
 /// A connection with its password: only in the create and regenerate-password responses.
@@ -117,6 +129,10 @@ fn view(state: &AppState, row: ConnectionRow) -> ConnectionView {
         socks5_proxy: at(proxy.socks5_addr.map(|a| a.port())),
         dedicated_proxy: at(dedicated_port),
         dedicated_port,
+        openvpn: proxy.openvpn.as_ref().map(|d| OpenVpnView {
+            remote: format!("{}:{}", bracket(&d.public_host), d.settings.listen.port()),
+            proto: d.settings.proto,
+        }),
         created_at: rfc3339(row.created_at),
         updated_at: rfc3339(row.updated_at),
         id: row.id,

@@ -72,14 +72,15 @@ pub async fn call(
     }
 }
 
-async fn try_call(
+/// The API's answer as it is (status, headers, body), for the few answers that are not JSON.
+async fn answer(
     st: &DashState,
     ctx: &Ctx,
     token: Option<&str>,
     method: Method,
     path: &str,
     body: Option<Value>,
-) -> anyhow::Result<Reply> {
+) -> anyhow::Result<axum::response::Response> {
     let mut req = Request::builder()
         .method(method)
         .uri(format!("/api/v1.0{path}"));
@@ -101,7 +102,18 @@ async fn try_call(
     };
     let mut req = req.body(body)?;
     req.extensions_mut().insert(ConnectInfo(ctx.peer));
-    let resp = st.api.clone().oneshot(req).await?;
+    Ok(st.api.clone().oneshot(req).await?)
+}
+
+async fn try_call(
+    st: &DashState,
+    ctx: &Ctx,
+    token: Option<&str>,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<Reply> {
+    let resp = answer(st, ctx, token, method, path, body).await?;
     let status = resp.status();
     let bytes = axum::body::to_bytes(resp.into_body(), MAX_ANSWER_BYTES).await?;
     let body = if bytes.is_empty() {
@@ -110,6 +122,13 @@ async fn try_call(
         serde_json::from_slice(&bytes)?
     };
     Ok(Reply { status, body })
+}
+
+/// A file the API serves (`GET`), passed to the browser with its type and file name when the API gave it, or
+/// the API's refusal as a [`Reply`] for the page to show.
+pub enum Download {
+    File(axum::response::Response),
+    Refused(Reply),
 }
 
 /// Shorthands for the logged-in operator's calls.
@@ -126,6 +145,38 @@ impl super::session::Op {
         body: Option<Value>,
     ) -> Reply {
         call(st, &self.ctx, Some(&self.token), method, path, body).await
+    }
+
+    /// `GET path` for a file (see [`Download`]).
+    pub async fn download(&self, st: &DashState, path: &str) -> Download {
+        let resp = match answer(st, &self.ctx, Some(&self.token), Method::GET, path, None).await {
+            Ok(r) if r.status().is_success() => r,
+            Ok(r) => {
+                let status = r.status();
+                let body = axum::body::to_bytes(r.into_body(), MAX_ANSWER_BYTES)
+                    .await
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or(Value::Null);
+                return Download::Refused(Reply { status, body });
+            }
+            Err(e) => {
+                tracing::error!(error = %e, %path, "in-process API call failed");
+                return Download::Refused(Reply {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    body: Value::Null,
+                });
+            }
+        };
+        let (parts, body) = resp.into_parts();
+        let mut out = axum::response::Response::new(body);
+        *out.status_mut() = parts.status;
+        for h in [header::CONTENT_TYPE, header::CONTENT_DISPOSITION] {
+            if let Some(v) = parts.headers.get(&h) {
+                out.headers_mut().insert(h, v.clone());
+            }
+        }
+        Download::File(out)
     }
 }
 

@@ -8,6 +8,7 @@ use maud::{html, Markup};
 use serde_json::{json, Value};
 
 use super::chart::usage_chart;
+use super::client::Download;
 use super::conn_form::{self, api_notes, FormValues};
 use super::format::usage;
 use super::layout::{confirm_button, load, outcome, page, respond, Notes, Section};
@@ -184,7 +185,19 @@ async fn render_detail(
             dl.facts {
                 dt { "HTTP proxy" } dd { (addr("http_proxy").unwrap_or_else(|| "off".into())) }
                 dt { "SOCKS5 proxy" } dd { (addr("socks5_proxy").unwrap_or_else(|| "off".into())) }
+                dt { "OpenVPN" } dd {
+                    @match c["openvpn"]["remote"].as_str() {
+                        Some(remote) => {
+                            (remote) " " (c["openvpn"]["proto"].as_str().unwrap_or("").to_uppercase()) " · "
+                            a id="conn-ovpn" href=(format!("/connections/{id}/profile.ovpn")) download {
+                                "Download profile (.ovpn)" }
+                            span.hint { " without the password: the customer's client asks for it" }
+                        }
+                        None => "off",
+                    }
+                }
             }
+            (notes.at("openvpn"))
             div.actions {
                 (confirm_button(op, &format!("/connections/{id}/regenerate"), "Regenerate Password",
                     "Make a new password? The current one stops working for new connections at once.", false))
@@ -218,6 +231,20 @@ async fn render_detail(
 /// `GET /connections/{id}`.
 pub async fn detail(State(st): State<DashState>, Id(id): Id, op: Op) -> Response {
     render_detail(&st, &op, &id, None, &Notes::default(), StatusCode::OK).await
+}
+
+/// `GET /connections/{id}/profile.ovpn`: the OpenVPN profile without the password, as a download.
+pub async fn profile(State(st): State<DashState>, Id(id): Id, op: Op) -> Response {
+    match op
+        .download(&st, &format!("/connections/{id}/profile.ovpn"))
+        .await
+    {
+        Download::File(f) => f,
+        Download::Refused(r) => {
+            let notes = Notes::error("openvpn", r.error());
+            render_detail(&st, &op, &id, None, &notes, r.status).await
+        }
+    }
 }
 
 /// `POST /connections/{id}`: save the form.

@@ -86,6 +86,7 @@ pub fn router(app: AppState, api: Router) -> Router {
             post(connections::regenerate),
         )
         .route("/connections/{id}/reset", post(connections::reset))
+        .route("/connections/{id}/profile.ovpn", get(connections::profile))
         .route("/connections/{id}/delete", post(connections::delete))
         .route("/webhook", get(webhook::show).post(webhook::save))
         .route("/webhook/test", post(webhook::test))

@@ -249,6 +249,61 @@ fn note(page: &str, id: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_openvpn_door_off_the_connection_page_says_so_and_offers_no_profile() {
+    let Some(s) = TestServer::start(opts()).await else {
+        return;
+    };
+    let token = s.admin_token().await;
+    let r = s
+        .post("/api/v1.0/devices", &token, json!({"name": "phone"}))
+        .await;
+    let device: Value = r.json().await.unwrap();
+    let r = s
+        .post(
+            "/api/v1.0/connections",
+            &token,
+            json!({"name": "no vpn", "device_id": device["id"], "bandwidth_limit_bytes": null}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let conn: Value = r.json().await.unwrap();
+    let id = conn["id"].as_str().unwrap();
+    assert!(conn["openvpn"].is_null(), "{conn}");
+    let b = Browser::new(&token);
+    let page = b.page(&s, &format!("/connections/{id}")).await;
+    assert!(page.contains("<dt>OpenVPN</dt><dd>off</dd>"), "{page}");
+    assert!(!page.contains("profile.ovpn"));
+    let r = b
+        .http
+        .get(s.url(&format!("/connections/{id}/profile.ovpn")))
+        .header("cookie", &b.cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.headers().get("content-disposition").is_none());
+    assert_eq!(
+        note(&r.text().await.unwrap(), "openvpn-note"),
+        "The OpenVPN door is off on this server."
+    );
+    // Another operator's connection is simply not found: ownership is checked before the door.
+    s.create_operator("other", ADMIN_PASSWORD, proxyfleet::store::Role::Operator)
+        .await;
+    let other = Browser::new(&s.login("other", ADMIN_PASSWORD).await);
+    let r = other
+        .http
+        .get(s.url(&format!("/connections/{id}/profile.ovpn")))
+        .header("cookie", &other.cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let text = r.text().await.unwrap();
+    assert!(!text.contains("OpenVPN door"), "{text}");
+    assert!(!text.contains(conn["username"].as_str().unwrap()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_change_and_lockouts_read_in_plain_words() {
     let Some(s) = TestServer::start(opts()).await else {
         return;

@@ -478,12 +478,18 @@ pub struct Client {
 
 impl Client {
     pub fn start(cust: &Netns, profile: &Path) -> Client {
+        Client::start_with(cust, profile, &[])
+    }
+
+    /// With `extra` options after the profile's (they override it).
+    pub fn start_with(cust: &Netns, profile: &Path, extra: &[&std::ffi::OsStr]) -> Client {
         let log = profile.with_extension("log");
         let _ = std::fs::remove_file(&log);
         let child = cust
             .command("openvpn")
             .arg("--config")
             .arg(profile)
+            .args(extra)
             .arg("--log")
             .arg(&log)
             .stdin(Stdio::null())
