@@ -29,20 +29,37 @@ pub async fn serve_flow(
     let header = tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut recv))
         .await
         .context("header timeout")??;
-    let (host, port) = match header.target {
-        Target::Tcp { host, port } => (host, port),
-        Target::Udp => return crate::udp::serve_udp(recv, send, policy, None).await,
-        Target::Dns => {
-            match policy.dns_server.or_else(crate::dns::system_resolver) {
-                Some(r) => return crate::udp::serve_udp(recv, send, policy, Some(r)).await,
-                None => {
-                    tracing::warn!("a DNS association was asked for, but the device has no resolver configured");
-                    return answer(&mut send, OpenResult::Unreachable).await;
-                }
-            }
+    let resolver = || {
+        let r = policy.dns_server.or_else(crate::dns::system_resolver);
+        if r.is_none() {
+            tracing::warn!("DNS was asked for, but the device has no resolver configured");
         }
+        r
     };
-    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, connect(&host, port, policy)).await {
+    let connecting = match header.target {
+        Target::Tcp { host, port } => {
+            tokio::time::timeout(CONNECT_TIMEOUT, connect(&host, port, policy)).await
+        }
+        Target::Udp => return crate::udp::serve_udp(recv, send, policy, None).await,
+        Target::Dns => match resolver() {
+            Some(r) => return crate::udp::serve_udp(recv, send, policy, Some(r)).await,
+            None => return answer(&mut send, OpenResult::Unreachable).await,
+        },
+        // The device's own resolver is reached whatever the target policy says, as for DNS over UDP: it is
+        // typically a private address (the router, the carrier's).
+        Target::DnsTcp => match resolver() {
+            Some(r) => {
+                tokio::time::timeout(CONNECT_TIMEOUT, async {
+                    tokio::net::TcpStream::connect(r)
+                        .await
+                        .map_err(|e| OpenResult::from_io(&e))
+                })
+                .await
+            }
+            None => return answer(&mut send, OpenResult::Unreachable).await,
+        },
+    };
+    let tcp = match connecting {
         Ok(Ok(s)) => s,
         Ok(Err(result)) => return answer(&mut send, result).await,
         Err(_) => return answer(&mut send, OpenResult::Timeout).await,

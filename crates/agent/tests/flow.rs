@@ -374,3 +374,38 @@ async fn dns_association_goes_to_the_device_resolver() {
     );
     assert!(seen.try_recv().is_err(), "nothing reached the resolver");
 }
+
+/// DNS over TCP connects to the device's resolver, though the policy refuses private addresses, and carries the
+/// bytes both ways; without a resolver it is answered `Unreachable`.
+#[tokio::test]
+async fn dns_over_tcp_goes_to_the_device_resolver() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let resolver = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut q = [0u8; 7];
+        s.read_exact(&mut q).await.unwrap();
+        s.write_all(b"\x00\x06answer").await.unwrap();
+        q
+    });
+    let policy = TargetPolicy {
+        dns_server: Some(resolver),
+        ..DENY
+    };
+    let (mut end, _flow) = open(Target::DnsTcp, policy).await;
+    assert_eq!(result_byte(&mut end).await, OpenResult::Ok);
+    end.write.write_all(b"\x00\x05query").await.unwrap();
+    let mut back = [0u8; 8];
+    tokio::time::timeout(SOON, end.read.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"\x00\x06answer");
+    assert_eq!(&server.await.unwrap(), b"\x00\x05query");
+    // The same address as an ordinary TCP target is refused by that policy.
+    let (mut end, _flow) = open(tcp(Host::V4(Ipv4Addr::LOCALHOST), resolver.port()), policy).await;
+    assert_eq!(result_byte(&mut end).await, OpenResult::NotAllowed);
+    // A resolver that does not listen: the refusal is reported, not hidden.
+    let (mut end, _flow) = open(Target::DnsTcp, policy).await;
+    assert_eq!(result_byte(&mut end).await, OpenResult::Refused);
+}

@@ -162,6 +162,9 @@ mod tests {
             Just(StreamHeader {
                 target: Target::Dns
             }),
+            Just(StreamHeader {
+                target: Target::DnsTcp
+            }),
         ]
     }
 

@@ -86,6 +86,10 @@ pub enum Target {
     /// (whatever address the frame names) and labels answers with it. Serves the VPN's pushed DNS address, so a
     /// customer's lookups are answered by the device's network.
     Dns,
+    /// DNS over TCP: a TCP connection from the device to its own resolver (whatever address the customer asked),
+    /// then raw bytes like [`Target::Tcp`]. Serves TCP to the VPN's pushed DNS address (truncated answers, large
+    /// records).
+    DnsTcp,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +100,7 @@ pub struct StreamHeader {
 const S_TCP: u8 = 1;
 const S_UDP: u8 = 2;
 const S_DNS: u8 = 3;
+const S_DNS_TCP: u8 = 4;
 
 impl Encode for StreamHeader {
     fn encode(&self, out: &mut BytesMut) {
@@ -107,6 +112,7 @@ impl Encode for StreamHeader {
             }
             Target::Udp => out.put_u8(S_UDP),
             Target::Dns => out.put_u8(S_DNS),
+            Target::DnsTcp => out.put_u8(S_DNS_TCP),
         }
     }
 }
@@ -124,6 +130,7 @@ impl Decode for StreamHeader {
             }
             S_UDP => Target::Udp,
             S_DNS => Target::Dns,
+            S_DNS_TCP => Target::DnsTcp,
             tag => {
                 return Err(DecodeError::UnknownTag {
                     what: "stream target",

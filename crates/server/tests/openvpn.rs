@@ -92,6 +92,18 @@ fn vpn_customer_browses_through_the_device_and_dns_is_answered_there() {
                 .any(|(from, name)| *from == IpAddr::from(DEV_OUT) && name == TARGET_NAME),
             "DNS query reached the target's resolver from the device: {queries:?}"
         );
+        // DNS over TCP to the pushed address is answered by the device's resolver too.
+        let dns = std::net::SocketAddr::new(vpn::VPN_DNS.parse().unwrap(), 53);
+        let answer = vpn::dns_over_tcp(&topo.cust, dns, TARGET_NAME)
+            .await
+            .expect("DNS over TCP through the VPN");
+        assert_eq!(&answer[..2], &[0x5e, 0xed], "the answer to our query");
+        assert_eq!(answer[answer.len() - 4..], vpn::TARGET.octets());
+        assert_eq!(
+            target.dns_tcp_queries.lock().unwrap().as_slice(),
+            &[(IpAddr::from(DEV_OUT), TARGET_NAME.to_owned())],
+            "the TCP query reached the device's resolver from the device"
+        );
         let used = v.connection(conn["id"].as_str().unwrap()).await["used_bytes"]
             .as_u64()
             .unwrap();

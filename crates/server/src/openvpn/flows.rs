@@ -52,7 +52,7 @@ pub async fn serve(
         let ctx2 = ctx.clone();
         ctx.tracker.spawn(async move {
             match t.kind {
-                FlowKind::Tcp => tcp(&ctx2, entry, t).await,
+                FlowKind::Tcp => tcp(&ctx2, entry, t, dns).await,
                 FlowKind::Udp => udp(&ctx2, entry, t, dns).await,
             }
         });
@@ -66,10 +66,20 @@ fn host_of(a: SocketAddr) -> Host {
     }
 }
 
-async fn tcp(ctx: &ProxyContext, entry: Arc<crate::proxy::directory::Entry>, t: Terminated) {
-    let target = Target::Tcp {
-        host: host_of(t.dst),
-        port: t.dst.port(),
+async fn tcp(
+    ctx: &ProxyContext,
+    entry: Arc<crate::proxy::directory::Entry>,
+    t: Terminated,
+    dns: Ipv4Addr,
+) {
+    // DNS over TCP to the pushed address goes to the device's resolver, like DNS over UDP.
+    let target = if t.dst == SocketAddr::new(IpAddr::V4(dns), 53) {
+        Target::DnsTcp
+    } else {
+        Target::Tcp {
+            host: host_of(t.dst),
+            port: t.dst.port(),
+        }
     };
     let (flow, dr, dw) = match ctx.open(&entry, target).await {
         Ok(f) => f,

@@ -215,6 +215,8 @@ pub struct TargetLog {
     pub http_peers: Mutex<Vec<IpAddr>>,
     /// (source address, name) of every DNS query.
     pub dns_queries: Mutex<Vec<(IpAddr, String)>>,
+    /// The same, over TCP.
+    pub dns_tcp_queries: Mutex<Vec<(IpAddr, String)>>,
     /// Body bytes the HTTP server handed to its sockets (`/big`).
     pub sent: AtomicU64,
 }
@@ -223,7 +225,7 @@ pub struct TargetLog {
 pub const BIG: usize = 8 * 1024 * 1024;
 pub const HELLO: &str = "hello from the target\n";
 
-/// Start the target (HTTP on :80, DNS on :53) in `ns` until `stop`.
+/// Start the target (HTTP on :80, DNS on :53 over UDP and TCP) in `ns` until `stop`.
 pub fn start_target(ns: &Netns, stop: CancellationToken) -> Arc<TargetLog> {
     let log = Arc::new(TargetLog::default());
     let l = log.clone();
@@ -235,10 +237,14 @@ pub fn start_target(ns: &Netns, stop: CancellationToken) -> Arc<TargetLog> {
         let dns = tokio::net::UdpSocket::bind((TARGET, 53))
             .await
             .expect("bind :53");
+        let dns_tcp = tokio::net::TcpListener::bind((TARGET, 53))
+            .await
+            .expect("bind tcp :53");
         let _ = ready_tx.send(());
         tokio::select! {
             _ = serve_http(http, l.clone()) => {}
-            _ = serve_dns(dns, l) => {}
+            _ = serve_dns(dns, l.clone()) => {}
+            _ = serve_dns_tcp(dns_tcp, l) => {}
             _ = stop.cancelled() => {}
         }
     });
@@ -286,50 +292,124 @@ async fn serve_http(l: tokio::net::TcpListener, log: Arc<TargetLog>) {
     }
 }
 
-/// A DNS responder that knows one name: `target-name` → the target's address. Other names: NXDOMAIN.
+/// The answer of a DNS responder that knows one name: `target-name` → the target's address; other names get
+/// NXDOMAIN. With the name asked; `None` for a message too short to be a query.
+fn dns_answer(q: &[u8]) -> Option<(String, Vec<u8>)> {
+    if q.len() < 12 {
+        return None;
+    }
+    // Question: labels from offset 12, then type and class.
+    let mut i = 12;
+    let mut labels = Vec::new();
+    while i < q.len() && q[i] != 0 {
+        let l = q[i] as usize;
+        if i + 1 + l > q.len() {
+            break;
+        }
+        labels.push(String::from_utf8_lossy(&q[i + 1..i + 1 + l]).to_string());
+        i += 1 + l;
+    }
+    if i + 5 > q.len() {
+        return None;
+    }
+    let qtype = u16::from_be_bytes([q[i + 1], q[i + 2]]);
+    let question_end = i + 5;
+    let name = labels.join(".");
+    let known = name == TARGET_NAME;
+    let answer = known && qtype == 1;
+    let mut r = Vec::with_capacity(64);
+    r.extend_from_slice(&q[0..2]);
+    r.extend_from_slice(&[0x81, if known { 0x80 } else { 0x83 }]);
+    r.extend_from_slice(&[0, 1, 0, u8::from(answer), 0, 0, 0, 0]);
+    r.extend_from_slice(&q[12..question_end]);
+    if answer {
+        r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+        r.extend_from_slice(&TARGET.octets());
+    }
+    Some((name, r))
+}
+
+/// A query for `name`, type A, with id `id`.
+pub fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(u8::try_from(label.len()).unwrap());
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// Ask `server` (from inside `ns`) for `name` over TCP; the answer message, or why there is none.
+pub async fn dns_over_tcp(ns: &Netns, server: SocketAddr, name: &str) -> Result<Vec<u8>, String> {
+    use tokio::io::AsyncReadExt;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let q = dns_query(0x5eed, name);
+    spawn_in(ns, move || async move {
+        let ask = async {
+            let mut s = tokio::net::TcpStream::connect(server)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let mut msg = u16::try_from(q.len()).unwrap().to_be_bytes().to_vec();
+            msg.extend_from_slice(&q);
+            s.write_all(&msg).await.map_err(|e| format!("write: {e}"))?;
+            let len = s.read_u16().await.map_err(|e| format!("read: {e}"))?;
+            let mut r = vec![0u8; usize::from(len)];
+            s.read_exact(&mut r)
+                .await
+                .map_err(|e| format!("read: {e}"))?;
+            Ok(r)
+        };
+        let r = tokio::time::timeout(Duration::from_secs(10), ask)
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()));
+        let _ = tx.send(r);
+    });
+    rx.await
+        .unwrap_or_else(|_| Err("the asking thread died".into()))
+}
+
+/// The DNS responder over UDP.
 async fn serve_dns(sock: tokio::net::UdpSocket, log: Arc<TargetLog>) {
     let mut buf = [0u8; 512];
     loop {
         let Ok((n, from)) = sock.recv_from(&mut buf).await else {
             return;
         };
-        let q = &buf[..n];
-        if q.len() < 12 {
+        let Some((name, r)) = dns_answer(&buf[..n]) else {
             continue;
-        }
-        // Question: labels from offset 12, then type and class.
-        let mut i = 12;
-        let mut labels = Vec::new();
-        while i < q.len() && q[i] != 0 {
-            let l = q[i] as usize;
-            if i + 1 + l > q.len() {
-                break;
-            }
-            labels.push(String::from_utf8_lossy(&q[i + 1..i + 1 + l]).to_string());
-            i += 1 + l;
-        }
-        if i + 5 > q.len() {
-            continue;
-        }
-        let qtype = u16::from_be_bytes([q[i + 1], q[i + 2]]);
-        let question_end = i + 5;
-        let name = labels.join(".");
-        log.dns_queries
-            .lock()
-            .unwrap()
-            .push((from.ip(), name.clone()));
-        let known = name == TARGET_NAME;
-        let answer = known && qtype == 1;
-        let mut r = Vec::with_capacity(64);
-        r.extend_from_slice(&q[0..2]);
-        r.extend_from_slice(&[0x81, if known { 0x80 } else { 0x83 }]);
-        r.extend_from_slice(&[0, 1, 0, u8::from(answer), 0, 0, 0, 0]);
-        r.extend_from_slice(&q[12..question_end]);
-        if answer {
-            r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
-            r.extend_from_slice(&TARGET.octets());
-        }
+        };
+        log.dns_queries.lock().unwrap().push((from.ip(), name));
         let _ = sock.send_to(&r, from).await;
+    }
+}
+
+/// The DNS responder over TCP (RFC 1035 4.2.2: each message after its two-byte length).
+async fn serve_dns_tcp(l: tokio::net::TcpListener, log: Arc<TargetLog>) {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let Ok((mut s, from)) = l.accept().await else {
+            return;
+        };
+        let log = log.clone();
+        tokio::spawn(async move {
+            while let Ok(len) = s.read_u16().await {
+                let mut q = vec![0u8; usize::from(len)];
+                if s.read_exact(&mut q).await.is_err() {
+                    return;
+                }
+                let Some((name, r)) = dns_answer(&q) else {
+                    return;
+                };
+                log.dns_tcp_queries.lock().unwrap().push((from.ip(), name));
+                let mut out = u16::try_from(r.len()).unwrap().to_be_bytes().to_vec();
+                out.extend_from_slice(&r);
+                if s.write_all(&out).await.is_err() {
+                    return;
+                }
+            }
+        });
     }
 }
 
