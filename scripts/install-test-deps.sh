@@ -7,10 +7,12 @@ need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v kill >/dev/null 2>&1 || need+=(procps)
-# The OpenVPN door's tests: the real openvpn (server and client), nftables and iproute2 in network namespaces.
+# The OpenVPN door's tests: the real openvpn (server and client), nftables, iproute2 and ping in network namespaces.
 command -v openvpn >/dev/null 2>&1 || need+=(openvpn)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
+command -v sysctl >/dev/null 2>&1 || need+=(procps)
 # PySocks: the SOCKS5 client library the UDP ASSOCIATE test drives.
 /usr/bin/python3 -c 'import socks' >/dev/null 2>&1 || need+=(python3-socks)
 # Headless Chromium and its WebDriver: the dashboard's browser tests drive them.

@@ -41,6 +41,7 @@ pub async fn serve_flow(
             tokio::time::timeout(CONNECT_TIMEOUT, connect(&host, port, policy)).await
         }
         Target::Udp => return crate::udp::serve_udp(recv, send, policy, None).await,
+        Target::Echo => return crate::ping::serve_echo(recv, send, policy).await,
         Target::Dns => match resolver() {
             Some(r) => return crate::udp::serve_udp(recv, send, policy, Some(r)).await,
             None => return answer(&mut send, OpenResult::Unreachable).await,

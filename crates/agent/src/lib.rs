@@ -8,6 +8,7 @@ pub mod dns;
 pub mod enroll;
 pub mod flow;
 pub mod metrics;
+mod ping;
 pub mod policy;
 pub mod run;
 pub mod state;

@@ -409,3 +409,49 @@ async fn dns_over_tcp_goes_to_the_device_resolver() {
     let (mut end, _flow) = open(Target::DnsTcp, policy).await;
     assert_eq!(result_byte(&mut end).await, OpenResult::Refused);
 }
+
+/// An echo stream pings from the device and returns the reply with the request's identifier, sequence and data;
+/// a target the policy refuses, or a message that is not an echo request, gets no reply and the stream ends.
+#[tokio::test]
+async fn echo_pings_from_the_device_within_the_policy() {
+    use proxyfleet_proto::icmp::{Echo, EchoKind};
+    let req = Echo {
+        kind: EchoKind::Request,
+        id: 0xbeef,
+        seq: 3,
+        data: b"proxyfleet ping".to_vec(),
+    };
+    let ask = |policy: TargetPolicy, payload: Vec<u8>| async move {
+        let ((mut read, mut write), flow) = associate_to(Target::Echo, policy).await;
+        write
+            .send(datagram(Host::V4(Ipv4Addr::LOCALHOST), 0, &payload))
+            .await
+            .unwrap();
+        let back = tokio::time::timeout(SOON + SOON, read.next())
+            .await
+            .unwrap();
+        let _ = tokio::time::timeout(SOON, flow)
+            .await
+            .expect("the stream ends");
+        back.map(|f| f.unwrap())
+    };
+    // Root can always open a raw ICMP socket; anyone else needs net.ipv4.ping_group_range.
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    if !root {
+        println!("SKIPPED: ping sockets need root or net.ipv4.ping_group_range here");
+        return;
+    }
+    let back = ask(ALLOW, req.to_bytes()).await.expect("a reply");
+    assert_eq!(back.host, Host::V4(Ipv4Addr::LOCALHOST));
+    assert_eq!(
+        Echo::parse(&back.payload, EchoKind::Reply).unwrap(),
+        req.reply()
+    );
+    assert!(ask(DENY, req.to_bytes()).await.is_none(), "policy");
+    let mut bad = req.to_bytes();
+    bad[0] = 13; // a timestamp request
+    assert!(ask(ALLOW, bad).await.is_none(), "only echo requests");
+}

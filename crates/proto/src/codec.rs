@@ -165,6 +165,9 @@ mod tests {
             Just(StreamHeader {
                 target: Target::DnsTcp
             }),
+            Just(StreamHeader {
+                target: Target::Echo
+            }),
         ]
     }
 

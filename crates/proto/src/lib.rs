@@ -12,6 +12,7 @@ pub mod codec;
 pub mod control;
 pub mod enroll;
 pub mod http_proxy;
+pub mod icmp;
 pub mod net;
 pub mod openvpn_mgmt;
 pub mod socks5;

@@ -90,6 +90,10 @@ pub enum Target {
     /// then raw bytes like [`Target::Tcp`]. Serves TCP to the VPN's pushed DNS address (truncated answers, large
     /// records).
     DnsTcp,
+    /// An ICMPv4 echo: the server sends one [`UdpDatagram`] (port 0) holding an echo request for its host; the
+    /// agent pings from the device and answers with one datagram holding the reply (same identifier and sequence
+    /// number), or ends the stream when none came in time.
+    Echo,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +105,7 @@ const S_TCP: u8 = 1;
 const S_UDP: u8 = 2;
 const S_DNS: u8 = 3;
 const S_DNS_TCP: u8 = 4;
+const S_ECHO: u8 = 5;
 
 impl Encode for StreamHeader {
     fn encode(&self, out: &mut BytesMut) {
@@ -113,6 +118,7 @@ impl Encode for StreamHeader {
             Target::Udp => out.put_u8(S_UDP),
             Target::Dns => out.put_u8(S_DNS),
             Target::DnsTcp => out.put_u8(S_DNS_TCP),
+            Target::Echo => out.put_u8(S_ECHO),
         }
     }
 }
@@ -131,6 +137,7 @@ impl Decode for StreamHeader {
             S_UDP => Target::Udp,
             S_DNS => Target::Dns,
             S_DNS_TCP => Target::DnsTcp,
+            S_ECHO => Target::Echo,
             tag => {
                 return Err(DecodeError::UnknownTag {
                     what: "stream target",

@@ -245,6 +245,76 @@ fn vpn_customer_browses_through_the_device_and_dns_is_answered_there() {
     });
 }
 
+/// `ping` from the customer's namespace: whether every one of `count` echoes was answered, and its output.
+async fn ping(topo: &Topology, to: &str, count: u32) -> (bool, String) {
+    let out = tokio::process::Command::from(topo.cust.command("ping"))
+        .args(["-n", "-c", &count.to_string(), "-i", "0.2", "-W", "3", to])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let all = text.contains(&format!("{count} packets transmitted, {count} received"));
+    (out.status.success() && all, text)
+}
+
+#[test]
+fn vpn_ping_is_answered_from_the_device_and_metered() {
+    in_server_ns(8, |topo| async move {
+        let stop = CancellationToken::new();
+        let _target = start_target(&topo.tgt, stop.clone());
+        let v = Vpn::start(&topo, RawConfig::default()).await;
+        let conn = v.create(None).await;
+        let id = conn["id"].as_str().unwrap();
+        let c = Client::start(&topo.cust, &v.profile_file("ping.ovpn", &ovpn_of(&conn)));
+        assert!(c.connected(CONNECT).await, "{}", c.log_text());
+        // The target is reachable from the device's network only: every reply crossed the device.
+        let before = v.connection(id).await["used_bytes"].as_u64().unwrap();
+        let (ok, out) = ping(&topo, &vpn::TARGET.to_string(), 3).await;
+        assert!(ok, "ping through the device:\n{out}");
+        let used = v.connection(id).await["used_bytes"].as_u64().unwrap() - before;
+        // 3 requests and 3 replies of 64 bytes each (8 of header, ping's 56 of data).
+        assert!(used >= 6 * 64, "echoes are metered: {used}");
+        // The pushed DNS address answers itself: a customer can check the tunnel without a device round trip.
+        let (ok, out) = ping(&topo, vpn::VPN_DNS, 2).await;
+        assert!(ok, "ping to the VPN's DNS address:\n{out}");
+        // So does the gateway (the server's VPN address), though nothing else of the server is reachable.
+        let gateway = vpn::VPN_DNS.replace(".2", ".1");
+        let (ok, out) = ping(&topo, &gateway, 2).await;
+        assert!(ok, "ping to the VPN's gateway:\n{out}");
+        // Nothing is made up: an address the device cannot reach stays silent.
+        let (ok, out) = ping(&topo, "10.201.9.9", 2).await;
+        assert!(
+            !ok && out.contains("2 packets transmitted, 0 received"),
+            "{out}"
+        );
+        drop(c);
+
+        // Echoes count against the limit like datagrams, whole or not at all: with room for three messages of 64
+        // bytes, one request and its reply pass, the second request takes the rest, its reply is not delivered,
+        // and the connection is exhausted at exactly its limit.
+        let small = v.create(Some(3 * 64)).await;
+        let sid = small["id"].as_str().unwrap();
+        let c = Client::start(
+            &topo.cust,
+            &v.profile_file("ping-small.ovpn", &ovpn_of(&small)),
+        );
+        assert!(c.connected(CONNECT).await, "{}", c.log_text());
+        let (_, out) = ping(&topo, &vpn::TARGET.to_string(), 3).await;
+        assert!(out.contains(", 1 received"), "{out}");
+        v.until(
+            "the small connection is exhausted",
+            Duration::from_secs(5),
+            || async { v.connection(sid).await["state"] == "exhausted" },
+        )
+        .await;
+        assert_eq!(v.connection(sid).await["used_bytes"], 3 * 64);
+        drop(c);
+        stop.cancel();
+        v.agent_stop.cancel();
+        v.s.shutdown().await;
+    });
+}
+
 fn ovpn_of(v: &Value) -> String {
     v["ovpn"]
         .as_str()

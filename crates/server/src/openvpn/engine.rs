@@ -25,6 +25,58 @@ pub struct Terminated {
 pub enum FlowKind {
     Tcp,
     Udp,
+    /// One ICMPv4 echo request (ports 0): the pipe's one read is the ICMP message, each write sends an ICMP message
+    /// back from `dst` to `src`.
+    Echo,
+}
+
+/// IANA protocol number of ICMP.
+const ICMP: u8 = 1;
+
+/// An echo request the stack handed over, as a [`Pipe`].
+struct EchoPipe {
+    request: Option<Vec<u8>>,
+    packet: ipstack::IpStackUnknownTransport,
+}
+
+impl AsyncRead for EchoPipe {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Some(r) = self.request.take() {
+            // Never more than MTU bytes; a smaller buffer gets what fits (the rest of a datagram is lost, as
+            // with a short UDP read).
+            let n = r.len().min(buf.remaining());
+            buf.put_slice(&r[..n]);
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for EchoPipe {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(self.packet.send(buf.to_vec()).map(|()| buf.len()))
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
 }
 
 /// A source of terminated customer flows.
@@ -90,7 +142,20 @@ impl Engine for StackEngine {
                             pipe: Box::new(u),
                         })
                     }
-                    // ICMP and other protocols are not relayed: dropped.
+                    // ICMPv4 echo requests are relayed (see `flows`); other ICMP and other protocols are dropped.
+                    ipstack::IpStackStream::UnknownTransport(u)
+                        if u.ip_protocol().0 == ICMP && u.payload().first() == Some(&8) =>
+                    {
+                        return Some(Terminated {
+                            kind: FlowKind::Echo,
+                            src: SocketAddr::new(u.src_addr(), 0),
+                            dst: SocketAddr::new(u.dst_addr(), 0),
+                            pipe: Box::new(EchoPipe {
+                                request: Some(u.payload().to_vec()),
+                                packet: u,
+                            }),
+                        });
+                    }
                     ipstack::IpStackStream::UnknownTransport(_)
                     | ipstack::IpStackStream::UnknownNetwork(_) => {}
                 }
@@ -216,5 +281,71 @@ mod tests {
         };
         assert_eq!((udp.source_port(), udp.destination_port()), (53, 40000));
         assert_eq!(udp.payload(), b"answer");
+    }
+
+    /// An ICMP echo request comes out as an echo flow whose one read is the message; a write goes back as an ICMP
+    /// packet from the pinged address. Other ICMP (a timestamp request here) is dropped.
+    #[tokio::test]
+    async fn echo_request_becomes_an_echo_flow_and_the_reply_a_packet() {
+        use proxyfleet_proto::icmp::{Echo, EchoKind};
+        let (mut outside, device) = tokio::io::duplex(64 * 1024);
+        let mut engine = StackEngine::new(device);
+        let req = Echo {
+            kind: EchoKind::Request,
+            id: 42,
+            seq: 1,
+            data: b"ping".to_vec(),
+        };
+        let icmp_packet = |msg: &[u8]| {
+            let mut ip = etherparse::Ipv4Header::new(
+                u16::try_from(msg.len()).unwrap(),
+                64,
+                etherparse::IpNumber::ICMP,
+                [10, 77, 0, 16],
+                [192, 0, 2, 7],
+            )
+            .unwrap();
+            ip.header_checksum = ip.calc_header_checksum();
+            let mut p = ip.to_bytes().to_vec();
+            p.extend_from_slice(msg);
+            p
+        };
+        let mut timestamp = req.to_bytes();
+        timestamp[0] = 13;
+        outside.write_all(&icmp_packet(&timestamp)).await.unwrap();
+        // The in-memory device has no packet boundaries: let the stack read the first packet alone.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        outside
+            .write_all(&icmp_packet(&req.to_bytes()))
+            .await
+            .unwrap();
+        let mut flow = tokio::time::timeout(Duration::from_secs(5), engine.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(flow.kind, FlowKind::Echo);
+        assert_eq!(flow.src, "10.77.0.16:0".parse().unwrap());
+        assert_eq!(flow.dst, "192.0.2.7:0".parse().unwrap());
+        let mut buf = [0u8; 1500];
+        let n = flow.pipe.read(&mut buf).await.unwrap();
+        assert_eq!(Echo::parse(&buf[..n], EchoKind::Request).unwrap(), req);
+        assert_eq!(
+            flow.pipe.read(&mut buf).await.unwrap(),
+            0,
+            "one message only"
+        );
+        flow.pipe.write_all(&req.reply().to_bytes()).await.unwrap();
+        let mut pkt = vec![0u8; 2048];
+        let n = tokio::time::timeout(Duration::from_secs(5), outside.read(&mut pkt))
+            .await
+            .unwrap()
+            .unwrap();
+        let (ip, rest) = etherparse::Ipv4Header::from_slice(&pkt[..n]).unwrap();
+        assert_eq!(ip.protocol, etherparse::IpNumber::ICMP);
+        assert_eq!(
+            (ip.source, ip.destination),
+            ([192, 0, 2, 7], [10, 77, 0, 16])
+        );
+        assert_eq!(Echo::parse(rest, EchoKind::Reply).unwrap(), req.reply());
     }
 }

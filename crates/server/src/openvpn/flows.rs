@@ -1,11 +1,13 @@
 //! VPN flows through the relay: each TCP stream and UDP flow the engine terminated is matched to its connection by
 //! the customer's VPN address, admitted like a proxy flow, and relayed through the connection's device with the same
-//! meter and cut-off. DNS to the pushed address goes to the device's own resolver.
+//! meter and cut-off. DNS to the pushed address goes to the device's own resolver. ICMP echo requests are pinged
+//! from the device, one tunnel stream each; the pushed DNS address answers them itself.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
+use proxyfleet_proto::icmp::{Echo, EchoKind, MAX_ECHO, REPLY_TIMEOUT};
 use proxyfleet_proto::{FrameCodec, Host, Target, UdpDatagram, MAX_UDP_FRAME};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -19,7 +21,7 @@ use crate::proxy::ProxyContext;
 /// Largest datagram read from a customer, in bytes.
 const MAX_DATAGRAM: usize = 65_535;
 
-/// Serve the engine's flows until it stops or the server shuts down.
+/// Serve the engine's flows until it stops or the server shuts down; `dns` is the pushed DNS address.
 pub async fn serve(
     ctx: Arc<ProxyContext>,
     sessions: Arc<Sessions>,
@@ -54,6 +56,7 @@ pub async fn serve(
             match t.kind {
                 FlowKind::Tcp => tcp(&ctx2, entry, t, dns).await,
                 FlowKind::Udp => udp(&ctx2, entry, t, dns).await,
+                FlowKind::Echo => echo(&ctx2, entry, t, dns).await,
             }
         });
     }
@@ -154,4 +157,71 @@ async fn udp(
         }
     }
     let _ = to_dev.close().await;
+}
+
+/// One ICMP echo request: answered at once when it is for the pushed `dns` address (which exists only inside the
+/// door; the gateway's pings are answered by the kernel, see `net`), otherwise pinged from the device through a
+/// stream of its own. Request and reply are charged whole, like UDP datagrams; a reply that does not match the request
+/// (address, identifier, sequence) is dropped.
+async fn echo(
+    ctx: &ProxyContext,
+    entry: Arc<crate::proxy::directory::Entry>,
+    mut t: Terminated,
+    dns: Ipv4Addr,
+) {
+    let mut msg = vec![0u8; MAX_ECHO];
+    let n = match t.pipe.read(&mut msg).await {
+        Ok(n) if n > 0 => n,
+        _ => return,
+    };
+    let msg = &msg[..n];
+    let (Ok(req), IpAddr::V4(dst)) = (Echo::parse(msg, EchoKind::Request), t.dst.ip()) else {
+        return;
+    };
+    if dst == dns {
+        let _ = t.pipe.write_all(&req.reply().to_bytes()).await;
+        return;
+    }
+    let (flow, dr, dw) = match ctx.open(&entry, Target::Echo).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::debug!(src = %t.src, %dst, failure = ?e, "VPN echo refused");
+            return;
+        }
+    };
+    let now = || ctx.dir.clock().now_ms();
+    if !flow.entry.charge_whole(n, Dir::Up, &flow.device, now()) {
+        return;
+    }
+    flow.counters.add(Dir::Up, n);
+    let mut from_dev = FramedRead::new(dr, FrameCodec::<UdpDatagram>::new(MAX_UDP_FRAME));
+    let mut to_dev = FramedWrite::new(dw, FrameCodec::<UdpDatagram>::new(MAX_UDP_FRAME));
+    let host = Host::V4(dst);
+    let request = UdpDatagram {
+        host: host.clone(),
+        port: 0,
+        payload: msg.to_vec(),
+    };
+    if to_dev.send(request).await.is_err() {
+        return;
+    }
+    // The device gives up after REPLY_TIMEOUT; a little more covers the tunnel.
+    let reply = tokio::select! {
+        _ = flow.stop.cancelled() => return,
+        r = tokio::time::timeout(REPLY_TIMEOUT + std::time::Duration::from_secs(2), from_dev.next()) => r,
+    };
+    let Ok(Some(Ok(d))) = reply else {
+        return;
+    };
+    let matches = Echo::parse(&d.payload, EchoKind::Reply)
+        .is_ok_and(|r| r.id == req.id && r.seq == req.seq && d.host == host);
+    if !matches
+        || !flow
+            .entry
+            .charge_whole(d.payload.len(), Dir::Down, &flow.device, now())
+    {
+        return;
+    }
+    flow.counters.add(Dir::Down, d.payload.len());
+    let _ = t.pipe.write_all(&d.payload).await;
 }

@@ -129,7 +129,8 @@ pub async fn start(
         }
     };
     let tproxy_port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
-    if let Err(e) = net::setup(tproxy_port).await {
+    let gateway = std::net::Ipv4Addr::from(u32::from(settings.subnet.network()) + 1);
+    if let Err(e) = net::setup(tproxy_port, gateway).await {
         net::teardown().await;
         return off(format!(
             "cannot set up its network (it needs root or CAP_NET_ADMIN): {e}"

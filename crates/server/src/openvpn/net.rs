@@ -81,8 +81,9 @@ fn sysctl(path: &str, value: &str) -> Result<(), NetError> {
 
 /// The nftables rules, replaced as a whole (`nft -f` applies a file atomically). Customers' TCP goes to the
 /// transparent listener on `tproxy_port` (if nothing listens there, the rule does not match and the packet takes
-/// the policy route, to the stack or the blackhole); only packets TPROXY marked may be delivered locally.
-fn ruleset(tproxy_port: u16) -> String {
+/// the policy route, to the stack or the blackhole); only packets TPROXY marked, and echo requests to the server's
+/// VPN address `gateway` (so customers can ping their gateway; the kernel answers), may be delivered locally.
+fn ruleset(tproxy_port: u16, gateway: std::net::Ipv4Addr) -> String {
     format!(
         "table inet {NFT_TABLE}\n\
          delete table inet {NFT_TABLE}\n\
@@ -94,6 +95,7 @@ fn ruleset(tproxy_port: u16) -> String {
          \tchain input {{\n\
          \t\ttype filter hook input priority -10; policy accept;\n\
          \t\tiifname \"{VPN_DEV}\" meta mark {TPROXY_MARK} meta l4proto tcp accept\n\
+         \t\tiifname \"{VPN_DEV}\" ip daddr {gateway} icmp type echo-request accept\n\
          \t\tiifname \"{VPN_DEV}\" drop\n\
          \t}}\n\
          \tchain forward {{\n\
@@ -106,11 +108,11 @@ fn ruleset(tproxy_port: u16) -> String {
 
 /// Create OpenVPN's tun device (so that forwarding can be switched on for it before OpenVPN starts, and so that it
 /// outlives OpenVPN restarts) and the rules that send its packets to proxyfleet only.
-pub async fn setup(tproxy_port: u16) -> Result<(), NetError> {
+pub async fn setup(tproxy_port: u16, gateway: std::net::Ipv4Addr) -> Result<(), NetError> {
     // Leftovers from a run that did not clean up are replaced.
     teardown().await;
     run("ip", &["tuntap", "add", "dev", VPN_DEV, "mode", "tun"]).await?;
-    input("nft", &["-f", "-"], &ruleset(tproxy_port)).await?;
+    input("nft", &["-f", "-"], &ruleset(tproxy_port, gateway)).await?;
     let (mark, local, pref) = (
         TPROXY_MARK.to_string(),
         TPROXY_MARK.to_string(),

@@ -133,7 +133,7 @@ impl Topology {
             skip("the OpenVPN tests need root (network namespaces, tun devices)");
             return None;
         }
-        for p in ["openvpn", "nft", "ip", "curl"] {
+        for p in ["openvpn", "nft", "ip", "curl", "ping", "sysctl"] {
             if !have(p) {
                 skip(&format!(
                     "{p} is not installed (scripts/install-test-deps.sh installs it)"
@@ -155,6 +155,17 @@ impl Topology {
         dev.addr("eth-srv", &format!("{DEV_UP}/24"));
         dev.addr("eth-tgt", &format!("{DEV_OUT}/24"));
         tgt.addr("eth-dev", &format!("{TARGET}/24"));
+        // The device allows unprivileged ping sockets, as Android and systemd systems do (the agent's own tests
+        // cover the raw-socket fallback).
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &dev.name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ping_group_range=0 2147483647",
+        ]);
         // The customer's default gateway is the server (as a home router would be): redirect-gateway needs one.
         sh(&[
             "ip",

@@ -1,0 +1,144 @@
+//! ICMP echo from the device, for the OpenVPN door: one stream per echo request. The device pings with an
+//! unprivileged ping socket (`SOCK_DGRAM`/`IPPROTO_ICMP`, allowed when the agent's group is inside
+//! `net.ipv4.ping_group_range`, as on Android and systemd systems) or, failing that, a raw ICMP socket (root or
+//! CAP_NET_RAW). Targets go through the same [`TargetPolicy`] as TCP and UDP.
+
+use std::io::ErrorKind;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use proxyfleet_proto::icmp::{Echo, EchoKind, REPLY_TIMEOUT};
+use proxyfleet_proto::{FrameCodec, Host, OpenResult, UdpDatagram, MAX_UDP_FRAME};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UdpSocket;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::conn::{BoxRead, BoxWrite};
+use crate::policy::TargetPolicy;
+
+/// How long the server has to send the request after the stream opened.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An ICMP socket of one of the two kinds.
+enum Pinger {
+    /// The kernel picks the identifier (and matches replies to it) and hands over ICMP messages alone.
+    Ping(UdpSocket),
+    /// Every ICMP packet the host receives arrives here, IPv4 header first; replies are matched by hand.
+    Raw(UdpSocket),
+}
+
+fn tokio_socket(s: Socket) -> std::io::Result<UdpSocket> {
+    s.set_nonblocking(true)?;
+    UdpSocket::from_std(std::net::UdpSocket::from(s))
+}
+
+impl Pinger {
+    fn open() -> std::io::Result<Pinger> {
+        match Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::ICMPV4)) {
+            Ok(s) => Ok(Pinger::Ping(tokio_socket(s)?)),
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+                let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
+                Ok(Pinger::Raw(tokio_socket(raw)?))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Send `req` to `to` and wait for its reply (the reply's data; identifier and sequence are the request's).
+    async fn echo(&self, to: Ipv4Addr, req: &Echo) -> std::io::Result<Option<Vec<u8>>> {
+        let dst = SocketAddr::new(IpAddr::V4(to), 0);
+        // A raw socket sends our identifier as is: a random one keeps replies to other programs apart.
+        let id = match self {
+            Pinger::Ping(_) => req.id,
+            Pinger::Raw(_) => rand::random(),
+        };
+        let out = Echo { id, ..req.clone() };
+        let sock = match self {
+            Pinger::Ping(s) | Pinger::Raw(s) => s,
+        };
+        sock.send_to(&out.to_bytes(), dst).await?;
+        let mut buf = vec![0u8; 65_535];
+        let wait = async {
+            loop {
+                let (n, from) = sock.recv_from(&mut buf).await?;
+                if from.ip() != dst.ip() {
+                    continue;
+                }
+                let msg = match self {
+                    Pinger::Ping(_) => &buf[..n],
+                    Pinger::Raw(_) => {
+                        let ihl = usize::from(buf[0] & 0x0f) * 4;
+                        if n < ihl {
+                            continue;
+                        }
+                        &buf[ihl..n]
+                    }
+                };
+                let Ok(reply) = Echo::parse(msg, EchoKind::Reply) else {
+                    continue;
+                };
+                // A ping socket's replies carry the identifier the kernel chose; the kernel matched it already.
+                let ours = matches!(self, Pinger::Ping(_)) || reply.id == id;
+                if ours && reply.seq == req.seq {
+                    return Ok::<_, std::io::Error>(reply.data);
+                }
+            }
+        };
+        match tokio::time::timeout(REPLY_TIMEOUT, wait).await {
+            Ok(r) => r.map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+}
+
+/// Serve one echo stream: answer `Ok` once an ICMP socket is open (`Failed` when the device permits none), read
+/// the request, ping, send the reply back if one came in time, end the stream.
+pub(crate) async fn serve_echo(
+    recv: BoxRead,
+    mut send: BoxWrite,
+    policy: TargetPolicy,
+) -> anyhow::Result<()> {
+    let pinger = match Pinger::open() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot ping from this device: allow the agent's group in \
+                net.ipv4.ping_group_range, or give it CAP_NET_RAW");
+            send.write_all(&[OpenResult::Failed as u8]).await?;
+            send.shutdown().await?;
+            return Ok(());
+        }
+    };
+    send.write_all(&[OpenResult::Ok as u8]).await?;
+    send.flush().await?;
+    let mut reader = FramedRead::new(recv, FrameCodec::<UdpDatagram>::new(MAX_UDP_FRAME));
+    let mut writer = FramedWrite::new(send, FrameCodec::<UdpDatagram>::new(MAX_UDP_FRAME));
+    let Ok(Some(frame)) = tokio::time::timeout(REQUEST_TIMEOUT, reader.next()).await else {
+        return Ok(());
+    };
+    let d = frame?;
+    let Host::V4(to) = d.host else {
+        anyhow::bail!("ICMP echo to a non-IPv4 host");
+    };
+    let req = Echo::parse(&d.payload, EchoKind::Request)?;
+    if !policy.permits(IpAddr::V4(to)) {
+        tracing::debug!(%to, "refused an ICMP echo to a non-public target");
+        return Ok(());
+    }
+    if let Some(data) = pinger.echo(to, &req).await? {
+        let reply = Echo {
+            data,
+            ..req.reply()
+        };
+        writer
+            .send(UdpDatagram {
+                host: Host::V4(to),
+                port: 0,
+                payload: reply.to_bytes(),
+            })
+            .await?;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer.close()).await;
+    Ok(())
+}
