@@ -21,6 +21,54 @@ use crate::proxy::ProxyContext;
 /// Largest datagram read from a customer, in bytes.
 const MAX_DATAGRAM: usize = 65_535;
 
+/// Most echo requests of one customer address waiting for their reply at once; more are dropped (as a router
+/// drops a flood), so that `ping -f` to an unreachable host cannot tie up the device's streams.
+const ECHOES_IN_FLIGHT: usize = 16;
+
+/// Echo requests in flight per customer address.
+#[derive(Default)]
+struct EchoSlots(std::sync::Mutex<std::collections::HashMap<Ipv4Addr, usize>>);
+
+/// One taken slot, given back on drop.
+struct EchoSlot {
+    slots: Arc<EchoSlots>,
+    src: Ipv4Addr,
+}
+
+impl EchoSlots {
+    fn take(self: &Arc<Self>, src: Ipv4Addr) -> Option<EchoSlot> {
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = m.entry(src).or_insert(0);
+        if *n >= ECHOES_IN_FLIGHT {
+            return None;
+        }
+        *n += 1;
+        Some(EchoSlot {
+            slots: self.clone(),
+            src,
+        })
+    }
+}
+
+impl Drop for EchoSlot {
+    fn drop(&mut self) {
+        let mut m = self
+            .slots
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&self.src) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.src);
+            }
+        }
+    }
+}
+
 /// Serve the engine's flows until it stops or the server shuts down; `dns` is the pushed DNS address.
 pub async fn serve(
     ctx: Arc<ProxyContext>,
@@ -29,6 +77,7 @@ pub async fn serve(
     mut engine: Box<dyn Engine>,
     stop: tokio_util::sync::CancellationToken,
 ) {
+    let echoes = Arc::new(EchoSlots::default());
     loop {
         let t = tokio::select! {
             t = engine.accept() => match t {
@@ -51,6 +100,13 @@ pub async fn serve(
             tracing::debug!(%src, "VPN packet from an address without a session; dropped");
             continue;
         };
+        let slot = match t.kind {
+            FlowKind::Echo => match echoes.take(src) {
+                Some(slot) => Some(slot),
+                None => continue,
+            },
+            _ => None,
+        };
         let ctx2 = ctx.clone();
         ctx.tracker.spawn(async move {
             match t.kind {
@@ -58,6 +114,7 @@ pub async fn serve(
                 FlowKind::Udp => udp(&ctx2, entry, t, dns).await,
                 FlowKind::Echo => echo(&ctx2, entry, t, dns).await,
             }
+            drop(slot);
         });
     }
 }
@@ -224,4 +281,30 @@ async fn echo(
     }
     flow.counters.add(Dir::Down, d.payload.len());
     let _ = t.pipe.write_all(&d.payload).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echo_slots_cap_each_address_and_come_back_on_drop() {
+        let slots = Arc::new(EchoSlots::default());
+        let (a, b) = (Ipv4Addr::new(10, 77, 0, 16), Ipv4Addr::new(10, 77, 0, 17));
+        let mut held: Vec<EchoSlot> = (0..ECHOES_IN_FLIGHT)
+            .map(|_| slots.take(a).expect("under the cap"))
+            .collect();
+        assert!(slots.take(a).is_none(), "the cap holds");
+        assert!(
+            slots.take(b).is_some(),
+            "per address: another customer is not affected"
+        );
+        held.pop();
+        assert!(slots.take(a).is_some(), "a finished echo frees its slot");
+        drop(held);
+        assert!(
+            slots.0.lock().unwrap().is_empty(),
+            "no entry is left for addresses with nothing in flight"
+        );
+    }
 }
