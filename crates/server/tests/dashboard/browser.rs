@@ -72,12 +72,11 @@ pub async fn start() -> Option<(Driver, Client)> {
             format!("--user-data-dir={}", driver._profile.path().display()),
         ]}),
     );
-    // fantoccini's TLS stack (unused on loopback HTTP) needs a process-wide crypto provider.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match fantoccini::ClientBuilder::rustls()
-            .unwrap()
+        // chromedriver speaks plain HTTP on loopback: no TLS stack needed.
+        let http = hyper_util::client::legacy::connect::HttpConnector::new();
+        match fantoccini::ClientBuilder::new(http)
             .capabilities(caps.clone())
             .connect(&driver.url)
             .await
