@@ -15,7 +15,6 @@ use proxyfleet::clock::{Clock, ManualClock};
 use proxyfleet::monitor::{Detector, Rules, ScanReport};
 use proxyfleet::store::{NewDevice, NewEvent, NewOperator, Role, Store};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 // ---- the detector on a real store ---------------------------------------------------------------------------
 
@@ -597,26 +596,10 @@ async fn a_real_agent_going_away_and_coming_back_is_reported() {
     };
     let v = put_url(&s, &token, &format!("http://{addr}/hooks")).await;
     let secret = v["secret"].as_str().unwrap().to_owned();
-    let r = s
-        .post("/api/v1.0/devices", &token, json!({"name": "field-phone"}))
-        .await;
-    let d: Value = r.json().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    proxyfleet_agent::enroll(&s.tunnel(), d["pairing_code"].as_str().unwrap(), dir.path())
-        .await
-        .unwrap();
-    let run = |dir: std::path::PathBuf| {
-        let cancel = CancellationToken::new();
-        let c = cancel.clone();
-        let opts = proxyfleet_agent::RunOptions {
-            power_supply_dir: dir.join("none"),
-            ..Default::default()
-        };
-        tokio::spawn(async move { proxyfleet_agent::run(&dir, opts, c).await });
-        cancel
-    };
-    let agent = run(dir.path().to_owned());
-    let path = format!("/api/v1.0/devices/{}", d["id"].as_str().unwrap());
+    let (device_id, dir) = common::enrolled_device(&s, &token, "field-phone").await;
+    let run = |dir: &std::path::Path| common::spawn_agent_opts(dir, common::agent_options(dir)).0;
+    let agent = run(dir.path());
+    let path = format!("/api/v1.0/devices/{device_id}");
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let v: Value = s.get(&path, &token).await.json().await.unwrap();
@@ -639,7 +622,7 @@ async fn a_real_agent_going_away_and_coming_back_is_reported() {
     assert_eq!(off["data"]["device"]["name"], "field-phone");
     assert_eq!(off["data"]["threshold_seconds"], 30);
     // It comes back: the recovery goes out at once (well before the next scan would matter).
-    let _agent = run(dir.path().to_owned());
+    let _agent = run(dir.path());
     rx.wait_for(2).await;
     let (_, _, body) = rx.got.lock().unwrap()[1].clone();
     let rec: Value = serde_json::from_str(&body).unwrap();

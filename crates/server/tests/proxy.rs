@@ -62,8 +62,8 @@ impl Rig {
     async fn start_with(opts: Opts) -> Option<Rig> {
         let s = TestServer::start(opts).await?;
         let token = s.admin_token().await;
-        let (device, state) = enroll(&s, &token, "phone").await;
-        let agent = spawn_agent(&s, state.path());
+        let (device, state) = common::enrolled_device(&s, &token, "phone").await;
+        let agent = spawn_agent(state.path());
         let rig = Rig {
             s,
             token,
@@ -124,30 +124,8 @@ impl Rig {
     }
 }
 
-async fn enroll(s: &TestServer, token: &str, name: &str) -> (String, tempfile::TempDir) {
-    let r = s
-        .post("/api/v1.0/devices", token, json!({ "name": name }))
-        .await;
-    assert_eq!(r.status(), 201);
-    let v: Value = r.json().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    proxyfleet_agent::enroll(&s.tunnel(), v["pairing_code"].as_str().unwrap(), dir.path())
-        .await
-        .unwrap();
-    (v["id"].as_str().unwrap().to_owned(), dir)
-}
-
-fn spawn_agent(_s: &TestServer, dir: &std::path::Path) -> CancellationToken {
-    let cancel = CancellationToken::new();
-    let opts = proxyfleet_agent::RunOptions {
-        power_supply_dir: dir.join("none"),
-        // The targets of these tests listen on loopback.
-        allow_private_targets: true,
-        ..Default::default()
-    };
-    let (c, d) = (cancel.clone(), dir.to_owned());
-    tokio::spawn(async move { proxyfleet_agent::run(&d, opts, c).await });
-    cancel
+fn spawn_agent(dir: &std::path::Path) -> CancellationToken {
+    common::spawn_agent_opts(dir, common::agent_options(dir)).0
 }
 
 // ---- targets ------------------------------------------------------------------------------------------------
@@ -364,7 +342,7 @@ async fn connection_api_shows_the_password_once_and_validates_everything() {
 
     // Edit every field; bad values are refused with a reason.
     let path = format!("/api/v1.0/connections/{id}");
-    let (other_dev, _st) = enroll(s, token, "second").await;
+    let (other_dev, _st) = common::enrolled_device(s, token, "second").await;
     let r = s
         .patch(&path, token, json!({"name": "alice-2", "bandwidth_limit_bytes": null, "enabled": false,
             "allow_cidrs": ["10.1.2.3/8", "192.0.2.9", "::ffff:198.51.100.0/120"], "device_id": other_dev}))

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{error_of, Db, Opts, TestServer};
+use common::{agent_options, error_of, spawn_agent_opts, Agent, Db, Opts, TestServer};
 use proxyfleet::clock::Clock;
 use proxyfleet::store::Role;
 use serde_json::{json, Value};
@@ -124,11 +124,6 @@ async fn wait_for(
     }
 }
 
-type Agent = (
-    CancellationToken,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
-);
-
 fn spawn_agent(dir: &std::path::Path) -> Agent {
     spawn_agent_with(dir, None)
 }
@@ -141,27 +136,9 @@ fn spawn_agent_with(
         dir,
         proxyfleet_agent::RunOptions {
             rebind,
-            ..options(dir)
+            ..agent_options(dir)
         },
     )
-}
-
-fn options(dir: &std::path::Path) -> proxyfleet_agent::RunOptions {
-    proxyfleet_agent::RunOptions {
-        power_supply_dir: dir.join("no-power-supply"),
-        rebind: None,
-        rotate_command: None,
-        // The targets these tests dial listen on 127.0.0.1.
-        allow_private_targets: true,
-        ..Default::default()
-    }
-}
-
-fn spawn_agent_opts(dir: &std::path::Path, opts: proxyfleet_agent::RunOptions) -> Agent {
-    let cancel = CancellationToken::new();
-    let (c, d) = (cancel.clone(), dir.to_owned());
-    let task = tokio::spawn(async move { proxyfleet_agent::run(&d, opts, c).await });
-    (cancel, task)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -542,7 +519,7 @@ async fn ip_rotation_runs_the_devices_command_and_reports_the_addresses() {
             .unwrap();
         let opts = proxyfleet_agent::RunOptions {
             rotate_command: cmd.map(str::to_owned),
-            ..options(dir.path())
+            ..agent_options(dir.path())
         };
         keep.push((spawn_agent_opts(dir.path(), opts), dir));
         wait_for(&s, &token, &id, "online", |v| v["status"] == "online").await;
@@ -646,7 +623,7 @@ async fn a_tcp_agent_moves_to_quic_when_udp_works() {
     // Start one session on TCP by hand, then let the agent's run loop (which prefers QUIC) take over.
     let opts = proxyfleet_agent::RunOptions {
         quic_retry: Duration::from_millis(300),
-        ..options(dir.path())
+        ..agent_options(dir.path())
     };
     let state = dir.path().to_owned();
     let cancel = CancellationToken::new();

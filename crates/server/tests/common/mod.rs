@@ -539,3 +539,56 @@ pub async fn read_request_head(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> O
     }
     Some(head)
 }
+
+// ---- devices and agents -------------------------------------------------------------------------------------
+
+/// A new device of the operator behind `token`, enrolled by the real agent library into a fresh state
+/// directory: its id and the directory.
+pub async fn enrolled_device(
+    s: &TestServer,
+    token: &str,
+    name: &str,
+) -> (String, tempfile::TempDir) {
+    let r = s
+        .post(
+            "/api/v1.0/devices",
+            token,
+            serde_json::json!({ "name": name }),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.expect("device json");
+    let dir = tempfile::tempdir().expect("agent dir");
+    proxyfleet_agent::enroll(
+        &s.tunnel(),
+        v["pairing_code"].as_str().expect("code"),
+        dir.path(),
+    )
+    .await
+    .expect("enroll");
+    (v["id"].as_str().expect("id").to_owned(), dir)
+}
+
+/// The options the tests run agents with: no battery, and private targets allowed (the tests' targets listen on
+/// loopback).
+pub fn agent_options(dir: &std::path::Path) -> proxyfleet_agent::RunOptions {
+    proxyfleet_agent::RunOptions {
+        power_supply_dir: dir.join("no-power-supply"),
+        allow_private_targets: true,
+        ..Default::default()
+    }
+}
+
+/// A running agent: cancel the token to stop it; the task ends with the agent's outcome.
+pub type Agent = (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+);
+
+/// Run the real agent from `dir` with `opts`.
+pub fn spawn_agent_opts(dir: &std::path::Path, opts: proxyfleet_agent::RunOptions) -> Agent {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (c, d) = (cancel.clone(), dir.to_owned());
+    let task = tokio::spawn(async move { proxyfleet_agent::run(&d, opts, c).await });
+    (cancel, task)
+}

@@ -109,7 +109,6 @@ pub async fn receiver() -> (Events, SocketAddr) {
 /// Run a real agent from `dir`, with a battery at 80 % and charging (a fake sysfs) and a rotation command that
 /// succeeds without changing anything.
 pub fn spawn_agent(dir: &std::path::Path) -> CancellationToken {
-    let cancel = CancellationToken::new();
     let battery = dir.join("power/BAT0");
     std::fs::create_dir_all(&battery).unwrap();
     for (file, content) in [
@@ -122,10 +121,7 @@ pub fn spawn_agent(dir: &std::path::Path) -> CancellationToken {
     let opts = proxyfleet_agent::RunOptions {
         power_supply_dir: dir.join("power"),
         rotate_command: Some("echo rotated".into()),
-        allow_private_targets: true,
-        ..Default::default()
+        ..crate::common::agent_options(dir)
     };
-    let (c, d) = (cancel.clone(), dir.to_owned());
-    tokio::spawn(async move { proxyfleet_agent::run(&d, opts, c).await });
-    cancel
+    crate::common::spawn_agent_opts(dir, opts).0
 }
