@@ -66,23 +66,9 @@ impl Pinger {
                 if from.ip() != dst.ip() {
                     continue;
                 }
-                let msg = match self {
-                    Pinger::Ping(_) => &buf[..n],
-                    Pinger::Raw(_) => {
-                        let ihl = usize::from(buf[0] & 0x0f) * 4;
-                        if n < ihl {
-                            continue;
-                        }
-                        &buf[ihl..n]
-                    }
-                };
-                let Ok(reply) = Echo::parse(msg, EchoKind::Reply) else {
-                    continue;
-                };
-                // A ping socket's replies carry the identifier the kernel chose; the kernel matched it already.
-                let ours = matches!(self, Pinger::Ping(_)) || reply.id == id;
-                if ours && reply.seq == req.seq {
-                    return Ok::<_, std::io::Error>(reply.data);
+                let raw = matches!(self, Pinger::Raw(_));
+                if let Some(data) = reply_to(raw, &buf[..n], id, req.seq) {
+                    return Ok::<_, std::io::Error>(data);
                 }
             }
         };
@@ -92,6 +78,27 @@ impl Pinger {
         }
     }
 }
+
+/// The data of the reply to our echo (`id`, `seq`) in what one ICMP socket read gave, or `None` for anything else.
+/// A raw socket's reads start with the IPv4 header, and every ICMP packet of the host arrives there, so the
+/// identifier must be ours; a ping socket's reads are the ICMP message alone, and the kernel has matched the
+/// identifier (it chose it) already.
+fn reply_to(raw: bool, read: &[u8], id: u16, seq: u16) -> Option<Vec<u8>> {
+    let msg = if raw {
+        let ihl = usize::from(read.first()? & 0x0f) * 4;
+        if ihl < 20 {
+            return None;
+        }
+        read.get(ihl..)?
+    } else {
+        read
+    };
+    let reply = Echo::parse(msg, EchoKind::Reply).ok()?;
+    ((!raw || reply.id == id) && reply.seq == seq).then_some(reply.data)
+}
+
+/// Logged once per process: every echo would otherwise log the same warning.
+static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Serve one echo stream: answer `Ok` once an ICMP socket is open (`Failed` when the device permits none), read
 /// the request, ping, send the reply back if one came in time, end the stream.
@@ -103,8 +110,10 @@ pub(crate) async fn serve_echo(
     let pinger = match Pinger::open() {
         Ok(p) => p,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot ping from this device: allow the agent's group in \
-                net.ipv4.ping_group_range, or give it CAP_NET_RAW");
+            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(error = %e, "cannot ping from this device (customers' pings go unanswered): \
+                    allow the agent's group in net.ipv4.ping_group_range, or give it CAP_NET_RAW");
+            }
             send.write_all(&[OpenResult::Failed as u8]).await?;
             send.shutdown().await?;
             return Ok(());
@@ -141,4 +150,74 @@ pub(crate) async fn serve_echo(
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), writer.close()).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(id: u16, seq: u16) -> Vec<u8> {
+        Echo {
+            kind: EchoKind::Reply,
+            id,
+            seq,
+            data: b"data".to_vec(),
+        }
+        .to_bytes()
+    }
+
+    /// A 24-byte IPv4 header (one 4-byte option), as a raw socket hands it over before the message.
+    fn with_header(msg: &[u8]) -> Vec<u8> {
+        let mut p = vec![
+            0x46, 0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0, 127, 0, 0, 1, 127, 0, 0, 1, 1, 1, 1, 0,
+        ];
+        p.extend_from_slice(msg);
+        p
+    }
+
+    #[test]
+    fn raw_reads_skip_the_header_and_must_carry_our_identifier() {
+        assert_eq!(
+            reply_to(true, &with_header(&reply(7, 1)), 7, 1),
+            Some(b"data".to_vec())
+        );
+        assert_eq!(
+            reply_to(true, &with_header(&reply(8, 1)), 7, 1),
+            None,
+            "another program's"
+        );
+        assert_eq!(
+            reply_to(true, &with_header(&reply(7, 2)), 7, 1),
+            None,
+            "another sequence"
+        );
+        assert_eq!(
+            reply_to(true, &reply(7, 1), 7, 1),
+            None,
+            "no header: not a reply"
+        );
+        assert_eq!(reply_to(true, &[], 7, 1), None);
+        assert_eq!(
+            reply_to(true, &[0x4f, 0, 0], 7, 1),
+            None,
+            "header longer than the read"
+        );
+    }
+
+    #[test]
+    fn ping_socket_reads_are_the_message_and_the_kernel_chose_the_identifier() {
+        assert_eq!(
+            reply_to(false, &reply(4242, 1), 7, 1),
+            Some(b"data".to_vec())
+        );
+        assert_eq!(reply_to(false, &reply(4242, 2), 7, 1), None);
+        assert_eq!(reply_to(false, &with_header(&reply(7, 1)), 7, 1), None);
+        let mut request = reply(7, 1);
+        request[0] = 8;
+        assert_eq!(
+            reply_to(false, &request, 7, 1),
+            None,
+            "a request is not a reply"
+        );
+    }
 }

@@ -40,13 +40,14 @@ pub struct Echo {
 
 /// The Internet checksum (RFC 1071) of `bytes`.
 pub fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
+    // A u64 cannot overflow for any slice that fits in memory (2^48 pairs of at most 0xffff).
+    let mut sum: u64 = 0;
     let mut pairs = bytes.chunks_exact(2);
     for p in &mut pairs {
-        sum += u32::from(u16::from_be_bytes([p[0], p[1]]));
+        sum += u64::from(u16::from_be_bytes([p[0], p[1]]));
     }
     if let [last] = pairs.remainder() {
-        sum += u32::from(*last) << 8;
+        sum += u64::from(*last) << 8;
     }
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);

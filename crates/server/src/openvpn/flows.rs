@@ -69,11 +69,14 @@ impl Drop for EchoSlot {
     }
 }
 
-/// Serve the engine's flows until it stops or the server shuts down; `dns` is the pushed DNS address.
+/// Serve the engine's flows until it stops or the server shuts down; `dns` is the pushed DNS address, and
+/// `dns_is_own` says it lies inside the VPN subnet (so it exists only inside the door and answers pings itself;
+/// a public address, if an operator pushed one, is pinged through the device like any other).
 pub async fn serve(
     ctx: Arc<ProxyContext>,
     sessions: Arc<Sessions>,
     dns: Ipv4Addr,
+    dns_is_own: bool,
     mut engine: Box<dyn Engine>,
     stop: tokio_util::sync::CancellationToken,
 ) {
@@ -112,7 +115,7 @@ pub async fn serve(
             match t.kind {
                 FlowKind::Tcp => tcp(&ctx2, entry, t, dns).await,
                 FlowKind::Udp => udp(&ctx2, entry, t, dns).await,
-                FlowKind::Echo => echo(&ctx2, entry, t, dns).await,
+                FlowKind::Echo => echo(&ctx2, entry, t, dns_is_own.then_some(dns)).await,
             }
             drop(slot);
         });
@@ -216,15 +219,15 @@ async fn udp(
     let _ = to_dev.close().await;
 }
 
-/// One ICMP echo request: answered at once when it is for the pushed `dns` address (which exists only inside the
-/// door; the gateway's pings are answered by the kernel, see `net`), otherwise pinged from the device through a
-/// stream of its own. Request and reply are charged whole, like UDP datagrams; a reply that does not match the request
+/// One ICMP echo request: answered at once when it is for `own_dns`, the pushed DNS address when that exists only
+/// inside the door (the gateway's pings are answered by the kernel, see `net`), otherwise pinged from the device
+/// through a stream of its own. Request and reply are charged whole, like UDP datagrams; a reply that does not match the request
 /// (address, identifier, sequence) is dropped.
 async fn echo(
     ctx: &ProxyContext,
     entry: Arc<crate::proxy::directory::Entry>,
     mut t: Terminated,
-    dns: Ipv4Addr,
+    own_dns: Option<Ipv4Addr>,
 ) {
     let mut msg = vec![0u8; MAX_ECHO];
     let n = match t.pipe.read(&mut msg).await {
@@ -235,7 +238,7 @@ async fn echo(
     let (Ok(req), IpAddr::V4(dst)) = (Echo::parse(msg, EchoKind::Request), t.dst.ip()) else {
         return;
     };
-    if dst == dns {
+    if own_dns == Some(dst) {
         let _ = t.pipe.write_all(&req.reply().to_bytes()).await;
         return;
     }
@@ -259,15 +262,16 @@ async fn echo(
         port: 0,
         payload: msg.to_vec(),
     };
-    if to_dev.send(request).await.is_err() {
-        return;
-    }
-    // The device gives up after REPLY_TIMEOUT; a little more covers the tunnel.
+    // The device gives up after REPLY_TIMEOUT; a little more covers the tunnel, a stalled one included.
+    let exchange = async {
+        to_dev.send(request).await.ok()?;
+        from_dev.next().await?.ok()
+    };
     let reply = tokio::select! {
         _ = flow.stop.cancelled() => return,
-        r = tokio::time::timeout(REPLY_TIMEOUT + std::time::Duration::from_secs(2), from_dev.next()) => r,
+        r = tokio::time::timeout(REPLY_TIMEOUT + std::time::Duration::from_secs(2), exchange) => r,
     };
-    let Ok(Some(Ok(d))) = reply else {
+    let Ok(Some(d)) = reply else {
         return;
     };
     let matches = Echo::parse(&d.payload, EchoKind::Reply)

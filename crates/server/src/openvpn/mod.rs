@@ -172,6 +172,7 @@ pub async fn start(
         ctx.clone(),
         sessions.clone(),
         settings.dns,
+        settings.subnet.contains(&settings.dns),
         Box::new(engine::TproxyEngine::new(
             tcp,
             engine::StackEngine::new(tun),

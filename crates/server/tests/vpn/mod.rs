@@ -155,8 +155,8 @@ impl Topology {
         dev.addr("eth-srv", &format!("{DEV_UP}/24"));
         dev.addr("eth-tgt", &format!("{DEV_OUT}/24"));
         tgt.addr("eth-dev", &format!("{TARGET}/24"));
-        // The device allows unprivileged ping sockets, as Android and systemd systems do (the agent's own tests
-        // cover the raw-socket fallback).
+        // The device allows unprivileged ping sockets, as Android and systemd systems do (the raw-socket fallback's
+        // reply matching has unit tests in the agent's `ping` module).
         sh(&[
             "ip",
             "netns",
