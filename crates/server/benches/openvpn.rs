@@ -1,9 +1,10 @@
 //! The OpenVPN door's data path, side by side with the same OpenVPN server doing plain kernel forwarding and NAT
-//! (no proxyfleet): one TCP flow's upload and download throughput (iperf3), and the time from starting an `openvpn`
-//! client to the first byte through the device. Runs in network namespaces (the tests' topology: customer, server,
+//! (no proxyfleet): one TCP flow's upload and download throughput (iperf3), `ping` round trips to the target, and
+//! the time from starting an `openvpn` client to the first byte through the device. Runs in network namespaces (the tests' topology: customer, server,
 //! device, target); needs root, `openvpn`, `nft` and `iperf3` (`bench/openvpn.sh` installs them).
 //!
-//! Settings: `BENCH_SECS` (iperf3 duration per direction, default 10), `BENCH_TTFB_RUNS` (default 5).
+//! Settings: `BENCH_SECS` (iperf3 duration per direction, default 10), `BENCH_TTFB_RUNS` (default 5),
+//! `BENCH_PINGS` (echo requests per path, default 100).
 #![allow(clippy::unwrap_used)]
 
 #[path = "../tests/common/mod.rs"]
@@ -43,6 +44,44 @@ fn iperf(cust: &Netns, secs: u64, reverse: bool) -> f64 {
         .as_f64()
         .unwrap_or_else(|| panic!("iperf3 failed: {}", String::from_utf8_lossy(&out.stdout)));
     bps / 1e6
+}
+
+/// `count` pings from the customer to the target, 20 a second: round-trip (min, avg, max) in ms and how many were
+/// answered.
+fn ping_rtt(cust: &Netns, count: u64) -> ((f64, f64, f64), u64) {
+    let out = cust
+        .command("ping")
+        .args([
+            "-n",
+            "-q",
+            "-i",
+            "0.05",
+            "-W",
+            "2",
+            "-c",
+            &count.to_string(),
+            &TARGET.to_string(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let received = text
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" received"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let rtt: Vec<f64> = text
+        .lines()
+        .find_map(|l| l.split(" = ").nth(1))
+        .map(|v| {
+            v.trim_end_matches(" ms")
+                .split('/')
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(rtt.len() >= 3, "ping gave no round trips:\n{text}");
+    ((rtt[0], rtt[1], rtt[2]), received)
 }
 
 /// Start `client`, then fetch from the target until a byte arrives: seconds from start to first byte.
@@ -162,6 +201,7 @@ fn main() {
         .try_init();
     let secs = env_u64("BENCH_SECS", 10);
     let runs = env_u64("BENCH_TTFB_RUNS", 5);
+    let pings = env_u64("BENCH_PINGS", 100);
     topo.srv.enter();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -202,6 +242,7 @@ fn main() {
         assert!(c.connected(Duration::from_secs(20)).await, "{}", c.log_text());
         let pf_up = iperf(&topo.cust, secs, false);
         let pf_down = iperf(&topo.cust, secs, true);
+        let pf_ping = ping_rtt(&topo.cust, pings);
         drop(c);
 
         let keys = v.s.data_dir.path().join("openvpn");
@@ -231,6 +272,7 @@ fn main() {
         assert!(c.connected(Duration::from_secs(20)).await, "{}", c.log_text());
         let base_up = iperf(&topo.cust, secs, false);
         let base_down = iperf(&topo.cust, secs, true);
+        let base_ping = ping_rtt(&topo.cust, pings);
         drop(c);
         let _ = base.kill();
         let _ = base.wait();
@@ -252,6 +294,14 @@ fn main() {
             s.sort_by(|a, b| a.total_cmp(b));
             format!("median {:.2} s, min {:.2} s, max {:.2} s", median(v.to_vec()), s[0], s[s.len() - 1])
         };
+        let row = |name: &str, ((min, avg, max), got): ((f64, f64, f64), u64)| {
+            println!("| {name} | {min:.3} | {avg:.3} | {max:.3} | {got} / {pings} |");
+        };
+        println!("\n`ping` to the target through the VPN ({pings} echoes, 20 a second):");
+        println!("| path | min ms | avg ms | max ms | answered |");
+        println!("|---|---|---|---|---|");
+        row("baseline (kernel forwarding)", base_ping);
+        row("proxyfleet (pinged from the device)", pf_ping);
         println!("\nTime from `openvpn` client start to the first byte through the device ({runs} runs):");
         println!("  proxyfleet: {}", fmt(&ttfb));
         println!("  baseline:   {}", fmt(&base_ttfb));
