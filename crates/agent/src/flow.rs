@@ -83,7 +83,8 @@ pub async fn serve_flow(
     Ok(())
 }
 
-async fn answer(send: &mut BoxWrite, result: OpenResult) -> anyhow::Result<()> {
+/// Answer `result` (not `Ok`) and end the stream.
+pub(crate) async fn answer(send: &mut BoxWrite, result: OpenResult) -> anyhow::Result<()> {
     send.write_all(&[result as u8]).await?;
     send.shutdown().await?;
     Ok(())

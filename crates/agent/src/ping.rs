@@ -21,53 +21,46 @@ use crate::policy::TargetPolicy;
 /// How long the server has to send the request after the stream opened.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// An ICMP socket of one of the two kinds.
-enum Pinger {
-    /// The kernel picks the identifier (and matches replies to it) and hands over ICMP messages alone.
-    Ping(UdpSocket),
-    /// Every ICMP packet the host receives arrives here, IPv4 header first; replies are matched by hand.
-    Raw(UdpSocket),
-}
-
-fn tokio_socket(s: Socket) -> std::io::Result<UdpSocket> {
-    s.set_nonblocking(true)?;
-    UdpSocket::from_std(std::net::UdpSocket::from(s))
+/// An ICMP socket: a ping socket, where the kernel picks the identifier (and matches replies to it) and hands
+/// over ICMP messages alone, or a raw one (`raw`), where every ICMP packet the host receives arrives, IPv4 header
+/// first, and replies are matched by hand.
+struct Pinger {
+    sock: UdpSocket,
+    raw: bool,
 }
 
 impl Pinger {
     fn open() -> std::io::Result<Pinger> {
-        match Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::ICMPV4)) {
-            Ok(s) => Ok(Pinger::Ping(tokio_socket(s)?)),
-            Err(e) if e.kind() == ErrorKind::PermissionDenied => {
-                let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
-                Ok(Pinger::Raw(tokio_socket(raw)?))
-            }
-            Err(e) => Err(e),
-        }
+        let (s, raw) = match Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::ICMPV4)) {
+            Ok(s) => (s, false),
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => (
+                Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?,
+                true,
+            ),
+            Err(e) => return Err(e),
+        };
+        s.set_nonblocking(true)?;
+        Ok(Pinger {
+            sock: UdpSocket::from_std(std::net::UdpSocket::from(s))?,
+            raw,
+        })
     }
 
     /// Send `req` to `to` and wait for its reply (the reply's data; identifier and sequence are the request's).
     async fn echo(&self, to: Ipv4Addr, req: &Echo) -> std::io::Result<Option<Vec<u8>>> {
         let dst = SocketAddr::new(IpAddr::V4(to), 0);
         // A raw socket sends our identifier as is: a random one keeps replies to other programs apart.
-        let id = match self {
-            Pinger::Ping(_) => req.id,
-            Pinger::Raw(_) => rand::random(),
-        };
+        let id = if self.raw { rand::random() } else { req.id };
         let out = Echo { id, ..req.clone() };
-        let sock = match self {
-            Pinger::Ping(s) | Pinger::Raw(s) => s,
-        };
-        sock.send_to(&out.to_bytes(), dst).await?;
+        self.sock.send_to(&out.to_bytes(), dst).await?;
         let mut buf = vec![0u8; 65_535];
         let wait = async {
             loop {
-                let (n, from) = sock.recv_from(&mut buf).await?;
+                let (n, from) = self.sock.recv_from(&mut buf).await?;
                 if from.ip() != dst.ip() {
                     continue;
                 }
-                let raw = matches!(self, Pinger::Raw(_));
-                if let Some(data) = reply_to(raw, &buf[..n], id, req.seq) {
+                if let Some(data) = reply_to(self.raw, &buf[..n], id, req.seq) {
                     return Ok::<_, std::io::Error>(data);
                 }
             }
@@ -114,9 +107,7 @@ pub(crate) async fn serve_echo(
                 tracing::warn!(error = %e, "cannot ping from this device (customers' pings go unanswered): \
                     allow the agent's group in net.ipv4.ping_group_range, or give it CAP_NET_RAW");
             }
-            send.write_all(&[OpenResult::Failed as u8]).await?;
-            send.shutdown().await?;
-            return Ok(());
+            return crate::flow::answer(&mut send, OpenResult::Failed).await;
         }
     };
     send.write_all(&[OpenResult::Ok as u8]).await?;

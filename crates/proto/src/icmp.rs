@@ -11,11 +11,16 @@ pub enum EchoKind {
     Reply,
 }
 
+/// ICMP type of an echo request.
+pub const ECHO_REQUEST: u8 = 8;
+/// ICMP type of an echo reply.
+pub const ECHO_REPLY: u8 = 0;
+
 impl EchoKind {
     fn code(self) -> u8 {
         match self {
-            EchoKind::Request => 8,
-            EchoKind::Reply => 0,
+            EchoKind::Request => ECHO_REQUEST,
+            EchoKind::Reply => ECHO_REPLY,
         }
     }
 }

@@ -674,19 +674,7 @@ async fn without_openvpn_the_server_starts_with_the_door_off() {
     .expect("server starts");
     assert!(s.running().state.proxy.openvpn.is_none(), "the door is off");
     let token = s.admin_token().await;
-    let r = s
-        .post("/api/v1.0/devices", &token, json!({ "name": "d" }))
-        .await;
-    let device: Value = r.json().await.unwrap();
-    let r = s
-        .post(
-            "/api/v1.0/connections",
-            &token,
-            json!({ "name": "x", "device_id": device["id"] }),
-        )
-        .await;
-    assert_eq!(r.status(), 201);
-    let v: Value = r.json().await.unwrap();
+    let v = common::connection_on_new_device(&s, &token, "x").await;
     assert!(v["password"].is_string());
     assert!(v["ovpn"].is_null(), "no profile while the door is off");
     let r = s

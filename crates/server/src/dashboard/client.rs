@@ -60,15 +60,19 @@ pub async fn call(
     path: &str,
     body: Option<Value>,
 ) -> Reply {
-    match try_call(st, ctx, token, method, path, body).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, %path, "in-process API call failed");
-            Reply {
-                status: StatusCode::INTERNAL_SERVER_ERROR,
-                body: Value::Null,
-            }
-        }
+    let reply = match answer(st, ctx, token, method, path, body).await {
+        Ok(resp) => reply_of(resp).await,
+        Err(e) => Err(e),
+    };
+    reply.unwrap_or_else(|e| failed(path, &e))
+}
+
+/// The reply for a call that failed inside the process (the detail goes to the log).
+fn failed(path: &str, e: &anyhow::Error) -> Reply {
+    tracing::error!(error = %e, %path, "in-process API call failed");
+    Reply {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        body: Value::Null,
     }
 }
 
@@ -105,15 +109,8 @@ async fn answer(
     Ok(st.api.clone().oneshot(req).await?)
 }
 
-async fn try_call(
-    st: &DashState,
-    ctx: &Ctx,
-    token: Option<&str>,
-    method: Method,
-    path: &str,
-    body: Option<Value>,
-) -> anyhow::Result<Reply> {
-    let resp = answer(st, ctx, token, method, path, body).await?;
+/// An API answer read as a [`Reply`]: its status and JSON body.
+async fn reply_of(resp: axum::response::Response) -> anyhow::Result<Reply> {
     let status = resp.status();
     let bytes = axum::body::to_bytes(resp.into_body(), MAX_ANSWER_BYTES).await?;
     let body = if bytes.is_empty() {
@@ -152,21 +149,10 @@ impl super::session::Op {
         let resp = match answer(st, &self.ctx, Some(&self.token), Method::GET, path, None).await {
             Ok(r) if r.status().is_success() => r,
             Ok(r) => {
-                let status = r.status();
-                let body = axum::body::to_bytes(r.into_body(), MAX_ANSWER_BYTES)
-                    .await
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok())
-                    .unwrap_or(Value::Null);
-                return Download::Refused(Reply { status, body });
+                let reply = reply_of(r).await;
+                return Download::Refused(reply.unwrap_or_else(|e| failed(path, &e)));
             }
-            Err(e) => {
-                tracing::error!(error = %e, %path, "in-process API call failed");
-                return Download::Refused(Reply {
-                    status: StatusCode::INTERNAL_SERVER_ERROR,
-                    body: Value::Null,
-                });
-            }
+            Err(e) => return Download::Refused(failed(path, &e)),
         };
         let (parts, body) = resp.into_parts();
         let mut out = axum::response::Response::new(body);

@@ -144,7 +144,9 @@ impl Engine for StackEngine {
                     }
                     // ICMPv4 echo requests are relayed (see `flows`); other ICMP and other protocols are dropped.
                     ipstack::IpStackStream::UnknownTransport(u)
-                        if u.ip_protocol().0 == ICMP && u.payload().first() == Some(&8) =>
+                        if u.ip_protocol().0 == ICMP
+                            && u.payload().first()
+                                == Some(&proxyfleet_proto::icmp::ECHO_REQUEST) =>
                     {
                         return Some(Terminated {
                             kind: FlowKind::Echo,
@@ -239,6 +241,23 @@ mod tests {
         out
     }
 
+    async fn next_flow(engine: &mut StackEngine) -> Terminated {
+        tokio::time::timeout(Duration::from_secs(5), engine.accept())
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    /// The next packet the engine writes to the device, in a buffer, and its length.
+    async fn next_packet(outside: &mut tokio::io::DuplexStream) -> (Vec<u8>, usize) {
+        let mut pkt = vec![0u8; 2048];
+        let n = tokio::time::timeout(Duration::from_secs(5), outside.read(&mut pkt))
+            .await
+            .unwrap()
+            .unwrap();
+        (pkt, n)
+    }
+
     /// Packets fed in memory come out as a flow with the customer's address, and answers go back as packets.
     #[tokio::test]
     async fn udp_packet_becomes_a_flow_and_the_answer_a_packet() {
@@ -254,10 +273,7 @@ mod tests {
             ))
             .await
             .unwrap();
-        let mut flow = tokio::time::timeout(Duration::from_secs(5), engine.accept())
-            .await
-            .unwrap()
-            .unwrap();
+        let mut flow = next_flow(&mut engine).await;
         assert_eq!(flow.kind, FlowKind::Udp);
         assert_eq!(flow.src, "10.77.0.16:40000".parse().unwrap());
         assert_eq!(flow.dst, "10.77.0.2:53".parse().unwrap());
@@ -265,11 +281,7 @@ mod tests {
         let n = flow.pipe.read(&mut buf).await.unwrap();
         assert_eq!(&buf[..n], b"query");
         flow.pipe.write_all(b"answer").await.unwrap();
-        let mut pkt = vec![0u8; 2048];
-        let n = tokio::time::timeout(Duration::from_secs(5), outside.read(&mut pkt))
-            .await
-            .unwrap()
-            .unwrap();
+        let (pkt, n) = next_packet(&mut outside).await;
         let parsed = etherparse::SlicedPacket::from_ip(&pkt[..n]).unwrap();
         let Some(etherparse::NetSlice::Ipv4(ip)) = parsed.net else {
             panic!("not IPv4")
@@ -319,10 +331,7 @@ mod tests {
             .write_all(&icmp_packet(&req.to_bytes()))
             .await
             .unwrap();
-        let mut flow = tokio::time::timeout(Duration::from_secs(5), engine.accept())
-            .await
-            .unwrap()
-            .unwrap();
+        let mut flow = next_flow(&mut engine).await;
         assert_eq!(flow.kind, FlowKind::Echo);
         assert_eq!(flow.src, "10.77.0.16:0".parse().unwrap());
         assert_eq!(flow.dst, "192.0.2.7:0".parse().unwrap());
@@ -335,11 +344,7 @@ mod tests {
             "one message only"
         );
         flow.pipe.write_all(&req.reply().to_bytes()).await.unwrap();
-        let mut pkt = vec![0u8; 2048];
-        let n = tokio::time::timeout(Duration::from_secs(5), outside.read(&mut pkt))
-            .await
-            .unwrap()
-            .unwrap();
+        let (pkt, n) = next_packet(&mut outside).await;
         let (ip, rest) = etherparse::Ipv4Header::from_slice(&pkt[..n]).unwrap();
         assert_eq!(ip.protocol, etherparse::IpNumber::ICMP);
         assert_eq!(

@@ -190,10 +190,9 @@ async fn udp(
             _ = flow.stop.cancelled() => break,
             r = t.pipe.read(&mut buf) => {
                 let n = match r { Ok(0) | Err(_) => break, Ok(n) => n };
-                if !flow.entry.charge_whole(n, Dir::Up, &flow.device, now()) {
+                if !flow.charge_datagram(n, Dir::Up, now()) {
                     continue;
                 }
-                flow.counters.add(Dir::Up, n);
                 let d = UdpDatagram { host: dst_host.clone(), port: t.dst.port(), payload: buf[..n].to_vec() };
                 if to_dev.send(d).await.is_err() {
                     break;
@@ -206,10 +205,9 @@ async fn udp(
                 if !is_dns && (d.host != dst_host || d.port != t.dst.port()) {
                     continue;
                 }
-                if !flow.entry.charge_whole(d.payload.len(), Dir::Down, &flow.device, now()) {
+                if !flow.charge_datagram(d.payload.len(), Dir::Down, now()) {
                     continue;
                 }
-                flow.counters.add(Dir::Down, d.payload.len());
                 if t.pipe.write_all(&d.payload).await.is_err() {
                     break;
                 }
@@ -221,8 +219,8 @@ async fn udp(
 
 /// One ICMP echo request: answered at once when it is for `own_dns`, the pushed DNS address when that exists only
 /// inside the door (the gateway's pings are answered by the kernel, see `net`), otherwise pinged from the device
-/// through a stream of its own. Request and reply are charged whole, like UDP datagrams; a reply that does not match the request
-/// (address, identifier, sequence) is dropped.
+/// through a stream of its own. Request and reply are charged whole, like UDP datagrams; a reply that does not
+/// match the request (address, identifier, sequence) is dropped.
 async fn echo(
     ctx: &ProxyContext,
     entry: Arc<crate::proxy::directory::Entry>,
@@ -250,10 +248,9 @@ async fn echo(
         }
     };
     let now = || ctx.dir.clock().now_ms();
-    if !flow.entry.charge_whole(n, Dir::Up, &flow.device, now()) {
+    if !flow.charge_datagram(n, Dir::Up, now()) {
         return;
     }
-    flow.counters.add(Dir::Up, n);
     let mut from_dev = FramedRead::new(dr, FrameCodec::<UdpDatagram>::new(MAX_UDP_FRAME));
     let mut to_dev = FramedWrite::new(dw, FrameCodec::<UdpDatagram>::new(MAX_UDP_FRAME));
     let host = Host::V4(dst);
@@ -276,14 +273,9 @@ async fn echo(
     };
     let matches = Echo::parse(&d.payload, EchoKind::Reply)
         .is_ok_and(|r| r.id == req.id && r.seq == req.seq && d.host == host);
-    if !matches
-        || !flow
-            .entry
-            .charge_whole(d.payload.len(), Dir::Down, &flow.device, now())
-    {
+    if !matches || !flow.charge_datagram(d.payload.len(), Dir::Down, now()) {
         return;
     }
-    flow.counters.add(Dir::Down, d.payload.len());
     let _ = t.pipe.write_all(&d.payload).await;
 }
 

@@ -61,6 +61,16 @@ impl Drop for Counters {
 }
 
 impl Flow {
+    /// Charge a datagram of `n` bytes whole ([`Entry::charge_whole`]) and count it in the metrics; false when it
+    /// would pass the limit and must be dropped.
+    pub fn charge_datagram(&self, n: usize, d: Dir, now_ms: i64) -> bool {
+        if !self.entry.charge_whole(n, d, &self.device, now_ms) {
+            return false;
+        }
+        self.counters.add(d, n);
+        true
+    }
+
     async fn stopped(&self) {
         self.stop.cancelled().await;
     }

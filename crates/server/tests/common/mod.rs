@@ -542,6 +542,28 @@ pub async fn read_request_head(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> O
 
 // ---- devices and agents -------------------------------------------------------------------------------------
 
+/// A connection named `name` (unlimited) on a new device of the operator behind `token` that no agent runs: the
+/// create answer.
+pub async fn connection_on_new_device(s: &TestServer, token: &str, name: &str) -> Value {
+    let r = s
+        .post(
+            "/api/v1.0/devices",
+            token,
+            serde_json::json!({ "name": "d" }),
+        )
+        .await;
+    let device: Value = r.json().await.expect("device json");
+    let r = s
+        .post(
+            "/api/v1.0/connections",
+            token,
+            serde_json::json!({ "name": name, "device_id": device["id"] }),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    r.json().await.expect("connection json")
+}
+
 /// A new device of the operator behind `token`, enrolled by the real agent library into a fresh state
 /// directory: its id and the directory.
 pub async fn enrolled_device(

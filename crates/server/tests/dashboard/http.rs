@@ -215,14 +215,17 @@ impl Browser {
         }
     }
 
-    async fn page(&self, s: &TestServer, path: &str) -> String {
-        let r = self
-            .http
+    async fn get(&self, s: &TestServer, path: &str) -> reqwest::Response {
+        self.http
             .get(s.url(path))
             .header("cookie", &self.cookie)
             .send()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    async fn page(&self, s: &TestServer, path: &str) -> String {
+        let r = self.get(s, path).await;
         assert_eq!(r.status(), 200, "{path}");
         r.text().await.unwrap()
     }
@@ -254,32 +257,14 @@ async fn with_the_openvpn_door_off_the_connection_page_says_so_and_offers_no_pro
         return;
     };
     let token = s.admin_token().await;
-    let r = s
-        .post("/api/v1.0/devices", &token, json!({"name": "phone"}))
-        .await;
-    let device: Value = r.json().await.unwrap();
-    let r = s
-        .post(
-            "/api/v1.0/connections",
-            &token,
-            json!({"name": "no vpn", "device_id": device["id"], "bandwidth_limit_bytes": null}),
-        )
-        .await;
-    assert_eq!(r.status(), 201);
-    let conn: Value = r.json().await.unwrap();
+    let conn = crate::common::connection_on_new_device(&s, &token, "no vpn").await;
     let id = conn["id"].as_str().unwrap();
     assert!(conn["openvpn"].is_null(), "{conn}");
     let b = Browser::new(&token);
     let page = b.page(&s, &format!("/connections/{id}")).await;
     assert!(page.contains("<dt>OpenVPN</dt><dd>off</dd>"), "{page}");
     assert!(!page.contains("profile.ovpn"));
-    let r = b
-        .http
-        .get(s.url(&format!("/connections/{id}/profile.ovpn")))
-        .header("cookie", &b.cookie)
-        .send()
-        .await
-        .unwrap();
+    let r = b.get(&s, &format!("/connections/{id}/profile.ovpn")).await;
     assert_eq!(r.status(), 404);
     assert!(r.headers().get("content-disposition").is_none());
     assert_eq!(
@@ -291,12 +276,8 @@ async fn with_the_openvpn_door_off_the_connection_page_says_so_and_offers_no_pro
         .await;
     let other = Browser::new(&s.login("other", ADMIN_PASSWORD).await);
     let r = other
-        .http
-        .get(s.url(&format!("/connections/{id}/profile.ovpn")))
-        .header("cookie", &other.cookie)
-        .send()
-        .await
-        .unwrap();
+        .get(&s, &format!("/connections/{id}/profile.ovpn"))
+        .await;
     assert_eq!(r.status(), 404);
     let text = r.text().await.unwrap();
     assert!(!text.contains("OpenVPN door"), "{text}");
