@@ -977,6 +977,14 @@ print(".".join(str(b) for b in data[-4:]), addr[1])
     // Datagram payloads were counted both ways (query 30 bytes, answer 46).
     let v = rig.connection(c["id"].as_str().unwrap()).await;
     assert_eq!(v["used_bytes"], 30 + 46);
+    // And the byte metrics agree with the meter.
+    let m = rig.s.text("/metrics").await;
+    for line in [
+        "proxyfleet_proxy_bytes_total{direction=\"up\"} 30",
+        "proxyfleet_proxy_bytes_total{direction=\"down\"} 46",
+    ] {
+        assert!(m.contains(line), "{line} missing from {m}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

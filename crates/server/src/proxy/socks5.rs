@@ -235,7 +235,7 @@ async fn udp_associate(
                 if pkt.frag != 0 || pkt.port == 0 {
                     continue;
                 }
-                if !flow.entry.charge_whole(pkt.payload.len(), Dir::Up, &flow.device, now()) {
+                if !flow.charge_datagram(pkt.payload.len(), Dir::Up, now()) {
                     continue;
                 }
                 let d = UdpDatagram { host: pkt.host, port: pkt.port, payload: pkt.payload.to_vec() };
@@ -246,7 +246,7 @@ async fn udp_associate(
             d = from_dev.next() => {
                 let Some(Ok(d)) = d else { break };
                 let Some(ep) = client_ep else { continue };
-                if !flow.entry.charge_whole(d.payload.len(), Dir::Down, &flow.device, now()) {
+                if !flow.charge_datagram(d.payload.len(), Dir::Down, now()) {
                     continue;
                 }
                 let _ = sock.send_to(&s5::encode_udp(&d.host, d.port, &d.payload), ep).await;

@@ -442,6 +442,9 @@ impl Vpn {
             openvpn_listen: Some(SocketAddr::new(SERVER_CUST.into(), VPN_PORT)),
             openvpn_keepalive_secs: Some(2),
             proxy_public_host: Some(SERVER_CUST.to_string()),
+            // Longer than the 3 s the supervisor gives `openvpn` to send its exit notices before SIGKILL, so the
+            // server's shutdown waits for it instead of giving up on a task still running.
+            shutdown_timeout_secs: Some(5),
             ..RawConfig::default()
         }
         .overlay(extra);
