@@ -143,7 +143,9 @@ pub async fn connect_tcp(server: &str, tls: rustls::ClientConfig) -> anyhow::Res
     let handshake = async {
         let tcp = tokio::net::TcpStream::connect(server).await?;
         let _ = tcp.set_nodelay(true);
-        connector.connect(name, tcp).await
+        connector
+            .connect(name, proxyfleet_proto::io::ReadAhead::new(tcp))
+            .await
     };
     let tls = tokio::time::timeout(TCP_TIMEOUT, handshake)
         .await

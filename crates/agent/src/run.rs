@@ -238,9 +238,9 @@ async fn drive_inner(
             protocol_version: PROTOCOL_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             capabilities: if opts.rotate_command.is_some() {
-                caps::TCP | caps::UDP | caps::ROTATE_IP
+                caps::BASE | caps::ROTATE_IP
             } else {
-                caps::TCP | caps::UDP
+                caps::BASE
             },
         }))
         .await?;

@@ -15,6 +15,28 @@ pub mod caps {
     pub const UDP: u32 = 1 << 1;
     /// Has an IP rotation command configured.
     pub const ROTATE_IP: u32 = 1 << 2;
+    /// Opens [`crate::Target::DnsTcp`] streams (agents from the release that added them on).
+    pub const DNS_TCP: u32 = 1 << 3;
+    /// Opens [`crate::Target::Echo`] streams (agents from the release that added them on).
+    pub const ECHO: u32 = 1 << 4;
+
+    /// What every agent of this release can do, whatever its configuration.
+    pub const BASE: u32 = TCP | UDP | DNS_TCP | ECHO;
+
+    /// Names of the bits set in `caps`, for the API and logs; unknown bits are left out.
+    pub fn names(caps: u32) -> Vec<&'static str> {
+        [
+            (TCP, "tcp"),
+            (UDP, "udp"),
+            (ROTATE_IP, "rotate_ip"),
+            (DNS_TCP, "dns_tcp"),
+            (ECHO, "echo"),
+        ]
+        .into_iter()
+        .filter(|(bit, _)| caps & bit != 0)
+        .map(|(_, name)| name)
+        .collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,5 +255,49 @@ impl Decode for ControlFrame {
                 })
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::caps;
+    use crate::{Host, Target};
+
+    /// An agent of this release opens every target; one with only the first release's bits opens the old ones.
+    #[test]
+    fn this_release_announces_every_target_it_opens() {
+        let targets = [
+            Target::Tcp {
+                host: Host::Domain("example.com".into()),
+                port: 443,
+            },
+            Target::Udp,
+            Target::Dns,
+            Target::DnsTcp,
+            Target::Echo,
+        ];
+        for t in &targets {
+            assert!(t.supported_by(caps::BASE), "{t:?}");
+        }
+        let first_release = caps::TCP | caps::UDP;
+        let by_old: Vec<Target> = targets
+            .iter()
+            .filter(|t| t.supported_by(first_release))
+            .cloned()
+            .collect();
+        assert_eq!(by_old, targets[..3]);
+        assert!(Target::Echo.supported_by(caps::ECHO) && !Target::Echo.supported_by(caps::DNS_TCP));
+        assert!(
+            Target::DnsTcp.supported_by(caps::DNS_TCP) && !Target::DnsTcp.supported_by(caps::ECHO)
+        );
+    }
+
+    #[test]
+    fn capability_names() {
+        assert_eq!(
+            caps::names(caps::BASE | caps::ROTATE_IP | 1 << 30),
+            ["tcp", "udp", "rotate_ip", "dns_tcp", "echo"]
+        );
+        assert!(caps::names(0).is_empty());
     }
 }

@@ -1,5 +1,5 @@
 //! proxyfleet wire protocol, shared by server and agent: the frames on a device tunnel's control stream and the
-//! header that opens each per-flow stream. No I/O beyond `AsyncRead`/`AsyncWrite` adapters.
+//! header that opens each per-flow stream. No I/O beyond `AsyncRead`/`AsyncWrite` adapters ([`io`]).
 //!
 //! Every frame is `u32` big-endian length + body. Lengths are checked against a maximum before anything is
 //! allocated, and every decoder rejects truncated input, unknown tags, over-long strings and trailing bytes with a
@@ -13,6 +13,7 @@ pub mod control;
 pub mod enroll;
 pub mod http_proxy;
 pub mod icmp;
+pub mod io;
 pub mod net;
 pub mod openvpn_mgmt;
 pub mod socks5;

@@ -96,6 +96,20 @@ pub enum Target {
     Echo,
 }
 
+impl Target {
+    /// Whether an agent that announced `capabilities` ([`crate::control::caps`]) opens this target. Targets added
+    /// after the first release need their bit: an older agent does not know them and would drop the stream.
+    pub fn supported_by(&self, capabilities: u32) -> bool {
+        use crate::control::caps;
+        let needs = match self {
+            Target::Tcp { .. } | Target::Udp | Target::Dns => return true,
+            Target::DnsTcp => caps::DNS_TCP,
+            Target::Echo => caps::ECHO,
+        };
+        capabilities & needs != 0
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamHeader {
     pub target: Target,

@@ -61,7 +61,7 @@ impl Metrics {
         let proxy_flows = IntCounterVec::new(
             Opts::new(
                 "proxy_flows_total",
-                "Customer flow attempts by outcome (opened, refused, device_offline, target_failed, auth_failed)",
+                "Customer flow attempts by outcome (opened, refused, device_offline, unsupported, target_failed, auth_failed)",
             ),
             &["outcome"],
         )?;

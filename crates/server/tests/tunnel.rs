@@ -7,7 +7,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{agent_options, error_of, spawn_agent_opts, Agent, Db, Opts, TestServer};
+use common::{
+    agent_options, device_tls, error_of, spawn_agent_opts, Agent, Db, HandTunnel, Opts, TestServer,
+};
 use proxyfleet::clock::Clock;
 use proxyfleet::store::Role;
 use serde_json::{json, Value};
@@ -64,18 +66,6 @@ async fn enrolled(s: &TestServer, token: &str, name: &str) -> (String, tempfile:
         .await
         .unwrap();
     (id, dir)
-}
-
-/// The TLS identity an agent enrolled into `dir`, for tests that speak the protocol by hand.
-fn device_tls(dir: &std::path::Path) -> rustls::ClientConfig {
-    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
-    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
-    proxyfleet_agent::tls::tunnel_tls(
-        CertificateDer::from(read("ca.crt")),
-        CertificateDer::from(read("device.crt")),
-        PrivateKeyDer::from_pem_slice(&read("device.key")).unwrap(),
-    )
-    .unwrap()
 }
 
 /// Wait for an agent's run loop to stop because the server refused its device; `since` bounds how long the
@@ -652,32 +642,18 @@ async fn a_tcp_agent_moves_to_quic_when_udp_works() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hello_with_another_protocol_version_is_refused_readably() {
-    use futures_util::{SinkExt, StreamExt};
     use proxyfleet_proto::control::{ControlFrame, Hello, RefusalCode};
 
     let Some(s) = server().await else { return };
     let token = s.admin_token().await;
     let (id, dir) = enrolled(&s, &token, "old-agent").await;
-    let tls = device_tls(dir.path());
-    let conn = proxyfleet_agent::conn::connect_quic(&s.tunnel(), tls)
-        .await
-        .unwrap();
-    let (recv, send) = conn.open_bi().await.unwrap();
-    let codec =
-        || proxyfleet_proto::FrameCodec::<ControlFrame>::new(proxyfleet_proto::MAX_CONTROL_FRAME);
-    let mut w = tokio_util::codec::FramedWrite::new(send, codec());
-    let mut r = tokio_util::codec::FramedRead::new(recv, codec());
     let hello = Hello {
         protocol_version: proxyfleet_proto::PROTOCOL_VERSION + 1,
         agent_version: "9.9.9".into(),
         capabilities: 1,
     };
-    w.send(ControlFrame::Hello(hello)).await.unwrap();
-    match tokio::time::timeout(Duration::from_secs(5), r.next())
-        .await
-        .unwrap()
-    {
-        Some(Ok(ControlFrame::Refused(refusal))) => {
+    match HandTunnel::hello(&s, dir.path(), hello).await.1 {
+        ControlFrame::Refused(refusal) => {
             assert_eq!(refusal.code, RefusalCode::VersionMismatch);
             assert!(
                 refusal.message.contains("protocol version"),
@@ -691,6 +667,76 @@ async fn a_hello_with_another_protocol_version_is_refused_readably() {
         device(&s, &token, &id).await["status"],
         "offline",
         "never registered"
+    );
+}
+
+/// The agent puts the suite its CPU seals fastest first (AES-128-GCM on this machine's x86-64 with AES-NI, where
+/// rustls' own order starts with AES-256), and the tunnel uses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tunnel_seals_with_the_suite_the_agent_prefers() {
+    let Some(s) = server().await else { return };
+    let token = s.admin_token().await;
+    let (_id, dir) = enrolled(&s, &token, "cipher").await;
+    let tls = device_tls(dir.path());
+    let want = if std::arch::is_x86_feature_detected!("aes") {
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+    } else {
+        rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+    };
+    assert_eq!(tls.crypto_provider().cipher_suites[0].suite(), want);
+    assert_eq!(
+        rustls::crypto::ring::default_provider().cipher_suites[0].suite(),
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+        "rustls' own first choice differs, so this shows the agent's"
+    );
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(s.tunnel()).await.unwrap();
+    let name =
+        rustls::pki_types::ServerName::try_from(proxyfleet_proto::enroll::TUNNEL_SERVER_NAME)
+            .unwrap();
+    let stream = connector.connect(name, tcp).await.unwrap();
+    assert_eq!(
+        stream
+            .get_ref()
+            .1
+            .negotiated_cipher_suite()
+            .map(|c| c.suite()),
+        Some(want)
+    );
+}
+
+/// The server learns from the hello what an agent can do, so an agent from before ping and DNS over TCP is shown
+/// as outdated (and such flows are refused as unsupported, not counted as a dead device).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_capabilities_are_shown_and_an_older_agent_is_told_apart() {
+    use proxyfleet_proto::control::{caps, ControlFrame, Hello};
+
+    let Some(s) = server().await else { return };
+    let token = s.admin_token().await;
+    let (id, dir) = enrolled(&s, &token, "first-release").await;
+    // What the first release's agent sends.
+    let hello = Hello {
+        protocol_version: proxyfleet_proto::PROTOCOL_VERSION,
+        agent_version: "0.0.9".into(),
+        capabilities: caps::TCP | caps::UDP,
+    };
+    let (old, answer) = HandTunnel::hello(&s, dir.path(), hello).await;
+    assert!(matches!(answer, ControlFrame::HelloAck(_)), "{answer:?}");
+    let v = wait_for(&s, &token, &id, "online", |v| v["status"] == "online").await;
+    assert_eq!(v["agent_version"], "0.0.9");
+    assert_eq!(v["capabilities"], json!(["tcp", "udp"]));
+    drop(old);
+
+    // This release's agent announces everything it opens.
+    let (_c, _agent) = spawn_agent(dir.path());
+    let v = wait_for(&s, &token, &id, "this release online", |v| {
+        v["agent_version"] == env!("CARGO_PKG_VERSION")
+    })
+    .await;
+    assert_eq!(
+        v["capabilities"],
+        json!(["tcp", "udp", "dns_tcp", "echo"]),
+        "{v}"
     );
 }
 

@@ -51,6 +51,9 @@ pub struct DeviceView {
     /// `quic` while online.
     transport: Option<&'static str>,
     agent_version: Option<String>,
+    /// What the online agent announced it can do: `tcp`, `udp`, `rotate_ip`, `dns_tcp`, `echo`. An agent without
+    /// `dns_tcp` and `echo` predates DNS over TCP and ping through the OpenVPN door: update it.
+    capabilities: Option<Vec<&'static str>>,
     metrics: Option<MetricsView>,
 }
 
@@ -83,6 +86,9 @@ fn view(state: &AppState, d: DeviceRow) -> DeviceView {
             .or(d.last_public_ip),
         transport: live.as_ref().map(|l| l.link.transport()),
         agent_version: live.as_ref().map(|l| l.agent_version.clone()),
+        capabilities: live
+            .as_ref()
+            .map(|l| proxyfleet_proto::control::caps::names(l.capabilities)),
         metrics: live.map(|l| MetricsView {
             battery_percent: l.metrics.battery_percent,
             charging: l.metrics.charging,

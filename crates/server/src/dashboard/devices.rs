@@ -209,7 +209,12 @@ async fn render_detail(
                 dt { "Signal" } dd { (cell(&cells, "signal")) }
                 dt { "Battery" } dd { (cell(&cells, "battery")) }
                 dt { "Transport" } dd { (cell(&cells, "transport")) }
-                dt { "Agent" } dd { (d["agent_version"].as_str().unwrap_or("—")) }
+                dt { "Agent" } dd {
+                    (d["agent_version"].as_str().unwrap_or("—"))
+                    @if outdated_agent(d) {
+                        " · " span.warn { "update it: ping and DNS over TCP through the OpenVPN door need a newer agent" }
+                    }
+                }
                 dt { "Added" } dd { (time(d["created_at"].as_str().unwrap_or(""))) }
             }
             div.actions {
@@ -341,4 +346,13 @@ pub async fn rotate(
         (false, _) => Notes::error("rotate", r.error()),
     };
     render_detail(&st, &op, &id, &notes, StatusCode::OK).await
+}
+
+/// An online agent that did not announce the flow kinds added after the first release.
+fn outdated_agent(d: &Value) -> bool {
+    d["capabilities"].as_array().is_some_and(|caps| {
+        ["dns_tcp", "echo"]
+            .iter()
+            .any(|need| !caps.iter().any(|c| c == need))
+    })
 }

@@ -55,6 +55,8 @@ pub enum Door {
 pub enum OpenFailure {
     Refused(Refusal),
     DeviceOffline,
+    /// The device's agent predates this kind of flow (it did not announce the capability): update the agent.
+    Unsupported,
     Flow(FlowError),
 }
 
@@ -66,6 +68,7 @@ impl OpenFailure {
             OpenFailure::DeviceOffline | OpenFailure::Flow(FlowError::Offline) => {
                 (502, "device offline")
             }
+            OpenFailure::Unsupported => (502, "the device's agent is too old for this; update it"),
             OpenFailure::Flow(FlowError::Tunnel(_)) => (502, "tunnel to the device failed"),
             OpenFailure::Flow(FlowError::Timeout) => (504, "device did not answer in time"),
             OpenFailure::Flow(FlowError::Target(r)) => match r {
@@ -88,6 +91,7 @@ impl OpenFailure {
             | OpenFailure::Flow(FlowError::Offline | FlowError::Tunnel(_)) => {
                 Reply::NetworkUnreachable
             }
+            OpenFailure::Unsupported => Reply::CommandNotSupported,
             OpenFailure::Flow(FlowError::Timeout) => Reply::TtlExpired,
             OpenFailure::Flow(FlowError::Target(r)) => match r {
                 OpenResult::Refused => Reply::ConnectionRefused,
@@ -115,6 +119,7 @@ impl ProxyContext {
                 OpenFailure::DeviceOffline
                 | OpenFailure::Flow(FlowError::Offline | FlowError::Tunnel(_)),
             ) => "device_offline",
+            Err(OpenFailure::Unsupported) => "unsupported",
             Err(OpenFailure::Flow(_)) => "target_failed",
         };
         self.metrics.proxy_flows.with_label_values(&[outcome]).inc();
@@ -132,6 +137,10 @@ impl ProxyContext {
             .get(&adm.device_id)
             .filter(|l| l.operator_id == entry.operator_id)
             .ok_or(OpenFailure::DeviceOffline)?;
+        // An older agent would drop a stream it does not know, and the flow would look like a dead device.
+        if !target.supported_by(live.capabilities) {
+            return Err(OpenFailure::Unsupported);
+        }
         let (r, w) = tokio::select! {
             res = link::open_flow(&*live.link, target) => res.map_err(OpenFailure::Flow)?,
             _ = adm.stop.cancelled() => return Err(OpenFailure::Refused(entry.admit().err().unwrap_or(Refusal::Disabled))),

@@ -297,6 +297,7 @@ async fn tunnel(
             operator_id: device.operator_id.clone(),
             link: link.clone(),
             agent_version: hello.agent_version.clone(),
+            capabilities: hello.capabilities,
             connected_since: ctx.clock.now_ms(),
             last_heartbeat: None,
             public_ip: public_ip.clone(),

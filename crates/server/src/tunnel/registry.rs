@@ -17,6 +17,8 @@ pub struct LiveDevice {
     /// The tunnel itself: flows are opened through it.
     pub link: std::sync::Arc<dyn super::link::Link>,
     pub agent_version: String,
+    /// What the agent announced it can do ([`proxyfleet_proto::control::caps`]).
+    pub capabilities: u32,
     /// Unix milliseconds, UTC.
     pub connected_since: i64,
     pub last_heartbeat: Option<i64>,

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
+use proxyfleet_proto::io::ReadAhead;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -58,7 +59,7 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let (acceptor, ctx2) = (acceptor.clone(), ctx.clone());
         ctx.tracker.spawn(async move {
-            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(ReadAhead::new(tcp))).await;
             drop(permit);
             let tls = match handshake {
                 Ok(Ok(s)) => s,

@@ -614,3 +614,57 @@ pub fn spawn_agent_opts(dir: &std::path::Path, opts: proxyfleet_agent::RunOption
     let task = tokio::spawn(async move { proxyfleet_agent::run(&d, opts, c).await });
     (cancel, task)
 }
+
+/// The TLS identity an agent enrolled into `dir`, for tests that speak the tunnel protocol by hand.
+pub fn device_tls(dir: &std::path::Path) -> rustls::ClientConfig {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let read = |f: &str| std::fs::read(dir.join(f)).expect("agent state file");
+    proxyfleet_agent::tls::tunnel_tls(
+        CertificateDer::from(read("ca.crt")),
+        CertificateDer::from(read("device.crt")),
+        PrivateKeyDer::from_pem_slice(&read("device.key")).expect("device key"),
+    )
+    .expect("device TLS")
+}
+
+type ControlCodec = proxyfleet_proto::FrameCodec<proxyfleet_proto::ControlFrame>;
+
+/// A tunnel to the server with its control stream, driven by hand instead of by the agent: the test sends the
+/// hello it wants (another protocol version, an older agent's capabilities) and reads the answer. Dropping it
+/// closes the tunnel.
+pub struct HandTunnel {
+    pub send: tokio_util::codec::FramedWrite<proxyfleet_agent::conn::BoxWrite, ControlCodec>,
+    pub recv: tokio_util::codec::FramedRead<proxyfleet_agent::conn::BoxRead, ControlCodec>,
+    _conn: proxyfleet_agent::conn::Conn,
+}
+
+impl HandTunnel {
+    /// Connect over QUIC as the device enrolled into `dir`, send `hello` and return the server's answer.
+    pub async fn hello(
+        s: &TestServer,
+        dir: &std::path::Path,
+        hello: proxyfleet_proto::Hello,
+    ) -> (HandTunnel, proxyfleet_proto::ControlFrame) {
+        use futures_util::{SinkExt, StreamExt};
+        let conn = proxyfleet_agent::conn::connect_quic(&s.tunnel(), device_tls(dir))
+            .await
+            .expect("QUIC tunnel");
+        let (recv, send) = conn.open_bi().await.expect("control stream");
+        let codec = || ControlCodec::new(proxyfleet_proto::MAX_CONTROL_FRAME);
+        let mut t = HandTunnel {
+            send: tokio_util::codec::FramedWrite::new(send, codec()),
+            recv: tokio_util::codec::FramedRead::new(recv, codec()),
+            _conn: conn,
+        };
+        t.send
+            .send(proxyfleet_proto::ControlFrame::Hello(hello))
+            .await
+            .expect("hello sent");
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(5), t.recv.next())
+            .await
+            .expect("answered in time")
+            .expect("an answer")
+            .expect("a valid frame");
+        (t, answer)
+    }
+}

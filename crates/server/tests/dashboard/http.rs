@@ -284,6 +284,55 @@ async fn with_the_openvpn_door_off_the_connection_page_says_so_and_offers_no_pro
     assert!(!text.contains(conn["username"].as_str().unwrap()));
 }
 
+/// A device whose agent predates ping and DNS over TCP says "update it" on its page; this release's agent does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_with_an_outdated_agent_says_to_update_it() {
+    use proxyfleet_proto::control::{caps, ControlFrame, Hello};
+    let Some(s) = TestServer::start(opts()).await else {
+        return;
+    };
+    let token = s.admin_token().await;
+    let (id, dir) = crate::common::enrolled_device(&s, &token, "old phone").await;
+    let b = Browser::new(&token);
+    let page_when = |want: String| {
+        let (b, s, id) = (&b, &s, &id);
+        async move {
+            for _ in 0..100 {
+                let page = b.page(s, &format!("/devices/{id}")).await;
+                if page.contains(&want) {
+                    return page;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            panic!("the device page never showed {want:?}");
+        }
+    };
+    let hello = Hello {
+        protocol_version: proxyfleet_proto::PROTOCOL_VERSION,
+        agent_version: "0.0.9".into(),
+        capabilities: caps::TCP | caps::UDP,
+    };
+    let (old, answer) = crate::common::HandTunnel::hello(&s, dir.path(), hello).await;
+    assert!(matches!(answer, ControlFrame::HelloAck(_)), "{answer:?}");
+    let page = page_when("<dt>Agent</dt><dd>0.0.9".into()).await;
+    assert!(
+        page.contains(
+            "update it: ping and DNS over TCP through the OpenVPN door need a newer agent"
+        ),
+        "{page}"
+    );
+    drop(old);
+    let agent = crate::rig::spawn_agent(dir.path());
+    // Exactly the version: no warning after it.
+    let page = page_when(format!(
+        "<dt>Agent</dt><dd>{}</dd>",
+        env!("CARGO_PKG_VERSION")
+    ))
+    .await;
+    assert!(!page.contains("update it"), "{page}");
+    agent.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_change_and_lockouts_read_in_plain_words() {
     let Some(s) = TestServer::start(opts()).await else {
