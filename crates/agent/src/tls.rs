@@ -17,8 +17,13 @@ use sha2::Digest;
 /// sealed and opened with it.
 pub fn provider() -> Arc<CryptoProvider> {
     let mut p = rustls::crypto::ring::default_provider();
-    prefer_suite(&mut p, fastest_suite(aes_in_hardware()));
+    prefer_suite(&mut p, preferred_suite());
     Arc::new(p)
+}
+
+/// The suite this device offers first (see [`provider`]).
+pub fn preferred_suite() -> rustls::CipherSuite {
+    fastest_suite(aes_in_hardware())
 }
 
 fn aes_in_hardware() -> bool {

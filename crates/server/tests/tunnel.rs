@@ -678,11 +678,11 @@ async fn the_tunnel_seals_with_the_suite_the_agent_prefers() {
     let token = s.admin_token().await;
     let (_id, dir) = enrolled(&s, &token, "cipher").await;
     let tls = device_tls(dir.path());
-    let want = if std::arch::is_x86_feature_detected!("aes") {
-        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
-    } else {
-        rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
-    };
+    let want = proxyfleet_agent::tls::preferred_suite();
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("aes") && std::is_x86_feature_detected!("pclmulqdq") {
+        assert_eq!(want, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    }
     assert_eq!(tls.crypto_provider().cipher_suites[0].suite(), want);
     assert_eq!(
         rustls::crypto::ring::default_provider().cipher_suites[0].suite(),
