@@ -6,14 +6,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::Context;
+use proxyfleet_proto::io::copy;
 use proxyfleet_proto::{Decode, Host, OpenResult, StreamHeader, Target, MAX_STREAM_HEADER};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::conn::{BoxRead, BoxWrite};
 use crate::policy::TargetPolicy;
 
-/// Copy buffer per direction of a TCP flow.
-const COPY_BUF: usize = 64 * 1024;
 /// Every header read must finish within this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connecting to a target (DNS + TCP) must finish within this.
@@ -67,16 +66,15 @@ pub async fn serve_flow(
     };
     let _ = tcp.set_nodelay(true);
     send.write_all(&[OpenResult::Ok as u8]).await?;
-    let (tr, mut tw) = tcp.into_split();
-    // 64 KiB at a time (tokio's `copy` moves 8 KiB): fewer, larger writes into the tunnel and the socket.
-    let mut recv = tokio::io::BufReader::with_capacity(COPY_BUF, recv);
-    let mut tr = tokio::io::BufReader::with_capacity(COPY_BUF, tr);
+    let (mut tr, mut tw) = tcp.into_split();
+    // 8 KiB per direction while the flow is idle or interactive, growing to 64 KiB (fewer, larger writes into the
+    // tunnel and the socket) while it moves bulk data.
     let up = async {
-        tokio::io::copy_buf(&mut recv, &mut tw).await?;
+        copy(&mut recv, &mut tw).await?;
         tw.shutdown().await
     };
     let down = async {
-        tokio::io::copy_buf(&mut tr, &mut send).await?;
+        copy(&mut tr, &mut send).await?;
         send.shutdown().await
     };
     let _ = tokio::try_join!(up, down);

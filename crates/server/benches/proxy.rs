@@ -14,7 +14,8 @@
 //!
 //! Settings (environment): `BENCH_DOWNLOAD_MIB` (512), `BENCH_DOWNLOAD_RUNS` (3, the median is reported),
 //! `BENCH_LATENCY_REQUESTS` (1000), `BENCH_FLOWS` (200), `BENCH_FLOW_MIB` (16), `BENCH_AUTH_CHECKS` (200000),
-//! `BENCH_TRANSPORT` (`quic`, or `tcp` for the device tunnel's TLS-over-TCP fallback),
+//! `BENCH_CROWD_REPEAT` (0: how many more times figure 3 runs on the same server, to show its memory after flows
+//! came and went), `BENCH_TRANSPORT` (`quic`, or `tcp` for the device tunnel's TLS-over-TCP fallback),
 //! `BENCH_SERVER_BIN` / `BENCH_AGENT_BIN` (default `target/release/…`), `BENCH_PEER_SCRIPT` (default
 //! `../shared/bench/peer-rathole.sh` beside the workspace), `BENCH_PEER_SOCKS` (`host:port` of a peer stack already
 //! running: the script is then not used), `PEER_STATE_DIR`, `RATHOLE_BIN`, `MICROSOCKS_BIN` (passed to the script).
@@ -888,6 +889,11 @@ async fn main() {
     let idle = rss(watch);
     let c = concurrent(&routes[1].via, target, flows, flow_mib, watch).await;
     report_crowd("proxyfleet SOCKS5", "server", &c, idle, flows);
+    for _ in 0..env_num("BENCH_CROWD_REPEAT", 0) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let c = concurrent(&routes[1].via, target, flows, flow_mib, watch).await;
+        report_crowd("proxyfleet SOCKS5 again", "server", &c, idle, flows);
+    }
     if let (Ok(p), Some(r)) = (&peer, routes.iter().find(|r| r.name == PEER)) {
         if let Some((_, watch)) = p.pids().into_iter().find(|(n, _)| n == "rathole-server") {
             let idle = rss(watch);

@@ -10,13 +10,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use proxyfleet_proto::io::CopyBuf;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::directory::{Dir, Directory, Entry};
 
-/// Copy buffer per direction.
-const BUF: usize = 64 * 1024;
 /// After a flow is told to stop, how long a write of already-counted bytes may still take.
 const WRITE_GRACE: Duration = Duration::from_secs(2);
 
@@ -120,12 +119,13 @@ where
             return Ok(false);
         }
     }
-    let mut buf = vec![0u8; BUF];
+    // 8 KiB while the flow is idle or interactive, growing to 64 KiB while it moves bulk data.
+    let mut buf = CopyBuf::default();
     loop {
         let n = tokio::select! {
             biased;
             _ = flow.stopped() => return Ok(false),
-            n = r.read(&mut buf) => n?,
+            n = buf.read_from(r) => n?,
         };
         if n == 0 {
             let _ = w.shutdown().await;
@@ -133,7 +133,7 @@ where
         }
         let g = flow.entry.charge(n, d, &flow.device, dir.clock().now_ms());
         flow.counters.add(d, g);
-        if g > 0 && !write_counted(flow, &mut w, &buf[..g]).await? {
+        if g > 0 && !write_counted(flow, &mut w, &buf.data()[..g]).await? {
             return Ok(false);
         }
         if g < n || flow.is_stopped() {
