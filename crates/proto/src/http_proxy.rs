@@ -20,6 +20,12 @@ pub enum HeadError {
     Target,
     #[error("https:// URLs go through CONNECT")]
     Https,
+    #[error("more than {MAX_HEADERS} header fields")]
+    TooManyHeaders,
+    #[error(
+        "the message's length is ambiguous or unsupported (Content-Length / Transfer-Encoding)"
+    )]
+    Framing,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +102,8 @@ pub fn parse_authority(s: &str, default_port: Option<u16>) -> Result<(Host, u16)
     Ok((host, port))
 }
 
-/// Headers a proxy consumes or that only concern the client–proxy hop.
+/// Headers a proxy consumes or that only concern one hop. Header fields named in a `Connection` header are
+/// hop-by-hop too ([`connection_named`]).
 fn hop_by_hop(name: &str) -> bool {
     [
         "proxy-authorization",
@@ -111,6 +118,30 @@ fn hop_by_hop(name: &str) -> bool {
     .any(|h| name.eq_ignore_ascii_case(h))
 }
 
+/// The header names listed in the message's `Connection` headers (RFC 9110 section 7.6.1), lower-cased.
+fn connection_named(headers: &[httparse::Header<'_>]) -> Vec<String> {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .filter(|v| !v.is_empty())
+        .collect()
+}
+
+/// Whether a header of a forwarded message stays: not hop-by-hop, not named in its `Connection` headers.
+fn forwarded(name: &str, named: &[String]) -> bool {
+    !hop_by_hop(name) && !named.iter().any(|n| name.eq_ignore_ascii_case(n))
+}
+
+fn head_error(e: httparse::Error) -> HeadError {
+    match e {
+        httparse::Error::TooManyHeaders => HeadError::TooManyHeaders,
+        _ => HeadError::Malformed,
+    }
+}
+
 /// Parse a request head. `Ok(None)`: incomplete (read more, up to [`MAX_HEAD`]).
 pub fn parse_head(buf: &[u8]) -> Result<Option<(ProxyRequest, usize)>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -119,7 +150,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(ProxyRequest, usize)>, HeadError
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(_) => return Err(HeadError::Malformed),
+        Err(e) => return Err(head_error(e)),
     };
     if used > MAX_HEAD {
         return Err(HeadError::TooLarge);
@@ -157,11 +188,12 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(ProxyRequest, usize)>, HeadError
     };
     let mut proxy_authorization = None;
     let mut kept = Vec::with_capacity(req.headers.len());
+    let named = connection_named(req.headers);
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("proxy-authorization") {
             proxy_authorization =
                 Some(String::from_utf8(h.value.to_vec()).map_err(|_| HeadError::Malformed)?);
-        } else if !hop_by_hop(h.name) {
+        } else if forwarded(h.name, &named) {
             kept.push((h.name.to_owned(), h.value.to_vec()));
         }
     }
@@ -194,27 +226,30 @@ pub fn basic_credentials(value: &str) -> Option<(String, String)> {
     Some((u.to_owned(), p.to_owned()))
 }
 
-/// The request head to send to the origin: origin-form target, hop-by-hop headers gone, `Connection: close` (one
-/// request per proxied connection), `Host` added when the client left it out.
+/// The request head to send to the origin: origin-form target, the client's HTTP version, hop-by-hop headers
+/// gone, `Host` set to the URL's authority (RFC 9112 section 3.2.2: a client's own `Host` is replaced), and
+/// `Connection: close` (one request per proxied connection).
 pub fn origin_head(req: &ProxyRequest, path: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    if !req
+    out.extend_from_slice(if req.version == 0 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    });
+    out.extend_from_slice(b"Host: ");
+    out.extend_from_slice(req.host.to_string().as_bytes());
+    if req.port != 80 {
+        out.extend_from_slice(format!(":{}", req.port).as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    for (n, v) in req
         .headers
         .iter()
-        .any(|(n, _)| n.eq_ignore_ascii_case("host"))
+        .filter(|(n, _)| !n.eq_ignore_ascii_case("host"))
     {
-        out.extend_from_slice(b"Host: ");
-        out.extend_from_slice(req.host.to_string().as_bytes());
-        if req.port != 80 {
-            out.extend_from_slice(format!(":{}", req.port).as_bytes());
-        }
-        out.extend_from_slice(b"\r\n");
-    }
-    for (n, v) in &req.headers {
         out.extend_from_slice(n.as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(v);
@@ -222,6 +257,81 @@ pub fn origin_head(req: &ProxyRequest, path: &str) -> Vec<u8> {
     }
     out.extend_from_slice(b"Connection: close\r\n\r\n");
     out
+}
+
+/// How a request's body is delimited (RFC 9112 section 6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyLength {
+    /// No body: the request ends with its head.
+    None,
+    /// `Content-Length` bytes.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`, ending with the last chunk and its trailers.
+    Chunked,
+}
+
+/// The framing of a request's body. Ambiguous framing is refused rather than guessed, since the origin might read
+/// the message differently (request smuggling): both `Transfer-Encoding` and `Content-Length`, a transfer coding
+/// that does not end in `chunked`, or `Content-Length` values that disagree.
+pub fn request_body(req: &ProxyRequest) -> Result<BodyLength, HeadError> {
+    let values = |name: &'static str| -> Vec<String> {
+        req.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .flat_map(|(_, v)| v.split(|&b| b == b','))
+            .map(|v| String::from_utf8_lossy(v).trim().to_ascii_lowercase())
+            .collect()
+    };
+    let codings = values("transfer-encoding");
+    let lengths = values("content-length");
+    if !codings.is_empty() {
+        if !lengths.is_empty() || codings.last().map(String::as_str) != Some("chunked") {
+            return Err(HeadError::Framing);
+        }
+        return Ok(BodyLength::Chunked);
+    }
+    let Some(first) = lengths.first() else {
+        return Ok(BodyLength::None);
+    };
+    if lengths.iter().any(|l| l != first) || !first.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(HeadError::Framing);
+    }
+    match first.parse::<u64>() {
+        Ok(0) => Ok(BodyLength::None),
+        Ok(n) => Ok(BodyLength::Length(n)),
+        Err(_) => Err(HeadError::Framing),
+    }
+}
+
+/// Parse an origin's response head and rewrite it for the client: `HTTP/1.1`, the status, the origin's headers
+/// without hop-by-hop ones, and — on a final (non-1xx) answer — `Connection: close`, so that the client sends its
+/// next request on a new connection. Returns the rewritten head, the status code and the bytes the head took;
+/// `Ok(None)`: incomplete (read more, up to [`MAX_HEAD`]).
+pub fn client_response_head(buf: &[u8]) -> Result<Option<(Vec<u8>, u16, usize)>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let used = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
+        Ok(httparse::Status::Complete(_)) => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(head_error(e)),
+    };
+    let code = resp.code.ok_or(HeadError::Malformed)?;
+    let named = connection_named(resp.headers);
+    let mut out = Vec::with_capacity(used + 24);
+    out.extend_from_slice(format!("HTTP/1.1 {code} {}\r\n", resp.reason.unwrap_or("")).as_bytes());
+    for h in resp.headers.iter().filter(|h| forwarded(h.name, &named)) {
+        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if code >= 200 {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(Some((out, code, used)))
 }
 
 #[cfg(test)]
@@ -316,7 +426,88 @@ mod tests {
             many.extend_from_slice(format!("X{i}: v\r\n").as_bytes());
         }
         many.extend_from_slice(b"\r\n");
-        assert_eq!(parse_head(&many), Err(HeadError::Malformed));
+        assert_eq!(parse_head(&many), Err(HeadError::TooManyHeaders));
+    }
+
+    fn forward(head: &[u8]) -> (ProxyRequest, String) {
+        let (r, _) = parse_head(head).unwrap().unwrap();
+        let ProxyTarget::Forward { path } = r.target.clone() else {
+            panic!("forward expected")
+        };
+        let out = String::from_utf8(origin_head(&r, &path)).unwrap();
+        (r, out)
+    }
+
+    /// The URL's authority replaces the client's `Host`; headers the client's `Connection` names stay on its hop;
+    /// an HTTP/1.0 request goes on as HTTP/1.0 (so the origin answers without chunked coding).
+    #[test]
+    fn the_origin_sees_the_urls_host_and_no_hop_headers() {
+        let (_, out) = forward(
+            b"GET http://[::1]:8080/x HTTP/1.1\r\nHost: other.example\r\nConnection: X-Secret, keep-alive\r\n\
+              X-Secret: hop-only\r\nAccept: */*\r\n\r\n",
+        );
+        assert_eq!(
+            out,
+            "GET /x HTTP/1.1\r\nHost: [::1]:8080\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        );
+        let (_, out) = forward(b"GET http://a.example/ HTTP/1.0\r\n\r\n");
+        assert_eq!(
+            out,
+            "GET / HTTP/1.0\r\nHost: a.example\r\nConnection: close\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn request_bodies_are_framed_or_refused() {
+        let body = |extra: &str| {
+            let head = format!("POST http://a.example/ HTTP/1.1\r\n{extra}\r\n");
+            request_body(&forward(head.as_bytes()).0)
+        };
+        assert_eq!(body(""), Ok(BodyLength::None));
+        assert_eq!(body("Content-Length: 0\r\n"), Ok(BodyLength::None));
+        assert_eq!(body("Content-Length: 12\r\n"), Ok(BodyLength::Length(12)));
+        assert_eq!(
+            body("Content-Length: 12\r\ncontent-length: 12, 12\r\n"),
+            Ok(BodyLength::Length(12))
+        );
+        assert_eq!(
+            body("Transfer-Encoding: gzip, Chunked\r\n"),
+            Ok(BodyLength::Chunked)
+        );
+        for bad in [
+            "Content-Length: 12\r\nContent-Length: 13\r\n",
+            "Content-Length: +12\r\n",
+            "Content-Length: 99999999999999999999999\r\n",
+            "Transfer-Encoding: chunked\r\nContent-Length: 3\r\n",
+            "Transfer-Encoding: chunked, gzip\r\n",
+        ] {
+            assert_eq!(body(bad), Err(HeadError::Framing), "{bad}");
+        }
+    }
+
+    /// The client is told the connection ends with this answer, and the origin's hop headers stay behind.
+    #[test]
+    fn responses_reach_the_client_with_connection_close() {
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\n\
+                    X-Hop: 1\r\nServer: t\r\n\r\nbody";
+        let (out, code, used) = client_response_head(raw).unwrap().unwrap();
+        assert_eq!((code, &raw[used..]), (200, &b"body"[..]));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nContent-Length: 4\r\nServer: t\r\nConnection: close\r\n\r\n"
+        );
+        let (out, code, _) = client_response_head(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (out, code),
+            (b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), 100)
+        );
+        assert_eq!(client_response_head(b"HTTP/1.1 200 OK\r\nA: b"), Ok(None));
+        assert_eq!(
+            client_response_head(b"SSH-2.0-OpenSSH\r\n\r\n"),
+            Err(HeadError::Malformed)
+        );
     }
 
     #[test]
@@ -336,6 +527,10 @@ mod tests {
             if let Ok(Some((r, used))) = parse_head(&buf) {
                 prop_assert!(used <= buf.len());
                 let _ = origin_head(&r, "/");
+                let _ = request_body(&r);
+            }
+            if let Ok(Some((_, _, used))) = client_response_head(&buf) {
+                prop_assert!(used <= buf.len());
             }
         }
     }

@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 
 pub mod base32;
+pub mod chunked;
 pub mod codec;
 pub mod control;
 pub mod enroll;

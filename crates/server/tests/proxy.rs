@@ -987,6 +987,120 @@ print(".".join(str(b) for b in data[-4:]), addr[1])
     }
 }
 
+/// A site that answers its first request with 4 bytes and `Connection: keep-alive`, then keeps the connection open
+/// and records everything it is sent afterwards; returns its address and the bytes each connection received.
+async fn keep_alive_target() -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let i = {
+                    let mut l = log.lock().unwrap();
+                    l.push(Vec::new());
+                    l.len() - 1
+                };
+                let mut answered = false;
+                let mut b = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut b).await {
+                    let answer = {
+                        let mut l = log.lock().unwrap();
+                        l[i].extend_from_slice(&b[..n]);
+                        !answered && l[i].windows(4).any(|w| w == b"\r\n\r\n")
+                    };
+                    if answer {
+                        answered = true;
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: keep-alive\r\n\r\nkeep")
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A client that reuses its proxy connection for a second absolute-form request (curl does, when the answer lets
+/// it) must never have that request, with its credentials in it, sent raw to the first site: the door passes one
+/// request per connection and tells the client `Connection: close`, so the second request goes to its own site.
+/// HTTP/1.0 requests reach the origin as HTTP/1.0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absolute_form_requests_never_leak_into_the_previous_site() {
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    let (keeper, seen) = keep_alive_target().await;
+    let other = http_target("127.0.0.1:0", 100).await;
+    let c = rig
+        .create(json!({"name": "c", "device_id": rig.device}))
+        .await;
+    let (user, pass) = creds(&c);
+    let http = format!("http://{user}:{pass}@{}", rig.http_addr());
+    let (code, out) = curl(&[
+        "-x",
+        &http,
+        "-w",
+        "%{http_code} %{size_download}\n",
+        "-o",
+        "/dev/null",
+        "-o",
+        "/dev/null",
+        &format!("http://{keeper}/a"),
+        &format!("http://{other}/b"),
+    ])
+    .await;
+    assert_eq!((code, out.as_str()), (0, "200 4\n200 100\n"));
+    // The keeper saw one connection with one request on it, and nothing else (its connection ends once curl's
+    // does, so give the close a moment to arrive).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "one connection to the first site");
+    let text = String::from_utf8_lossy(&seen[0]).into_owned();
+    assert!(text.starts_with("GET /a HTTP/1.1\r\n"), "{text}");
+    assert!(
+        text.ends_with("Connection: close\r\n\r\n"),
+        "only the first request reached it: {text}"
+    );
+    assert!(
+        !text.to_ascii_lowercase().contains("proxy-authorization"),
+        "{text}"
+    );
+
+    // The answer the client got says the connection ends with it.
+    let (_, head) = curl(&[
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-x",
+        &http,
+        &format!("http://{keeper}/c"),
+    ])
+    .await;
+    assert!(head.contains("Connection: close\r\n"), "{head}");
+    assert!(!head.to_ascii_lowercase().contains("keep-alive"), "{head}");
+    // HTTP/1.0 stays HTTP/1.0 towards the origin.
+    let (_, head) = curl(&[
+        "--http1.0",
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-x",
+        &http,
+        &format!("http://{other}/d"),
+    ])
+    .await;
+    assert!(
+        head.contains("X-Request-Line: GET /d HTTP/1.0\r\n"),
+        "{head}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dedicated_port_with_allow_list() {
     let port = {

@@ -26,6 +26,17 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(Some((r, used))) = http_proxy::parse_head(data) {
         assert!(used <= data.len());
         let _ = http_proxy::origin_head(&r, "/");
+        let _ = http_proxy::request_body(&r);
+    }
+    if let Ok(Some((_, _, used))) = http_proxy::client_response_head(data) {
+        assert!(used <= data.len());
+    }
+    let mut chunked = proxyfleet_proto::chunked::ChunkedEnd::default();
+    for part in data.chunks(7) {
+        match chunked.feed(part) {
+            Ok(n) => assert!(n <= part.len()),
+            Err(_) => break,
+        }
     }
     if let Ok(s) = std::str::from_utf8(data) {
         let _ = http_proxy::basic_credentials(s);

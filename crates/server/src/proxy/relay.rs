@@ -3,7 +3,8 @@
 //!
 //! What is counted: payload bytes forwarded in either direction — for a TCP flow, the bytes of the customer's
 //! stream after the proxy handshake (SOCKS5 negotiation, the HTTP `CONNECT` exchange) and the bytes coming back;
-//! for an absolute-form HTTP request, the request head as rewritten for the origin plus body and response; for UDP,
+//! for an absolute-form HTTP request, the request head as rewritten for the origin plus its body, and the response
+//! with its head as rewritten for the client; for UDP,
 //! datagram payloads without headers. Protocol overhead (TCP/IP, QUIC, TLS, SOCKS and tunnel framing) is not
 //! counted. A chunk is counted when it is handed to the socket.
 

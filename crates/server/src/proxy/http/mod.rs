@@ -13,6 +13,8 @@ use super::directory::Entry;
 use super::relay::{relay, RelayOptions};
 use super::{AuthFailure, Door, ProxyContext};
 
+mod forward;
+
 /// Read the request head (bounded by [`hp::MAX_HEAD`]); returns it and the bytes after it.
 async fn read_head(
     stream: &mut TcpStream,
@@ -92,7 +94,10 @@ pub async fn serve(
     let (req, rest) = match head {
         Ok(h) => h,
         Err(e) => {
-            let status = if e == HeadError::TooLarge { 431 } else { 400 };
+            let status = match e {
+                HeadError::TooLarge | HeadError::TooManyHeaders => 431,
+                _ => 400,
+            };
             respond(&mut stream, status, "", &e.to_string()).await?;
             return Ok(());
         }
@@ -147,15 +152,31 @@ pub async fn serve(
             (rest, RelayOptions::default())
         }
         ProxyTarget::Forward { path } => {
-            let mut first = hp::origin_head(&req, path);
-            first.extend_from_slice(&rest);
-            // One request: the flow is over once the origin's answer is.
-            (
-                first,
-                RelayOptions {
-                    end_with_target: true,
-                },
+            // One request per connection: the origin gets this request and its body, never what the client
+            // sends after it, and the client is told (`Connection: close`) to send its next request anew.
+            let body = match hp::request_body(&req) {
+                Ok(b) => b,
+                Err(e) => {
+                    respond(&mut stream, 400, "", &e.to_string()).await?;
+                    return Ok(());
+                }
+            };
+            let (cr, cw) = stream.into_split();
+            let up = forward::OneRequest::new(rest, cr, body);
+            let down = forward::Answer::new(dr);
+            let opts = RelayOptions {
+                end_with_target: true,
+            };
+            relay(
+                &ctx.dir,
+                &flow,
+                (up, cw),
+                (down, dw),
+                &hp::origin_head(&req, path),
+                opts,
             )
+            .await;
+            return Ok(());
         }
     };
     relay(&ctx.dir, &flow, stream.into_split(), (dr, dw), &first, opts).await;
