@@ -1101,6 +1101,60 @@ async fn absolute_form_requests_never_leak_into_the_previous_site() {
     );
 }
 
+/// A connection imported from another platform keeps its username, whatever characters it has; the ready-made
+/// proxy URLs in the one-time answer encode it, so curl can use them as given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_made_urls_work_for_imported_usernames() {
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    let target = http_target("127.0.0.1:0", 1000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("export.csv");
+    std::fs::write(
+        &csv,
+        format!(
+            "name,device,username,password\nold,{},john@shop.com,old-pass\n",
+            rig.device
+        ),
+    )
+    .unwrap();
+    proxyfleet::legacy::import_connections(rig.s.store(), "admin", &csv, false, 1_700_000_000)
+        .await
+        .unwrap();
+    let list: Value = rig
+        .s
+        .get("/api/v1.0/connections", &rig.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = list
+        .as_array()
+        .or_else(|| list["items"].as_array())
+        .unwrap()
+        .iter()
+        .find(|c| c["username"] == "john@shop.com")
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .expect("the imported connection is listed");
+    let r = rig
+        .s
+        .post(
+            &format!("/api/v1.0/connections/{id}/regenerate-password"),
+            &rig.token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let c: Value = r.json().await.unwrap();
+    let http = c["http_url"].as_str().unwrap();
+    assert!(http.starts_with("http://john%40shop.com:"), "{http}");
+    let url = format!("http://{target}/");
+    assert_eq!(curl_via(http, &url, &[]).await, (0, "200 1000".into()));
+    let socks = c["socks5_url"].as_str().unwrap();
+    assert_eq!(curl_via(socks, &url, &[]).await, (0, "200 1000".into()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dedicated_port_with_allow_list() {
     let port = {

@@ -154,7 +154,9 @@ fn bracket(host: &str) -> String {
 fn with_password(state: &AppState, row: ConnectionRow, password: String) -> ConnectionWithPassword {
     let proxy = &state.proxy;
     let host = bracket(&proxy.public_host);
-    let creds = format!("{}:{password}", row.username);
+    // Imported usernames may hold any character (`john@shop.com`): userinfo is percent-encoded so that the URLs
+    // work as given (RFC 3986 section 3.2.1).
+    let creds = format!("{}:{}", userinfo(&row.username), userinfo(&password));
     ConnectionWithPassword {
         ovpn: proxy
             .openvpn
@@ -169,6 +171,16 @@ fn with_password(state: &AppState, row: ConnectionRow, password: String) -> Conn
         connection: view(state, row),
         password,
     }
+}
+
+/// `s` as the user or password part of a URL's userinfo: everything but RFC 3986's unreserved characters encoded.
+fn userinfo(s: &str) -> String {
+    const ENCODED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(s, ENCODED).to_string()
 }
 
 fn new_password() -> String {
