@@ -126,7 +126,7 @@ impl Conn {
 /// Connect over QUIC.
 pub async fn connect_quic(server: &str, tls: rustls::ClientConfig) -> anyhow::Result<Conn> {
     let (endpoint, addr) = crate::tls::endpoint_for(server).await?;
-    let config = crate::tls::quic_client(tls, Duration::from_secs(10))?;
+    let config = crate::tls::quic_client(tls, proxyfleet_proto::TUNNEL_KEEP_ALIVE)?;
     let conn = tokio::time::timeout(
         QUIC_TIMEOUT,
         endpoint.connect_with(config, addr, TUNNEL_SERVER_NAME)?,

@@ -132,7 +132,7 @@ pub fn quic_client(
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(keep_alive));
-    transport.max_idle_timeout(Some(Duration::from_secs(60).try_into()?));
+    transport.max_idle_timeout(Some(proxyfleet_proto::TUNNEL_IDLE_TIMEOUT.try_into()?));
     // Flows are streams the server opens; allow many at once (the default 100 would cap a busy proxy device).
     transport.max_concurrent_bidi_streams(4096u32.into());
     transport.max_concurrent_uni_streams(0u32.into());

@@ -1155,6 +1155,129 @@ async fn ready_made_urls_work_for_imported_usernames() {
     assert_eq!(curl_via(socks, &url, &[]).await, (0, "200 1000".into()));
 }
 
+/// A UDP relay between an agent and the server's tunnel port that can go silent in both directions at once, as a
+/// device does when it loses power or coverage (no FIN, no close: its packets just stop).
+struct Plug {
+    addr: SocketAddr,
+    on: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Plug {
+    async fn start(server: SocketAddr) -> Plug {
+        use std::sync::atomic::Ordering;
+        let outer = std::sync::Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let inner = std::sync::Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        inner.connect(server).await.unwrap();
+        let on = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let agent = std::sync::Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+        let addr = outer.local_addr().unwrap();
+        let (o, i, a, live) = (outer.clone(), inner.clone(), agent.clone(), on.clone());
+        tokio::spawn(async move {
+            let mut b = vec![0u8; 65_536];
+            while let Ok((n, from)) = o.recv_from(&mut b).await {
+                *a.lock().unwrap() = Some(from);
+                if live.load(Ordering::Relaxed) {
+                    let _ = i.send(&b[..n]).await;
+                }
+            }
+        });
+        let live = on.clone();
+        tokio::spawn(async move {
+            let mut b = vec![0u8; 65_536];
+            while let Ok(n) = inner.recv(&mut b).await {
+                let to = *agent.lock().unwrap();
+                if let (Some(to), true) = (to, live.load(Ordering::Relaxed)) {
+                    let _ = outer.send_to(&b[..n], to).await;
+                }
+            }
+        });
+        Plug { addr, on }
+    }
+
+    fn pull(&self) {
+        self.on.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A device that goes silent (power or coverage lost: no goodbye) fails its customers' open flows, idle ones too,
+/// and shows offline within the tunnel's idle timeout; after that new flows are refused at once as "device
+/// offline" instead of each waiting out the open timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_goes_silent_fails_its_flows_within_the_idle_timeout() {
+    let Some(s) = TestServer::start(opts()).await else {
+        return;
+    };
+    let token = s.admin_token().await;
+    let (device, state) = common::enrolled_device(&s, &token, "phone").await;
+    // The agent dials the server through the plug.
+    let plug = Plug::start(s.running().tunnel_addr.unwrap()).await;
+    let file = state.path().join("agent.json");
+    let mut st: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    st["server"] = json!(plug.addr.to_string());
+    std::fs::write(&file, serde_json::to_vec(&st).unwrap()).unwrap();
+    let agent = spawn_agent(state.path());
+    let rig = Rig {
+        s,
+        token,
+        device,
+        agent,
+        _state: state,
+    };
+    rig.wait_online(&rig.device).await;
+    let c = rig
+        .create(json!({"name": "c", "device_id": rig.device}))
+        .await;
+    let (user, pass) = creds(&c);
+    let idle = stream_target(0).await;
+    let basic = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    };
+    let mut flow = TcpStream::connect(rig.http_addr()).await.unwrap();
+    flow.write_all(
+        format!("CONNECT {idle} HTTP/1.1\r\nProxy-Authorization: Basic {basic}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut b = [0u8; 256];
+    let n = flow.read(&mut b).await.unwrap();
+    assert!(
+        b[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&b[..n])
+    );
+
+    plug.pull();
+    let pulled = Instant::now();
+    let limit = proxyfleet_proto::TUNNEL_IDLE_TIMEOUT + Duration::from_secs(5);
+    let end = tokio::time::timeout(limit, flow.read(&mut b)).await;
+    assert!(
+        matches!(end, Ok(Ok(0)) | Ok(Err(_))),
+        "the idle flow is still open {limit:?} after the device went silent: {end:?}"
+    );
+    println!(
+        "the flow ended {:?} after the device went silent",
+        pulled.elapsed()
+    );
+    let v: Value = rig
+        .s
+        .get(&format!("/api/v1.0/devices/{}", rig.device), &rig.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["status"], "offline", "{v}");
+    let http = format!("http://{user}:{pass}@{}", rig.http_addr());
+    let asked = Instant::now();
+    let (_, out) = curl_via(&http, &format!("http://{idle}/"), &[]).await;
+    assert!(out.starts_with("502 "), "{out}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "refused at once, not after the open timeout"
+    );
+    rig.agent.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dedicated_port_with_allow_list() {
     let port = {

@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use quinn::{Connection, Endpoint};
@@ -20,7 +19,7 @@ pub(super) fn start(
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    transport.max_idle_timeout(Some(Duration::from_secs(60).try_into()?));
+    transport.max_idle_timeout(Some(proxyfleet_proto::TUNNEL_IDLE_TIMEOUT.try_into()?));
     // The agent opens one stream (the control stream); flows are opened by the server. Bounding what a peer may
     // open and how much it may make us buffer keeps a hostile or broken client from pinning memory.
     transport.max_concurrent_uni_streams(0u32.into());
