@@ -9,6 +9,11 @@ use crate::stream::Host;
 pub const MAX_HEAD: usize = 16 * 1024;
 /// Most header fields accepted in a head.
 pub const MAX_HEADERS: usize = 64;
+/// Largest response head an origin may send, bytes: sites answer with more and longer headers (cookies) than
+/// clients ask with.
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Most header fields in a response head.
+pub const MAX_RESPONSE_HEADERS: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HeadError {
@@ -285,7 +290,11 @@ pub fn request_body(req: &ProxyRequest) -> Result<BodyLength, HeadError> {
     let codings = values("transfer-encoding");
     let lengths = values("content-length");
     if !codings.is_empty() {
-        if !lengths.is_empty() || codings.last().map(String::as_str) != Some("chunked") {
+        // HTTP/1.0 has no transfer codings (RFC 9112 section 6.1: such framing is faulty).
+        if req.version == 0
+            || !lengths.is_empty()
+            || codings.last().map(String::as_str) != Some("chunked")
+        {
             return Err(HeadError::Framing);
         }
         return Ok(BodyLength::Chunked);
@@ -307,13 +316,22 @@ pub fn request_body(req: &ProxyRequest) -> Result<BodyLength, HeadError> {
 /// without hop-by-hop ones, and — on a final (non-1xx) answer — `Connection: close`, so that the client sends its
 /// next request on a new connection. Returns the rewritten head, the status code and the bytes the head took;
 /// `Ok(None)`: incomplete (read more, up to [`MAX_HEAD`]).
+/// Origins are parsed leniently where that is safe (a space before a header's colon, folded header lines, extra
+/// spaces in the status line), since the client would have accepted the answer from them directly.
 pub fn client_response_head(buf: &[u8]) -> Result<Option<(Vec<u8>, u16, usize)>, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut headers = vec![httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
-    let used = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
+    let parsed = httparse::ParserConfig::default()
+        .allow_spaces_after_header_name_in_responses(true)
+        .allow_obsolete_multiline_headers_in_responses(true)
+        .allow_multiple_spaces_in_response_status_delimiters(true)
+        .parse_response(&mut resp, buf);
+    let used = match parsed {
+        Ok(httparse::Status::Complete(n)) if n <= MAX_RESPONSE_HEAD => n,
         Ok(httparse::Status::Complete(_)) => return Err(HeadError::TooLarge),
-        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_RESPONSE_HEAD => {
+            return Err(HeadError::TooLarge)
+        }
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(head_error(e)),
     };
@@ -324,7 +342,12 @@ pub fn client_response_head(buf: &[u8]) -> Result<Option<(Vec<u8>, u16, usize)>,
     for h in resp.headers.iter().filter(|h| forwarded(h.name, &named)) {
         out.extend_from_slice(h.name.as_bytes());
         out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
+        // A folded value's line breaks become spaces (RFC 9112 section 5.2).
+        out.extend(
+            h.value
+                .iter()
+                .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
+        );
         out.extend_from_slice(b"\r\n");
     }
     if code >= 200 {
@@ -483,6 +506,8 @@ mod tests {
         ] {
             assert_eq!(body(bad), Err(HeadError::Framing), "{bad}");
         }
+        let head = b"POST http://a.example/ HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(request_body(&forward(head).0), Err(HeadError::Framing));
     }
 
     /// The client is told the connection ends with this answer, and the origin's hop headers stay behind.
@@ -507,6 +532,20 @@ mod tests {
         assert_eq!(
             client_response_head(b"SSH-2.0-OpenSSH\r\n\r\n"),
             Err(HeadError::Malformed)
+        );
+        // What browsers accept from sites passes: many cookies, a space before a colon, a folded line, a double
+        // space in the status line.
+        let mut many = b"HTTP/1.1  200 OK\r\nServer : t\r\nX-Long: a\r\n b\r\n".to_vec();
+        for i in 0..100 {
+            many.extend_from_slice(format!("Set-Cookie: c{i}=v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        let (out, code, used) = client_response_head(&many).unwrap().unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!((code, used), (200, many.len()));
+        assert!(
+            out.contains("Server: t\r\nX-Long: a   b\r\n") && out.contains("Set-Cookie: c99=v\r\n"),
+            "{out}"
         );
     }
 

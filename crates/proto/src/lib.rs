@@ -55,8 +55,9 @@ pub const TUNNEL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 pub const TUNNEL_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The yamux settings both ends of the TLS-over-TCP fallback use: its defaults with [`STREAM_WINDOW`], and a ping
-/// every [`TUNNEL_KEEP_ALIVE`] instead of 30 s. yamux closes a session whose ping has gone unanswered for 30 s
-/// (a constant of its own), so a silent peer is found within 40 s instead of a minute.
+/// every [`TUNNEL_KEEP_ALIVE`] instead of 30 s. yamux closes a session, at one of its ping ticks, once a ping has
+/// gone unanswered for more than 30 s (a constant of its own), so a silent peer is found after 40–50 s instead of
+/// 60–90.
 pub fn yamux_config() -> tokio_yamux::Config {
     tokio_yamux::Config {
         max_stream_window_size: STREAM_WINDOW,

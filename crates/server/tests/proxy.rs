@@ -1057,9 +1057,9 @@ async fn absolute_form_requests_never_leak_into_the_previous_site() {
     // The keeper saw one connection with one request on it, and nothing else (its connection ends once curl's
     // does, so give the close a moment to arrive).
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let seen = seen.lock().unwrap().clone();
-    assert_eq!(seen.len(), 1, "one connection to the first site");
-    let text = String::from_utf8_lossy(&seen[0]).into_owned();
+    let log = seen.lock().unwrap().clone();
+    assert_eq!(log.len(), 1, "one connection to the first site");
+    let text = String::from_utf8_lossy(&log[0]).into_owned();
     assert!(text.starts_with("GET /a HTTP/1.1\r\n"), "{text}");
     assert!(
         text.ends_with("Connection: close\r\n\r\n"),
@@ -1069,6 +1069,44 @@ async fn absolute_form_requests_never_leak_into_the_previous_site() {
         !text.to_ascii_lowercase().contains("proxy-authorization"),
         "{text}"
     );
+
+    // A client that pipelines a second request behind the first, in one write: only the first reaches the site.
+    let basic = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    };
+    let one = format!(
+        "POST http://{keeper}/p HTTP/1.1\r\nProxy-Authorization: Basic {basic}\r\nContent-Length: 5\r\n\r\nhello"
+    );
+    let two =
+        format!("GET http://{other}/q HTTP/1.1\r\nProxy-Authorization: Basic {basic}\r\n\r\n");
+    let mut client = TcpStream::connect(rig.http_addr()).await.unwrap();
+    client
+        .write_all(format!("{one}{two}").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut b = [0u8; 1024];
+    while !answer.ends_with(b"keep") {
+        let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut b))
+            .await
+            .expect("the first answer arrives")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed early: {:?}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&b[..n]);
+    }
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let last = String::from_utf8_lossy(seen.lock().unwrap().last().unwrap()).into_owned();
+    assert!(
+        last.starts_with("POST /p HTTP/1.1\r\n") && last.ends_with("\r\n\r\nhello"),
+        "{last}"
+    );
+    assert!(!last.contains(&basic) && !last.contains("/q"), "{last}");
 
     // The answer the client got says the connection ends with it.
     let (_, head) = curl(&[
@@ -1259,14 +1297,22 @@ async fn a_device_that_goes_silent_fails_its_flows_within_the_idle_timeout() {
         "the flow ended {:?} after the device went silent",
         pulled.elapsed()
     );
-    let v: Value = rig
-        .s
-        .get(&format!("/api/v1.0/devices/{}", rig.device), &rig.token)
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(v["status"], "offline", "{v}");
+    // The registry drops the session in its own task, woken by the same close.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let v: Value = rig
+            .s
+            .get(&format!("/api/v1.0/devices/{}", rig.device), &rig.token)
+            .await
+            .json()
+            .await
+            .unwrap();
+        if v["status"] == "offline" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still shown online: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let http = format!("http://{user}:{pass}@{}", rig.http_addr());
     let asked = Instant::now();
     let (_, out) = curl_via(&http, &format!("http://{idle}/"), &[]).await;

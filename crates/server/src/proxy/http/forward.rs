@@ -13,12 +13,19 @@ use proxyfleet_proto::chunked::ChunkedEnd;
 use proxyfleet_proto::http_proxy::{self as hp, BodyLength};
 use tokio::io::{AsyncRead, ReadBuf};
 
+/// After its request, how much more a client may send to be read and dropped, bytes: enough for a pipelined
+/// request or two. Reading on sees the client's close (passed on to the origin as a half-close) and keeps unread
+/// bytes from turning our close into a reset; past this the client is no longer read at all, so it cannot make the
+/// server take unlimited (and uncharged) bytes.
+const DRAIN: usize = 64 * 1024;
+
 enum Body {
     Length(u64),
     Chunked(ChunkedEnd),
-    /// The request is complete: what the client sends now is read and dropped (so that a client's close is
-    /// seen, and its unread bytes do not turn our close into a reset).
-    Done,
+    /// The request is complete: what the client sends now is read and dropped, up to [`DRAIN`] bytes in all.
+    Done {
+        dropped: usize,
+    },
 }
 
 /// The client's side of a forwarded request: the bytes already read past the head, then the socket, cut at the
@@ -33,7 +40,7 @@ pub struct OneRequest<R> {
 impl<R> OneRequest<R> {
     pub fn new(held: Vec<u8>, inner: R, length: BodyLength) -> Self {
         let body = match length {
-            BodyLength::None => Body::Done,
+            BodyLength::None => Body::Done { dropped: 0 },
             BodyLength::Length(n) => Body::Length(n),
             BodyLength::Chunked => Body::Chunked(ChunkedEnd::default()),
         };
@@ -50,14 +57,17 @@ impl Body {
     /// How many of `bytes` (the next ones from the client) belong to the request.
     fn take(&mut self, bytes: &[u8]) -> io::Result<usize> {
         let n = match self {
-            Body::Done => 0,
+            Body::Done { dropped } => {
+                *dropped += bytes.len();
+                0
+            }
             Body::Length(left) => {
                 let n = bytes
                     .len()
                     .min(usize::try_from(*left).unwrap_or(usize::MAX));
                 *left -= n as u64;
                 if *left == 0 {
-                    *self = Body::Done;
+                    *self = Body::Done { dropped: 0 };
                 }
                 n
             }
@@ -66,7 +76,7 @@ impl Body {
                     .feed(bytes)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                 if c.is_done() {
-                    *self = Body::Done;
+                    *self = Body::Done { dropped: 0 };
                 }
                 n
             }
@@ -86,7 +96,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for OneRequest<R> {
             let held = &this.held[this.at..];
             let n = this.body.take(&held[..held.len().min(out.remaining())])?;
             out.put_slice(&held[..n]);
-            this.at = if matches!(this.body, Body::Done) {
+            this.at = if matches!(this.body, Body::Done { .. }) {
                 this.held.len()
             } else {
                 this.at + n
@@ -96,6 +106,10 @@ impl<R: AsyncRead + Unpin> AsyncRead for OneRequest<R> {
             }
         }
         loop {
+            if matches!(this.body, Body::Done { dropped } if dropped >= DRAIN) {
+                // No longer read: the flow ends with the origin's answer (or a stop), never by this side.
+                return Poll::Pending;
+            }
             let before = out.filled().len();
             ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
             let got = out.filled().len() - before;
@@ -177,8 +191,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for Answer<R> {
                     match hp::client_response_head(buf) {
                         Ok(Some((head, code, used))) => {
                             let rest = buf.split_off(used);
-                            // An interim answer (100 Continue): the real one follows.
-                            let after = if code < 200 {
+                            // An interim answer (100 Continue): the real one follows. (101 would switch
+                            // protocols, but `Upgrade` never reaches the origin.)
+                            let after = if code < 200 && code != 101 {
                                 Phase::Head(rest)
                             } else if rest.is_empty() {
                                 Phase::Body
@@ -198,9 +213,15 @@ impl<R: AsyncRead + Unpin> AsyncRead for Answer<R> {
                         }
                         Ok(None) => {}
                         Err(e) => {
-                            tracing::debug!(error = %e, "the origin's answer is not an HTTP response");
+                            tracing::debug!(error = %e, "the origin's answer head was refused");
+                            let why = match e {
+                                hp::HeadError::TooLarge | hp::HeadError::TooManyHeaders => {
+                                    "the site's answer head is too large"
+                                }
+                                _ => "the site did not answer with HTTP",
+                            };
                             this.phase = Phase::Out {
-                                bytes: bad_gateway("the site did not answer with HTTP"),
+                                bytes: bad_gateway(why),
                                 at: 0,
                                 next: Box::new(Phase::End),
                             };
@@ -268,6 +289,41 @@ mod tests {
             let got = read_all(OneRequest::new(held.to_vec(), a, length)).await;
             assert_eq!(got, body, "{length:?}");
         }
+    }
+
+    /// A client that keeps sending after its request is read (and its bytes dropped) only up to the drain limit,
+    /// then not at all: it cannot make the server take unlimited bytes.
+    #[tokio::test]
+    async fn what_follows_the_request_is_drained_only_so_far() {
+        struct Counted<R>(R, std::sync::Arc<std::sync::atomic::AtomicUsize>);
+        impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
+            fn poll_read(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                out: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                let before = out.filled().len();
+                let r = Pin::new(&mut self.0).poll_read(cx, out);
+                let n = out.filled().len() - before;
+                self.1.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                r
+            }
+        }
+        let (a, mut b) = tokio::io::duplex(DRAIN * 4);
+        b.write_all(&vec![b'x'; DRAIN * 3]).await.unwrap();
+        let taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut r = OneRequest::new(Vec::new(), Counted(a, taken.clone()), BodyLength::None);
+        let mut buf = [0u8; 1024];
+        let more = tokio::time::timeout(std::time::Duration::from_millis(100), r.read(&mut buf));
+        assert!(
+            more.await.is_err(),
+            "nothing is passed on, and the read waits"
+        );
+        let taken = taken.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            (DRAIN..DRAIN + buf.len()).contains(&taken),
+            "{taken} bytes read from the client"
+        );
     }
 
     #[tokio::test]

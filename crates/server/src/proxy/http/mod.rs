@@ -102,6 +102,14 @@ pub async fn serve(
             return Ok(());
         }
     };
+    // A forwarded request's body must have one clear length before anything is opened for it.
+    let body = match (&req.target, hp::request_body(&req)) {
+        (ProxyTarget::Forward { .. }, Err(e)) => {
+            respond(&mut stream, 400, "", &e.to_string()).await?;
+            return Ok(());
+        }
+        (_, b) => b.unwrap_or(hp::BodyLength::None),
+    };
     let entry = match tokio::time::timeout(ctx.handshake_timeout, auth(ctx, &req, peer, door)).await
     {
         Ok(Ok(e)) => e,
@@ -154,13 +162,6 @@ pub async fn serve(
         ProxyTarget::Forward { path } => {
             // One request per connection: the origin gets this request and its body, never what the client
             // sends after it, and the client is told (`Connection: close`) to send its next request anew.
-            let body = match hp::request_body(&req) {
-                Ok(b) => b,
-                Err(e) => {
-                    respond(&mut stream, 400, "", &e.to_string()).await?;
-                    return Ok(());
-                }
-            };
             let (cr, cw) = stream.into_split();
             let up = forward::OneRequest::new(rest, cr, body);
             let down = forward::Answer::new(dr);
