@@ -1193,15 +1193,24 @@ async fn ready_made_urls_work_for_imported_usernames() {
     assert_eq!(curl_via(socks, &url, &[]).await, (0, "200 1000".into()));
 }
 
-/// A UDP relay between an agent and the server's tunnel port that can go silent in both directions at once, as a
-/// device does when it loses power or coverage (no FIN, no close: its packets just stop).
+/// A relay between an agent and the server's tunnel port (UDP for QUIC, or TCP for the fallback) that can go silent
+/// in both directions at once, as a device does when it loses power or coverage: no FIN, no close, its packets
+/// just stop.
 struct Plug {
     addr: SocketAddr,
     on: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Plug {
-    async fn start(server: SocketAddr) -> Plug {
+    async fn start(server: SocketAddr, quic: bool) -> Plug {
+        if quic {
+            Self::udp(server).await
+        } else {
+            Self::tcp(server).await
+        }
+    }
+
+    async fn udp(server: SocketAddr) -> Plug {
         use std::sync::atomic::Ordering;
         let outer = std::sync::Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let inner = std::sync::Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
@@ -1232,6 +1241,44 @@ impl Plug {
         Plug { addr, on }
     }
 
+    /// Each connection is copied both ways until the plug is pulled; then its sockets are held open, unread.
+    async fn tcp(server: SocketAddr) -> Plug {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let on = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let addr = l.local_addr().unwrap();
+        let live = on.clone();
+        tokio::spawn(async move {
+            while let Ok((a, _)) = l.accept().await {
+                let Ok(b) = TcpStream::connect(server).await else {
+                    continue;
+                };
+                let (ar, aw) = a.into_split();
+                let (br, bw) = b.into_split();
+                for (mut r, mut w) in [
+                    (
+                        Box::new(ar) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                        Box::new(bw) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                    ),
+                    (Box::new(br), Box::new(aw)),
+                ] {
+                    let live = live.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 65_536];
+                        while let Ok(n @ 1..) = r.read(&mut buf).await {
+                            if !live.load(std::sync::atomic::Ordering::Relaxed) {
+                                std::future::pending::<()>().await;
+                            }
+                            if w.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Plug { addr, on }
+    }
+
     fn pull(&self) {
         self.on.store(false, std::sync::atomic::Ordering::Relaxed);
     }
@@ -1242,13 +1289,31 @@ impl Plug {
 /// offline" instead of each waiting out the open timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_goes_silent_fails_its_flows_within_the_idle_timeout() {
-    let Some(s) = TestServer::start(opts()).await else {
+    // QUIC's idle timeout, and a little for the close to reach the flow.
+    silent_device(
+        true,
+        proxyfleet_proto::TUNNEL_IDLE_TIMEOUT + Duration::from_secs(5),
+    )
+    .await;
+}
+
+/// The same over the TLS-over-TCP fallback: yamux pings every 10 s and gives up at the first tick after a ping has
+/// gone unanswered for more than 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_goes_silent_on_the_tcp_fallback_fails_its_flows_within_a_minute() {
+    silent_device(false, Duration::from_secs(55)).await;
+}
+
+async fn silent_device(quic: bool, limit: Duration) {
+    let mut o = opts();
+    o.raw.tunnel_quic = Some(quic);
+    let Some(s) = TestServer::start(o).await else {
         return;
     };
     let token = s.admin_token().await;
     let (device, state) = common::enrolled_device(&s, &token, "phone").await;
     // The agent dials the server through the plug.
-    let plug = Plug::start(s.running().tunnel_addr.unwrap()).await;
+    let plug = Plug::start(s.running().tunnel_addr.unwrap(), quic).await;
     let file = state.path().join("agent.json");
     let mut st: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
     st["server"] = json!(plug.addr.to_string());
@@ -1287,7 +1352,6 @@ async fn a_device_that_goes_silent_fails_its_flows_within_the_idle_timeout() {
 
     plug.pull();
     let pulled = Instant::now();
-    let limit = proxyfleet_proto::TUNNEL_IDLE_TIMEOUT + Duration::from_secs(5);
     let end = tokio::time::timeout(limit, flow.read(&mut b)).await;
     assert!(
         matches!(end, Ok(Ok(0)) | Ok(Err(_))),
