@@ -1139,6 +1139,131 @@ async fn absolute_form_requests_never_leak_into_the_previous_site() {
     );
 }
 
+/// Read from `s` onto `rest` until it holds `want` bytes.
+async fn fill(s: &mut TcpStream, rest: &mut Vec<u8>, want: usize) {
+    let mut b = vec![0u8; 65_536];
+    while rest.len() < want {
+        let n = s.read(&mut b).await.unwrap();
+        assert!(n > 0, "the body ended early");
+        rest.extend_from_slice(&b[..n]);
+    }
+}
+
+/// An origin that reads one request's body (by `Content-Length`, answering `100 Continue` first when the client
+/// expects it, or chunked) and answers with its length and a checksum of its bytes.
+async fn upload_target() -> SocketAddr {
+    fn sum(b: &[u8]) -> u64 {
+        b.iter()
+            .fold(0u64, |a, &x| a.wrapping_mul(31).wrapping_add(u64::from(x)))
+    }
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut data = Vec::new();
+                let mut b = vec![0u8; 65_536];
+                let at = loop {
+                    if let Some(i) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    let n = s.read(&mut b).await.unwrap();
+                    assert!(n > 0);
+                    data.extend_from_slice(&b[..n]);
+                };
+                let head = String::from_utf8_lossy(&data[..at]).to_ascii_lowercase();
+                let mut rest = data.split_off(at);
+                let body = if head.contains("transfer-encoding: chunked") {
+                    let mut body = Vec::new();
+                    loop {
+                        let line_end = loop {
+                            if let Some(i) = rest.windows(2).position(|w| w == b"\r\n") {
+                                break i;
+                            }
+                            let want = rest.len() + 1;
+                            fill(&mut s, &mut rest, want).await;
+                        };
+                        let size = usize::from_str_radix(
+                            String::from_utf8_lossy(&rest[..line_end])
+                                .split(';')
+                                .next()
+                                .unwrap()
+                                .trim(),
+                            16,
+                        )
+                        .unwrap();
+                        rest.drain(..line_end + 2);
+                        fill(&mut s, &mut rest, size + 2).await;
+                        body.extend_from_slice(&rest[..size]);
+                        rest.drain(..size + 2);
+                        if size == 0 {
+                            break;
+                        }
+                    }
+                    body
+                } else {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    if head.contains("expect: 100-continue") {
+                        s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.unwrap();
+                    }
+                    fill(&mut s, &mut rest, len).await;
+                    rest.truncate(len);
+                    rest
+                };
+                let answer = format!("{} {}", body.len(), sum(&body));
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}",
+                            answer.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Uploads through the HTTP door's absolute form arrive whole, however they are framed: `Content-Length` with
+/// `Expect: 100-continue` (the interim answer goes back to curl, which then sends the body) and chunked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_through_absolute_form_arrive_whole() {
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    let target = upload_target().await;
+    let c = rig
+        .create(json!({"name": "c", "device_id": rig.device}))
+        .await;
+    let (user, pass) = creds(&c);
+    let http = format!("http://{user}:{pass}@{}", rig.http_addr());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("upload");
+    let body: Vec<u8> = (0..3 * MIB + 7).map(|i| (i * 7 % 253) as u8).collect();
+    std::fs::write(&file, &body).unwrap();
+    let want = format!(
+        "{} {}",
+        body.len(),
+        body.iter()
+            .fold(0u64, |a, &x| a.wrapping_mul(31).wrapping_add(u64::from(x)))
+    );
+    let data = format!("@{}", file.display());
+    let url = format!("http://{target}/up");
+    for extra in [
+        &["-H", "Expect: 100-continue"][..],
+        &["-H", "Transfer-Encoding: chunked"][..],
+    ] {
+        let mut args = vec!["-x", &http, "--data-binary", &data, &url];
+        args.extend_from_slice(extra);
+        assert_eq!(curl(&args).await, (0, want.clone()), "{extra:?}");
+    }
+}
+
 /// A connection imported from another platform keeps its username, whatever characters it has; the ready-made
 /// proxy URLs in the one-time answer encode it, so curl can use them as given.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
