@@ -217,10 +217,11 @@ async fn delete_operator(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Close the tunnels of an operator's devices (they are refused from now on: see `Store::device_by_fingerprint`).
+/// Close the tunnels of a disabled operator's devices. They are refused while the operator stays disabled (see
+/// `Store::device_by_fingerprint`) but told to retry, so enabling the operator brings them back by themselves.
 async fn kick_devices(state: &AppState, operator_id: &str) -> Result<(), ApiError> {
     for device in state.store.device_ids(operator_id).await? {
-        state.registry.kick(&device);
+        state.registry.suspend(&device);
     }
     Ok(())
 }

@@ -184,6 +184,25 @@ impl Store {
             .await?)
     }
 
+    /// Whether the unrevoked device with this certificate fingerprint (`by = "cert_fingerprint"`) or id (`by =
+    /// "id"`) belongs to a disabled operator: such a device is refused only until its operator is enabled again.
+    pub async fn device_suspended(
+        &self,
+        by: &'static str,
+        value: &str,
+    ) -> Result<bool, StoreError> {
+        debug_assert!(by == "cert_fingerprint" || by == "id");
+        let q = format!(
+            "SELECT COUNT(*) FROM devices WHERE {by} = ? AND revoked_at IS NULL \
+             AND operator_id IN (SELECT id FROM operators WHERE disabled_at IS NOT NULL)"
+        );
+        let n: i64 = sqlx::query_scalar(&self.sql(&q))
+            .bind(value)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n > 0)
+    }
+
     /// Persist last-seen times and addresses for many devices in one transaction.
     pub async fn record_seen(&self, seen: &[(String, i64, String)]) -> Result<(), StoreError> {
         if seen.is_empty() {

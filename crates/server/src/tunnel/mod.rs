@@ -60,7 +60,15 @@ pub mod close {
     pub const REPLACED: u32 = 4;
     pub const SHUTDOWN: u32 = 5;
     pub const VERSION: u32 = 6;
+    /// The device's operator is disabled: the agent retries with its backoff (agents of earlier releases treat
+    /// an unknown code the same way) and is back once the operator is enabled.
+    pub const SUSPENDED: u32 = 7;
 }
+
+/// What the agent is told while its operator is disabled (as `RefusalCode::Shutdown`, "reconnect later", which every
+/// agent release understands).
+const SUSPENDED_WHY: &str =
+    "the operator's account is disabled; retrying until it is enabled again";
 
 #[derive(Clone)]
 pub struct TunnelContext {
@@ -265,14 +273,33 @@ async fn tunnel(
         None => None,
     };
     let Some(device) = device else {
-        refuse(
-            &*link,
-            &mut writer,
-            RefusalCode::Revoked,
-            close::REVOKED,
-            "device revoked or unknown",
-        )
-        .await;
+        let suspended = match &cert {
+            Some(cert) => {
+                ctx.store
+                    .device_suspended("cert_fingerprint", &hex(&fingerprint(cert)))
+                    .await?
+            }
+            None => false,
+        };
+        if suspended {
+            refuse(
+                &*link,
+                &mut writer,
+                RefusalCode::Shutdown,
+                close::SUSPENDED,
+                SUSPENDED_WHY,
+            )
+            .await;
+        } else {
+            refuse(
+                &*link,
+                &mut writer,
+                RefusalCode::Revoked,
+                close::REVOKED,
+                "device revoked or unknown",
+            )
+            .await;
+        }
         return Ok(());
     };
     let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await? {
@@ -317,7 +344,11 @@ async fn tunnel(
         None => false,
     };
     if !still_valid {
-        ctx.registry.kick(&device.id);
+        if ctx.store.device_suspended("id", &device.id).await? {
+            ctx.registry.suspend(&device.id);
+        } else {
+            ctx.registry.kick(&device.id);
+        }
     }
     tracing::info!(device = %device.id, %public_ip, transport = link.transport(), agent = %hello.agent_version, "device online");
     writer
@@ -372,6 +403,8 @@ async fn control_loop(
                     (RefusalCode::Shutdown, close::SHUTDOWN, "server shutting down")
                 } else if ctx.registry.get(device_id).is_some_and(|l| l.session != session) {
                     (RefusalCode::Replaced, close::REPLACED, "replaced by a newer session")
+                } else if ctx.store.device_suspended("id", device_id).await.unwrap_or(false) {
+                    (RefusalCode::Shutdown, close::SUSPENDED, SUSPENDED_WHY)
                 } else {
                     (RefusalCode::Revoked, close::REVOKED, "device revoked")
                 };

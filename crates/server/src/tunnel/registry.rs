@@ -114,12 +114,21 @@ impl Registry {
         self.mark_dirty(device_id);
     }
 
-    /// Close the device's tunnel, if it has one.
+    /// Close the device's tunnel, if it has one, for good (revoked or deleted: the agent stops).
     pub fn kick(&self, device_id: &str) -> bool {
+        self.end(device_id, super::close::REVOKED)
+    }
+
+    /// Close the device's tunnel, if it has one, until its operator is enabled again (the agent keeps retrying).
+    pub fn suspend(&self, device_id: &str) -> bool {
+        self.end(device_id, super::close::SUSPENDED)
+    }
+
+    fn end(&self, device_id: &str, code: u32) -> bool {
         let live = self.live.lock().ok().and_then(|mut m| m.remove(device_id));
         match live {
             Some(l) => {
-                end_session(&l, super::close::REVOKED);
+                end_session(&l, code);
                 true
             }
             None => false,
