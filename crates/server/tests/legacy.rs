@@ -206,7 +206,7 @@ async fn interrupted_migration_resumes_without_rehashing(db: Db) {
     assert_eq!(resumed.failed.len(), 1);
     assert_eq!(resumed.failed[0].0, "longpass");
     assert!(
-        resumed.failed[0].1.contains("at most 72"),
+        resumed.failed[0].1.contains("at most 71"),
         "{:?}",
         resumed.failed
     );

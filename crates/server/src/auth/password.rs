@@ -6,8 +6,9 @@ use tokio::sync::Semaphore;
 
 /// bcrypt work factor. Exactly 12, by decision of the brief (about 0.2–0.3 s of CPU per hash here).
 pub const BCRYPT_COST: u32 = 12;
-/// bcrypt only reads 72 bytes; longer passwords are refused rather than silently truncated.
-pub const MAX_PASSWORD_BYTES: usize = 72;
+/// bcrypt reads 72 bytes including the terminating NUL, so 71 of password; longer passwords are refused rather than
+/// silently truncated (the bcrypt crate refuses 72 itself, which was a 500 before session 7).
+pub const MAX_PASSWORD_BYTES: usize = 71;
 pub const MIN_PASSWORD_CHARS: usize = 8;
 /// Longest wait for a hashing slot before giving up with "busy".
 pub const HASH_QUEUE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -171,7 +172,7 @@ impl Hasher {
             .await
     }
 
-    /// True when `password` matches `hash`. A password over 72 bytes never matches.
+    /// True when `password` matches `hash`. A password over [`MAX_PASSWORD_BYTES`] never matches.
     pub async fn verify(&self, password: &str, hash: &str) -> Result<bool, HashError> {
         if password.len() > MAX_PASSWORD_BYTES {
             // Still spend the time, so the length of a guess reveals nothing.
@@ -243,17 +244,35 @@ mod tests {
     }
 
     #[test]
-    fn seventy_two_bytes_is_the_limit_counted_in_bytes() {
-        let ok = format!("Aa1!{}", "x".repeat(68));
-        assert_eq!(ok.len(), 72);
+    fn seventy_one_bytes_is_the_limit_counted_in_bytes() {
+        let ok = format!("Aa1!{}", "x".repeat(67));
+        assert_eq!(ok.len(), 71);
         assert_eq!(check_password("bob", &ok, true), Ok(()));
-        // 70 ASCII bytes plus one two-byte character: 72 chars would pass a char count, 73 bytes must not.
-        let multibyte = format!("Aa1!{}é", "x".repeat(67));
-        assert_eq!(multibyte.len(), 73);
+        let over = format!("Aa1!{}", "x".repeat(68));
+        assert_eq!(
+            check_password("bob", &over, true),
+            Err(PolicyError::TooLong)
+        );
+        // 69 ASCII bytes plus one two-byte character: 71 chars would pass a char count, 72 bytes must not.
+        let multibyte = format!("Aa1!{}é", "x".repeat(66));
+        assert_eq!(multibyte.len(), 72);
         assert_eq!(
             check_password("bob", &multibyte, true),
             Err(PolicyError::TooLong)
         );
+    }
+
+    /// The longest password the rules allow is one bcrypt takes: the limit is bcrypt's, not a guess at it.
+    #[test]
+    fn the_longest_allowed_password_hashes_and_verifies() {
+        let longest = "x".repeat(MAX_PASSWORD_BYTES);
+        let hash = bcrypt::non_truncating_hash(&longest, 4)
+            .expect("bcrypt takes the longest allowed password");
+        assert_eq!(
+            bcrypt::non_truncating_verify(&longest, &hash).ok(),
+            Some(true)
+        );
+        assert!(bcrypt::non_truncating_hash("x".repeat(MAX_PASSWORD_BYTES + 1), 4).is_err());
     }
 
     #[test]
