@@ -1264,6 +1264,65 @@ async fn uploads_through_absolute_form_arrive_whole() {
     }
 }
 
+/// A connection whose device was revoked can still be edited with its device sent back unchanged (the dashboard's
+/// form does that) instead of a 422; `"device_id": null` detaches it from its device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_keeps_its_revoked_device_when_edited_and_null_detaches_it() {
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    let c = rig
+        .create(json!({"name": "c", "device_id": rig.device}))
+        .await;
+    let id = c["id"].as_str().unwrap();
+    let path = format!("/api/v1.0/connections/{id}");
+    let (second, _second_state) = common::enrolled_device(&rig.s, &rig.token, "second").await;
+    let other = rig.create(json!({"name": "o", "device_id": second})).await;
+    let r = rig
+        .s
+        .post(
+            &format!("/api/v1.0/devices/{}/revoke", rig.device),
+            &rig.token,
+            json!({}),
+        )
+        .await;
+    assert!(r.status().is_success(), "{}", r.status());
+    let r = rig
+        .s
+        .patch(
+            &path,
+            &rig.token,
+            json!({"name": "renamed", "device_id": rig.device, "enabled": false}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (
+            v["name"].as_str(),
+            v["device_id"].as_str(),
+            v["state"].as_str()
+        ),
+        (Some("renamed"), Some(rig.device.as_str()), Some("disabled"))
+    );
+    // Choosing a revoked device for a connection that is not on it is still refused.
+    let r = rig
+        .s
+        .patch(
+            &format!("/api/v1.0/connections/{}", other["id"].as_str().unwrap()),
+            &rig.token,
+            json!({"device_id": rig.device}),
+        )
+        .await;
+    assert_eq!(r.status(), 422);
+    let r = rig
+        .s
+        .patch(&path, &rig.token, json!({"device_id": null}))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(rig.connection(id).await["device_id"].is_null());
+}
+
 /// A connection imported from another platform keeps its username, whatever characters it has; the ready-made
 /// proxy URLs in the one-time answer encode it, so curl can use them as given.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -388,8 +388,12 @@ async fn get_connection(
 #[serde(deny_unknown_fields)]
 pub struct UpdateConnectionRequest {
     name: Option<String>,
-    /// Moving a connection to another device closes its open flows.
-    device_id: Option<String>,
+    /// Moving a connection to another device closes its open flows; null detaches it from its device (its flows
+    /// are refused until it gets one). Sending its current device again changes nothing, even if that device has
+    /// been revoked since.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>)]
+    device_id: Option<Option<String>>,
     /// null: unlimited. Lowering it to or below the usage cuts the connection off at once.
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<u64>)]
@@ -422,10 +426,12 @@ async fn update_connection(
             None => current.name.clone(),
         },
         device_id: match req.device_id {
-            Some(d) => {
+            Some(Some(d)) if current.device_id.as_deref() == Some(d.as_str()) => Some(d),
+            Some(Some(d)) => {
                 check_device(&state, &s.operator_id, Some(&d)).await?;
                 Some(d)
             }
+            Some(None) => None,
             None => current.device_id.clone(),
         },
         limit_bytes: match req.bandwidth_limit_bytes {

@@ -91,7 +91,7 @@ pub fn api_notes(r: &Reply) -> Notes {
     Notes::error(key, e)
 }
 
-/// The form. `devices` is the API's device list; revoked devices cannot be chosen.
+/// The form. `devices` is the API's device list; revoked devices cannot be chosen (but a connection keeps its own).
 pub fn render(
     op: &Op,
     action: &str,
@@ -116,8 +116,11 @@ pub fn render(
                 option value="" { "Choose a device…" }
                 @for d in devices {
                     @let id = d["id"].as_str().unwrap_or("");
+                    // A revoked device cannot be chosen, but the connection's own stays selectable so that the
+                    // form can still be saved (to disable, rename or re-limit the connection) without moving it.
+                    @let current = id == v.device_id;
                     @let revoked = d["status"].as_str() == Some("revoked");
-                    option value=(id) selected[id == v.device_id] disabled[revoked] {
+                    option value=(id) selected[current] disabled[revoked && !current] {
                         (d["name"].as_str().unwrap_or("")) " (" (d["status"].as_str().unwrap_or("")) ")"
                     }
                 }
