@@ -900,6 +900,16 @@ async fn usage_is_counted_per_hour_and_survives_a_graceful_restart() {
         let hour = hours[0]["hour_ms"].as_i64().unwrap();
         assert_eq!(hour % 3_600_000, 0);
         assert!(hours[0]["hour"].as_str().unwrap().ends_with(":00:00.000Z"));
+        // A query that starts inside that hour still gets it (billing from a mid-hour moment).
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let mid: Value = rig
+            .s
+            .get(&format!("{path}{sep}since={}", hour + 1), &rig.token)
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(mid["hours"], h["hours"], "since inside the hour");
     }
     let r = rig
         .s

@@ -291,6 +291,9 @@ impl Store {
              FROM usage_hourly WHERE operator_id = ? AND {column} = ? AND hour >= ? AND hour < ? \
              GROUP BY hour ORDER BY hour"
         );
+        // The hour that holds `from` counts, as the one that holds `to - 1` does: a query starting mid-hour
+        // must not drop that hour's usage.
+        let from = from - from.rem_euclid(3_600_000);
         Ok(sqlx::query_as(&self.sql(&q))
             .bind(operator_id)
             .bind(id)
