@@ -383,7 +383,7 @@ impl ServeConfig {
             .as_deref()
             .map(port_range)
             .transpose()?;
-        Ok(ServeConfig {
+        let config = ServeConfig {
             data_dir,
             listen,
             database_url,
@@ -458,7 +458,20 @@ impl ServeConfig {
             )?),
             webhook_allow_private: raw.webhook_allow_private.unwrap_or(false),
             openvpn: openvpn_settings(&raw_vpn)?,
-        })
+        };
+        // A healthy device would be declared offline between two of its heartbeats, then recovered, over and
+        // over (an offline and a recovery webhook each time).
+        let beat = config.tunnel_heartbeat.as_secs();
+        if config.offline_after.as_secs() < 2 * beat {
+            return Err(invalid(
+                "offline_after_secs",
+                format!(
+                    "must be at least twice tunnel_heartbeat_secs ({beat} s), or healthy devices flap between \
+                     offline and online"
+                ),
+            ));
+        }
+        Ok(config)
     }
 }
 
@@ -719,6 +732,31 @@ mod tests {
             let e = on(f).unwrap_err();
             assert!(e.to_string().contains(setting), "{e}");
         }
+    }
+
+    #[test]
+    fn the_offline_threshold_must_leave_room_for_heartbeats() {
+        let with = |beat, offline| {
+            ServeConfig::resolve(RawConfig {
+                tunnel_heartbeat_secs: Some(beat),
+                offline_after_secs: offline,
+                ..Default::default()
+            })
+        };
+        assert!(
+            with(30, None).is_ok(),
+            "the defaults: 30 s heartbeats, offline after 120 s"
+        );
+        assert!(with(10, Some(20)).is_ok());
+        for (beat, offline) in [(30, 30), (12, 5), (30, 59)] {
+            let e = with(beat, Some(offline)).unwrap_err().to_string();
+            assert!(
+                e.contains("offline_after_secs") && e.contains("tunnel_heartbeat_secs"),
+                "{e}"
+            );
+        }
+        // The default threshold is checked too: a slow heartbeat needs a later one.
+        assert!(with(61, None).is_err());
     }
 
     #[test]
