@@ -75,10 +75,10 @@ pub fn usage_chart(history: &Value) -> Markup {
                             " (up " (bytes(b.up)) ", down " (bytes(b.down)) ")" }
                     }
                 }
-                @for day in 0..7 {
-                    text x=(day * 24 * BAR + 2) y=(H + 15) class="tick" {
-                        (day_label(first_hour + day * 24 * HOUR_MS))
-                    }
+                // One tick per UTC midnight in the window, labelled with the day that starts there.
+                @for (x, label) in day_ticks(first_hour, last_hour) {
+                    line x1=(x) y1=(H) x2=(x) y2=(H + 4) class="axis" {}
+                    text x=(x + 2) y=(H + 15) class="tick" { (label) }
                 }
                 text x=(W - 2) y="12" class="tick" text-anchor="end" { "peak " (bytes(max)) }
             }
@@ -94,6 +94,18 @@ fn scaled(v: u64, max: u64) -> i64 {
     }
     let h = u128::from(v) * u128::from(H.unsigned_abs()) / u128::from(max);
     i64::try_from(h).unwrap_or(H).clamp(1, H)
+}
+
+const DAY_MS: i64 = 24 * HOUR_MS;
+
+/// Where each UTC midnight from `first_hour` to `last_hour` falls on the chart, with its day's label.
+fn day_ticks(first_hour: i64, last_hour: i64) -> Vec<(i64, String)> {
+    let first_midnight = first_hour + (DAY_MS - first_hour.rem_euclid(DAY_MS)) % DAY_MS;
+    (0..)
+        .map(|d| first_midnight + d * DAY_MS)
+        .take_while(|&m| m <= last_hour)
+        .map(|m| ((m - first_hour) / HOUR_MS * BAR, day_label(m)))
+        .collect()
 }
 
 /// `12-01` for the day a bucket starts in.
@@ -132,5 +144,38 @@ mod tests {
         assert!(svg.contains("2.5 MB in total"), "{svg}");
         let empty = usage_chart(&serde_json::json!({"until": until, "hours": []})).into_string();
         assert!(empty.contains("no traffic yet"));
+    }
+
+    /// Day labels sit at UTC midnights: the bar of an hour on 12-01 is right of the `12-01` tick, never under
+    /// the day before's label.
+    #[test]
+    fn day_ticks_sit_at_utc_midnights() {
+        // 2026-12-01T18:50Z: the window starts at 2026-11-24T19:00Z, not at a midnight.
+        let until = 1_796_151_000_000;
+        assert_eq!(
+            crate::clock::rfc3339(until).get(..16),
+            Some("2026-12-01T18:50")
+        );
+        let last_hour = (until - 1).div_euclid(HOUR_MS) * HOUR_MS;
+        let first_hour = last_hour - (HOURS - 1) * HOUR_MS;
+        let ticks = day_ticks(first_hour, last_hour);
+        let labels: Vec<&str> = ticks.iter().map(|(_, l)| l.as_str()).collect();
+        assert_eq!(
+            labels,
+            ["11-25", "11-26", "11-27", "11-28", "11-29", "11-30", "12-01"]
+        );
+        for (x, label) in &ticks {
+            let midnight = first_hour + x / BAR * HOUR_MS;
+            assert!(
+                crate::clock::rfc3339(midnight).ends_with("T00:00:00.000Z"),
+                "{label} at {x}"
+            );
+        }
+        let today_bar = (last_hour - first_hour) / HOUR_MS * BAR;
+        let today_tick = ticks.last().unwrap().0;
+        assert!(
+            today_tick <= today_bar && today_bar - today_tick == 18 * BAR,
+            "18:00 is 18 bars after midnight"
+        );
     }
 }
