@@ -284,6 +284,70 @@ async fn with_the_openvpn_door_off_the_connection_page_says_so_and_offers_no_pro
     assert!(!text.contains(conn["username"].as_str().unwrap()));
 }
 
+/// A connection whose device was revoked can still be saved from its page (renamed, disabled) without moving it:
+/// the form keeps its own revoked device selectable (a disabled option would not be sent), while other revoked
+/// devices stay unselectable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_on_a_revoked_device_can_still_be_saved() {
+    let Some(s) = TestServer::start(opts()).await else {
+        return;
+    };
+    let token = s.admin_token().await;
+    let conn = crate::common::connection_on_new_device(&s, &token, "on revoked").await;
+    let (id, dev) = (
+        conn["id"].as_str().unwrap(),
+        conn["device_id"].as_str().unwrap(),
+    );
+    let other = crate::common::connection_on_new_device(&s, &token, "elsewhere").await;
+    let other_dev = other["device_id"].as_str().unwrap();
+    for d in [dev, other_dev] {
+        let r = s
+            .post(&format!("/api/v1.0/devices/{d}/revoke"), &token, json!({}))
+            .await;
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+    let b = Browser::new(&token);
+    let page = b.page(&s, &format!("/connections/{id}")).await;
+    let option = |d: &str| {
+        let i = page
+            .find(&format!("<option value=\"{d}\""))
+            .expect("the device is listed");
+        page[i..i + page[i..].find('>').unwrap()].to_owned()
+    };
+    assert!(
+        option(dev).contains("selected") && !option(dev).contains("disabled"),
+        "{}",
+        option(dev)
+    );
+    assert!(
+        option(other_dev).contains("disabled"),
+        "{}",
+        option(other_dev)
+    );
+    // What a browser submits: the selected option's value, the other fields, no "enabled" (unchecked).
+    let body = format!(
+        "_csrf={}&name=renamed&device_id={dev}&limit=&unit=GB",
+        csrf_of(&page)
+    );
+    let r = b.post(&s, &format!("/connections/{id}"), body).await;
+    assert!(
+        r.status().is_redirection() || r.status() == 200,
+        "{}",
+        r.status()
+    );
+    let v: serde_json::Value = s
+        .get(&format!("/api/v1.0/connections/{id}"), &token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (v["name"].as_str(), v["state"].as_str()),
+        (Some("renamed"), Some("disabled")),
+        "{v}"
+    );
+}
+
 /// A device whose agent predates ping and DNS over TCP says "update it" on its page; this release's agent does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_with_an_outdated_agent_says_to_update_it() {
