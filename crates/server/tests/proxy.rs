@@ -900,16 +900,28 @@ async fn usage_is_counted_per_hour_and_survives_a_graceful_restart() {
         let hour = hours[0]["hour_ms"].as_i64().unwrap();
         assert_eq!(hour % 3_600_000, 0);
         assert!(hours[0]["hour"].as_str().unwrap().ends_with(":00:00.000Z"));
-        // A query that starts inside that hour still gets it (billing from a mid-hour moment).
-        let sep = if path.contains('?') { '&' } else { '?' };
-        let mid: Value = rig
-            .s
-            .get(&format!("{path}{sep}since={}", hour + 1), &rig.token)
-            .await
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(mid["hours"], h["hours"], "since inside the hour");
+        // An hour belongs to the window that holds its start: back-to-back windows split at any moment count it
+        // exactly once (billing periods that meet mid-hour neither lose nor double it).
+        for cut in [hour + 1, hour + 1_800_000] {
+            let window = |since: i64, until: i64| {
+                let (s, path) = (&rig.s, &path);
+                let token = &rig.token;
+                async move {
+                    let v: Value = s
+                        .get(&format!("{path}?since={since}&until={until}"), token)
+                        .await
+                        .json()
+                        .await
+                        .unwrap();
+                    v["hours"].as_array().unwrap().len()
+                }
+            };
+            let (before, after) = (
+                window(hour - 3_600_000, cut).await,
+                window(cut, hour + 7_200_000).await,
+            );
+            assert_eq!((before, after), (1, 0), "cut at {cut}");
+        }
     }
     let r = rig
         .s

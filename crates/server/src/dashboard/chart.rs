@@ -78,7 +78,12 @@ pub fn usage_chart(history: &Value) -> Markup {
                 // One tick per UTC midnight in the window, labelled with the day that starts there.
                 @for (x, label) in day_ticks(first_hour, last_hour) {
                     line x1=(x) y1=(H) x2=(x) y2=(H + 4) class="axis" {}
-                    text x=(x + 2) y=(H + 15) class="tick" { (label) }
+                    // A label too close to the right edge ends at its tick instead of running off the chart.
+                    @if x > W - 40 {
+                        text x=(x - 2) y=(H + 15) class="tick" text-anchor="end" { (label) }
+                    } @else {
+                        text x=(x + 2) y=(H + 15) class="tick" { (label) }
+                    }
                 }
                 text x=(W - 2) y="12" class="tick" text-anchor="end" { "peak " (bytes(max)) }
             }

@@ -291,9 +291,8 @@ impl Store {
              FROM usage_hourly WHERE operator_id = ? AND {column} = ? AND hour >= ? AND hour < ? \
              GROUP BY hour ORDER BY hour"
         );
-        // The hour that holds `from` counts, as the one that holds `to - 1` does: a query starting mid-hour
-        // must not drop that hour's usage.
-        let from = from - from.rem_euclid(3_600_000);
+        // An hour belongs to the window that holds its start (`from <= hour < to`), so that back-to-back windows
+        // split the hours exactly: a window starting mid-hour leaves that hour to the window before it.
         Ok(sqlx::query_as(&self.sql(&q))
             .bind(operator_id)
             .bind(id)

@@ -281,7 +281,18 @@ async fn tunnel(
             }
             None => false,
         };
-        if suspended {
+        // An operator enabled between the two lookups finds the device valid again: tell it to retry, never that it
+        // is revoked (a revoked agent stops for good).
+        let valid_again = !suspended
+            && match &cert {
+                Some(cert) => ctx
+                    .store
+                    .device_by_fingerprint(&hex(&fingerprint(cert)))
+                    .await?
+                    .is_some(),
+                None => false,
+            };
+        if suspended || valid_again {
             refuse(
                 &*link,
                 &mut writer,
@@ -316,6 +327,7 @@ async fn tunnel(
     let public_ip = link.peer().ip().to_canonical().to_string();
     let session = ctx.registry.new_session_id();
     let kick = ctx.cancel.child_token();
+    let ended = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let (commands, mut command_rx) = tokio::sync::mpsc::channel(8);
     ctx.registry.register(
         &device.id,
@@ -330,23 +342,28 @@ async fn tunnel(
             public_ip: public_ip.clone(),
             metrics: Default::default(),
             kick: kick.clone(),
+            ended: ended.clone(),
             commands,
         },
     );
     // A revoke or delete that ran between the certificate check and this registration found nothing to kick;
     // look again now that the session is visible to it.
-    let still_valid = match &cert {
-        Some(cert) => ctx
-            .store
-            .device_by_fingerprint(&hex(&fingerprint(cert)))
-            .await?
-            .is_some(),
-        None => false,
+    let valid = || async {
+        match &cert {
+            Some(cert) => ctx
+                .store
+                .device_by_fingerprint(&hex(&fingerprint(cert)))
+                .await
+                .map(|d| d.is_some()),
+            None => Ok(false),
+        }
     };
-    if !still_valid {
+    if !valid().await? {
         if ctx.store.device_suspended("id", &device.id).await? {
             ctx.registry.suspend(&device.id);
-        } else {
+        } else if !valid().await? {
+            // Not suspended and still not valid: revoked or deleted meanwhile (an operator enabled in between
+            // makes it valid again, and it stays).
             ctx.registry.kick(&device.id);
         }
     }
@@ -363,7 +380,7 @@ async fn tunnel(
         writer: &mut writer,
         commands: &mut command_rx,
     };
-    let result = control_loop(&*link, ctx, &device.id, session, &kick, &mut io).await;
+    let result = control_loop(&*link, ctx, &device.id, session, (&kick, &ended), &mut io).await;
     ctx.registry.unregister(&device.id, session);
     tracing::info!(device = %device.id, "device offline");
     result
@@ -390,7 +407,7 @@ async fn control_loop(
     ctx: &TunnelContext,
     device_id: &str,
     session: u64,
-    kick: &CancellationToken,
+    (kick, ended): (&CancellationToken, &std::sync::atomic::AtomicU32),
     io: &mut ControlIo<'_>,
 ) -> anyhow::Result<()> {
     let mut pending: std::collections::HashMap<u64, tokio::sync::oneshot::Sender<RotateOutcome>> =
@@ -399,14 +416,13 @@ async fn control_loop(
     loop {
         let next = tokio::select! {
             _ = kick.cancelled() => {
-                let (code, close_code, why) = if ctx.cancel.is_cancelled() {
-                    (RefusalCode::Shutdown, close::SHUTDOWN, "server shutting down")
-                } else if ctx.registry.get(device_id).is_some_and(|l| l.session != session) {
-                    (RefusalCode::Replaced, close::REPLACED, "replaced by a newer session")
-                } else if ctx.store.device_suspended("id", device_id).await.unwrap_or(false) {
-                    (RefusalCode::Shutdown, close::SUSPENDED, SUSPENDED_WHY)
-                } else {
-                    (RefusalCode::Revoked, close::REVOKED, "device revoked")
+                // The registry recorded why before it cancelled; anything else (the server's own shutdown) is
+                // "reconnect later", never a revocation by default.
+                let (code, close_code, why) = match ended.load(std::sync::atomic::Ordering::SeqCst) {
+                    close::REVOKED => (RefusalCode::Revoked, close::REVOKED, "device revoked"),
+                    close::REPLACED => (RefusalCode::Replaced, close::REPLACED, "replaced by a newer session"),
+                    close::SUSPENDED => (RefusalCode::Shutdown, close::SUSPENDED, SUSPENDED_WHY),
+                    _ => (RefusalCode::Shutdown, close::SHUTDOWN, "server shutting down"),
                 };
                 refuse(link, io.writer, code, close_code, why).await;
                 return Ok(());

@@ -26,6 +26,9 @@ pub struct LiveDevice {
     pub metrics: DeviceMetrics,
     /// Cancelling it closes this session's tunnel.
     pub kick: CancellationToken,
+    /// Why the session was ended (a `close` code), recorded before `kick` is cancelled so that the control loop
+    /// tells the agent the truth; 0 while it runs.
+    pub ended: std::sync::Arc<std::sync::atomic::AtomicU32>,
     /// Commands for this session's control loop.
     pub commands: tokio::sync::mpsc::Sender<super::DeviceCommand>,
 }
@@ -36,6 +39,7 @@ const KICK_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Ask the session's control loop to end (it tells the agent why), and close the link after a grace period even
 /// if the loop is stuck, for example on an agent that stopped reading.
 fn end_session(l: &LiveDevice, code: u32) {
+    l.ended.store(code, std::sync::atomic::Ordering::SeqCst);
     l.kick.cancel();
     let link = l.link.clone();
     tokio::spawn(async move {
