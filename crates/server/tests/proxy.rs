@@ -233,6 +233,13 @@ async fn curl_via(proxy: &str, url: &str, extra: &[&str]) -> (i32, String) {
     curl(&args).await
 }
 
+/// The response head curl received through a proxy URL (`extra` goes before the URL).
+async fn head_via(proxy: &str, url: &str, extra: &[&str]) -> String {
+    let mut args = extra.to_vec();
+    args.extend_from_slice(&["-D", "-", "-o", "/dev/null", "-x", proxy, url]);
+    curl(&args).await.1
+}
+
 fn creds(c: &Value) -> (String, String) {
     (
         c["username"].as_str().unwrap().to_owned(),
@@ -495,16 +502,7 @@ async fn http_and_socks5_doors_carry_traffic_and_refuse_properly() {
         (0, "200 100000".into())
     );
     // The absolute-form request reached the target in origin form, without the proxy's headers.
-    let (_, headers) = curl(&[
-        "-D",
-        "-",
-        "-o",
-        "/dev/null",
-        "-x",
-        &http,
-        &format!("{url}?q=1"),
-    ])
-    .await;
+    let headers = head_via(&http, &format!("{url}?q=1"), &[]).await;
     assert!(
         headers.contains("X-Request-Line: GET /file?q=1 HTTP/1.1"),
         "{headers}"
@@ -512,7 +510,7 @@ async fn http_and_socks5_doors_carry_traffic_and_refuse_properly() {
 
     // Missing or wrong credentials: 407 with a challenge; SOCKS5 refuses the sub-negotiation.
     let bare = format!("http://{}", rig.http_addr());
-    let (_, h) = curl(&["-D", "-", "-o", "/dev/null", "-x", &bare, &url]).await;
+    let h = head_via(&bare, &url, &[]).await;
     assert!(
         h.starts_with("HTTP/1.1 407")
             && h.contains("Proxy-Authenticate: Basic realm=\"proxyfleet\""),
@@ -646,7 +644,7 @@ async fn http_and_socks5_doors_carry_traffic_and_refuse_properly() {
         .unwrap();
     rig.agent.cancel();
     drain(&mut idle, Duration::from_secs(15)).await;
-    let (_, h) = curl(&["-D", "-", "-o", "/dev/null", "-x", &http2, &url]).await;
+    let h = head_via(&http2, &url, &[]).await;
     assert!(h.starts_with("HTTP/1.1 502"), "{h}");
 }
 
@@ -1131,30 +1129,11 @@ async fn absolute_form_requests_never_leak_into_the_previous_site() {
     assert!(!last.contains(&basic) && !last.contains("/q"), "{last}");
 
     // The answer the client got says the connection ends with it.
-    let (_, head) = curl(&[
-        "-D",
-        "-",
-        "-o",
-        "/dev/null",
-        "-x",
-        &http,
-        &format!("http://{keeper}/c"),
-    ])
-    .await;
+    let head = head_via(&http, &format!("http://{keeper}/c"), &[]).await;
     assert!(head.contains("Connection: close\r\n"), "{head}");
     assert!(!head.to_ascii_lowercase().contains("keep-alive"), "{head}");
     // HTTP/1.0 stays HTTP/1.0 towards the origin.
-    let (_, head) = curl(&[
-        "--http1.0",
-        "-D",
-        "-",
-        "-o",
-        "/dev/null",
-        "-x",
-        &http,
-        &format!("http://{other}/d"),
-    ])
-    .await;
+    let head = head_via(&http, &format!("http://{other}/d"), &["--http1.0"]).await;
     assert!(
         head.contains("X-Request-Line: GET /d HTTP/1.0\r\n"),
         "{head}"

@@ -184,20 +184,13 @@ impl Store {
             .await?)
     }
 
-    /// Whether the unrevoked device with this certificate fingerprint (`by = "cert_fingerprint"`) or id (`by =
-    /// "id"`) belongs to a disabled operator: such a device is refused only until its operator is enabled again.
-    pub async fn device_suspended(
-        &self,
-        by: &'static str,
-        value: &str,
-    ) -> Result<bool, StoreError> {
-        debug_assert!(by == "cert_fingerprint" || by == "id");
-        let q = format!(
-            "SELECT COUNT(*) FROM devices WHERE {by} = ? AND revoked_at IS NULL \
-             AND operator_id IN (SELECT id FROM operators WHERE disabled_at IS NOT NULL)"
-        );
-        let n: i64 = sqlx::query_scalar(&self.sql(&q))
-            .bind(value)
+    /// Whether the unrevoked device with this certificate fingerprint belongs to a disabled operator: such a device
+    /// is refused only until its operator is enabled again.
+    pub async fn device_suspended(&self, fingerprint: &str) -> Result<bool, StoreError> {
+        let q = "SELECT COUNT(*) FROM devices WHERE cert_fingerprint = ? AND revoked_at IS NULL \
+                 AND operator_id IN (SELECT id FROM operators WHERE disabled_at IS NOT NULL)";
+        let n: i64 = sqlx::query_scalar(&self.sql(q))
+            .bind(fingerprint)
             .fetch_one(&self.pool)
             .await?;
         Ok(n > 0)

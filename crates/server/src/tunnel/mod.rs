@@ -264,35 +264,10 @@ async fn tunnel(
     let (recv, send) = accept_first_stream(&*link).await?;
     let mut reader = FramedRead::new(recv, FrameCodec::<ControlFrame>::new(MAX_CONTROL_FRAME));
     let mut writer = FramedWrite::new(send, FrameCodec::<ControlFrame>::new(MAX_CONTROL_FRAME));
-    let device = match &cert {
-        Some(cert) => {
-            ctx.store
-                .device_by_fingerprint(&hex(&fingerprint(cert)))
-                .await?
-        }
-        None => None,
-    };
-    let Some(device) = device else {
-        let suspended = match &cert {
-            Some(cert) => {
-                ctx.store
-                    .device_suspended("cert_fingerprint", &hex(&fingerprint(cert)))
-                    .await?
-            }
-            None => false,
-        };
-        // An operator enabled between the two lookups finds the device valid again: tell it to retry, never that it
-        // is revoked (a revoked agent stops for good).
-        let valid_again = !suspended
-            && match &cert {
-                Some(cert) => ctx
-                    .store
-                    .device_by_fingerprint(&hex(&fingerprint(cert)))
-                    .await?
-                    .is_some(),
-                None => false,
-            };
-        if suspended || valid_again {
+    let fp = cert.as_ref().map(|c| hex(&fingerprint(c)));
+    let device = match standing(&ctx.store, fp.as_deref()).await? {
+        Standing::Valid(d) => d,
+        Standing::Suspended => {
             refuse(
                 &*link,
                 &mut writer,
@@ -301,7 +276,9 @@ async fn tunnel(
                 SUSPENDED_WHY,
             )
             .await;
-        } else {
+            return Ok(());
+        }
+        Standing::Revoked => {
             refuse(
                 &*link,
                 &mut writer,
@@ -310,8 +287,8 @@ async fn tunnel(
                 "device revoked or unknown",
             )
             .await;
+            return Ok(());
         }
-        return Ok(());
     };
     let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await? {
         Some(Ok(ControlFrame::Hello(h))) => h,
@@ -348,22 +325,12 @@ async fn tunnel(
     );
     // A revoke or delete that ran between the certificate check and this registration found nothing to kick;
     // look again now that the session is visible to it.
-    let valid = || async {
-        match &cert {
-            Some(cert) => ctx
-                .store
-                .device_by_fingerprint(&hex(&fingerprint(cert)))
-                .await
-                .map(|d| d.is_some()),
-            None => Ok(false),
-        }
-    };
-    if !valid().await? {
-        if ctx.store.device_suspended("id", &device.id).await? {
+    match standing(&ctx.store, fp.as_deref()).await? {
+        Standing::Valid(_) => {}
+        Standing::Suspended => {
             ctx.registry.suspend(&device.id);
-        } else if !valid().await? {
-            // Not suspended and still not valid: revoked or deleted meanwhile (an operator enabled in between
-            // makes it valid again, and it stays).
+        }
+        Standing::Revoked => {
             ctx.registry.kick(&device.id);
         }
     }
@@ -384,6 +351,33 @@ async fn tunnel(
     ctx.registry.unregister(&device.id, session);
     tracing::info!(device = %device.id, "device offline");
     result
+}
+
+/// Where a device certificate stands now.
+enum Standing {
+    Valid(crate::store::DeviceRow),
+    /// Its operator is disabled: refused, but told to retry.
+    Suspended,
+    /// Revoked, deleted, or never enrolled: refused for good.
+    Revoked,
+}
+
+/// Look the certificate (its SHA-256 fingerprint, hex) up. An operator enabled between the lookups makes the
+/// device valid again rather than revoked: a revoked agent stops for good, so doubt never reads as revoked.
+async fn standing(store: &Store, fp: Option<&str>) -> anyhow::Result<Standing> {
+    let Some(fp) = fp else {
+        return Ok(Standing::Revoked);
+    };
+    if let Some(d) = store.device_by_fingerprint(fp).await? {
+        return Ok(Standing::Valid(d));
+    }
+    if store.device_suspended(fp).await? {
+        return Ok(Standing::Suspended);
+    }
+    Ok(match store.device_by_fingerprint(fp).await? {
+        Some(d) => Standing::Valid(d),
+        None => Standing::Revoked,
+    })
 }
 
 /// Longest a control-stream write may wait on the agent (one that stops reading is cut off).
