@@ -21,7 +21,7 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Run the server: API, device tunnel and (later) the proxy front doors and dashboard.
+    /// Run the server: API, dashboard, device tunnel, proxy doors (HTTP, SOCKS5) and the OpenVPN door.
     Serve(Box<ServeArgs>),
     /// Manage operator accounts from the command line.
     Operator {

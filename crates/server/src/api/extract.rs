@@ -75,7 +75,7 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuer
 }
 
 /// The caller's live session, from `Authorization: Bearer <token>`. Tokens anywhere else (query string,
-/// cookies for now) are ignored.
+/// cookies) are ignored; the dashboard has its own cookie session.
 pub struct AuthSession(pub Session);
 
 impl FromRequestParts<AppState> for AuthSession {
