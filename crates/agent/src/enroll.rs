@@ -45,7 +45,7 @@ pub async fn enroll(server: &str, code: &str, state_dir: &Path) -> anyhow::Resul
 
     let conn = crate::conn::connect(server, || tls::enroll_tls(pin.clone()))
         .await
-        .context("could not connect to the server (is the address the tunnel port?)")?;
+        .context("could not connect to the server (is the address its tunnel port, and the pairing code copied whole?)")?;
     let (recv, mut send) = conn.open_bi().await?;
     let req = EnrollRequest {
         protocol_version: PROTOCOL_VERSION,

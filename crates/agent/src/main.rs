@@ -29,6 +29,7 @@ enum Command {
     },
     /// Keep the tunnel to the server until stopped.
     Run {
+        /// Where `enroll` put the device's key and certificate.
         #[arg(long, env = "PROXYFLEET_AGENT_STATE_DIR")]
         state_dir: PathBuf,
         /// Where battery information lives.
@@ -69,6 +70,7 @@ fn main() -> std::process::ExitCode {
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
     // Flows are copied on all cores (a busy proxy device carries hundreds at once), up to four threads.

@@ -77,7 +77,7 @@ impl ServerCertVerifier for PinnedCa {
             .iter()
             .find(|c| sha2::Sha256::digest(c.as_ref()).starts_with(&self.pin))
             .ok_or_else(|| {
-                rustls::Error::General("the server's CA does not match the pairing code".into())
+                rustls::Error::General("the server's CA does not match the pairing code (a mistyped code, or another server)".into())
             })?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;

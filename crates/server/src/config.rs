@@ -220,6 +220,37 @@ pub enum ConfigError {
     },
 }
 
+/// A log level or a `RUST_LOG`-style filter. A bare word must be a level: `verbose` would otherwise be read as a
+/// target name and silence every log line.
+fn log_filter(filter: String) -> Result<String, ConfigError> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let is_level = |w: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(w.trim()));
+    let mut any = false;
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        any = true;
+        let level_ok = match directive.rsplit_once('=') {
+            Some((target, level)) => !target.trim().is_empty() && is_level(level),
+            None => is_level(directive),
+        };
+        if !level_ok
+            || tracing_subscriber::EnvFilter::builder()
+                .parse(directive)
+                .is_err()
+        {
+            return Err(invalid(
+                "log_level",
+                format!(
+                    "`{directive}` is not a level (off, error, warn, info, debug, trace) or TARGET=LEVEL"
+                ),
+            ));
+        }
+    }
+    if !any {
+        return Err(invalid("log_level", "is empty"));
+    }
+    Ok(filter)
+}
+
 fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         setting,
@@ -396,7 +427,7 @@ impl ServeConfig {
             trusted_proxies: raw.trusted_proxies.unwrap_or_default(),
             public_url: public_url.trim_end_matches('/').to_owned(),
             log_format: raw.log_format.unwrap_or_default(),
-            log_level: raw.log_level.unwrap_or_else(|| "info".to_owned()),
+            log_level: log_filter(raw.log_level.unwrap_or_else(|| "info".to_owned()))?,
             shutdown_timeout: Duration::from_secs(raw.shutdown_timeout_secs.unwrap_or(10)),
             tunnel_listen: raw.tunnel_listen,
             tunnel_quic: raw.tunnel_quic.unwrap_or(true),

@@ -13,8 +13,14 @@ use cli::{Cli, Command, ImportCommand, OperatorCommand};
 
 fn main() -> std::process::ExitCode {
     proxyfleet_proto::net::tune_allocator();
-    // `.env` fills in variables that the real environment does not set.
-    let _ = dotenvy::dotenv();
+    // `./.env` fills in variables that the real environment does not set. Only the working directory's: a file
+    // in some parent directory must not configure a server started below it.
+    if let Err(e) = dotenvy::from_path(".env") {
+        if !e.not_found() {
+            eprintln!("error: reading .env: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -36,8 +42,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let config = cli::resolve(&args.common, args.to_raw())?;
-            init_tracing(config.log_format, &config.log_level);
-            serve(config).await
+            init_tracing(config.log_format, &config.log_level)?;
+            let store_args = store_args(&args.common, &config);
+            serve(config, &store_args).await
         }
         Command::Operator {
             command:
@@ -49,7 +56,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         } => {
             let config = cli::resolve(&common, Default::default())?;
-            init_tracing(LogFormat::Text, "warn");
+            init_tracing(LogFormat::Text, "warn")?;
             if !password_stdin {
                 anyhow::bail!("pass --password-stdin and write the password to standard input (it is never taken as an argument)");
             }
@@ -78,7 +85,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         } => {
             let config = cli::resolve(&common, Default::default())?;
-            init_tracing(LogFormat::Text, "warn");
+            init_tracing(LogFormat::Text, "warn")?;
             let store = server::open_store(&config).await?;
             let now = proxyfleet::clock::Clock::now_ms(&proxyfleet::clock::SystemClock);
             let report =
@@ -117,7 +124,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             batch_size,
         } => {
             let config = cli::resolve(&common, Default::default())?;
-            init_tracing(LogFormat::Text, "warn");
+            init_tracing(LogFormat::Text, "warn")?;
             let store = server::open_store(&config).await?;
             let report = migrate_with_progress(&store, batch_size, dry_run).await;
             store.close().await;
@@ -143,7 +150,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Doctor { common } => {
             let config = cli::resolve(&common, Default::default())?;
-            init_tracing(LogFormat::Text, "warn");
+            init_tracing(LogFormat::Text, "warn")?;
             let store = server::open_store(&config).await?;
             let counts = store.credential_counts().await;
             store.close().await;
@@ -195,17 +202,29 @@ async fn migrate_with_progress(
     Ok(report)
 }
 
-async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+/// The arguments that make `proxyfleet operator create` open the store this server opened. The database URL
+/// itself is not printed (it may hold a password): the hint names the flag.
+fn store_args(common: &cli::CommonArgs, config: &ServeConfig) -> String {
+    let mut args = String::new();
+    if let Some(path) = &common.config {
+        args.push_str(&format!(" --config {}", path.display()));
+    }
+    args.push_str(&format!(" --data-dir {}", config.data_dir.display()));
+    if common.database_url.is_some() {
+        args.push_str(" --database-url <the server's database URL>");
+    }
+    args
+}
+
+async fn serve(config: ServeConfig, store_args: &str) -> anyhow::Result<()> {
     let public_url = config.public_url.clone();
-    let data_dir = config.data_dir.clone();
     let running = server::start(config, ServeOptions::default()).await?;
     if let Some(token) = &running.setup_token {
         // Printed, never logged: whoever reads the console may create the first operator.
         println!(
             "\nNo operator exists yet. Create the first one (valid 24 hours, one use):\n  open {public_url}/setup#{}\n  \
-             or run: proxyfleet operator create --username NAME --password-stdin --data-dir {}\n",
+             or run: proxyfleet operator create --username NAME --password-stdin{store_args}\n",
             token.expose(),
-            data_dir.display()
         );
         tracing::warn!("no operator exists; a one-time setup link was printed to standard output");
     }
@@ -237,14 +256,23 @@ async fn wait_for_signal() {
     }
 }
 
-fn init_tracing(format: LogFormat, level: &str) {
+fn init_tracing(format: LogFormat, level: &str) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => EnvFilter::builder()
+            .parse(&v)
+            .map_err(|e| anyhow::anyhow!("RUST_LOG: {e}"))?,
+        _ => EnvFilter::new(level),
+    };
+    // Colours only for a person at a terminal, not in files or the journal.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    Ok(())
 }

@@ -205,6 +205,7 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
         pki,
         registry,
         pairing_ttl: config.pairing_ttl,
+        tunnel_addr,
         auth,
         store: store.clone(),
         metrics,

@@ -182,16 +182,79 @@ fn first_run_prints_a_setup_link_generates_secrets_and_stops_on_sigterm() {
         "the setup token is printed, never logged"
     );
     assert!(s.seen_err.iter().any(|l| l.contains("shut down")));
+    // The command-line way names the data directory the server used.
+    assert!(
+        out.contains(&format!(
+            "proxyfleet operator create --username NAME --password-stdin --data-dir {}",
+            data.display()
+        )),
+        "{out}"
+    );
+    assert!(
+        !s.seen_err.iter().any(|l| l.contains('\u{1b}')),
+        "no terminal colours in logs written to a pipe"
+    );
 
-    // The secret is kept across restarts.
+    // The secret is kept across restarts. Given a database URL, the server's hint says to pass it too (without
+    // printing it: a URL may hold a password).
     let before = std::fs::read_to_string(&secret).unwrap();
+    let url = format!("sqlite://{}", data.join("proxyfleet.db").display());
     let mut again = Serve::spawn(
         proxyfleet(&["serve", "--log-format", "json", "--listen", "127.0.0.1:0"])
-            .env("PROXYFLEET_DATA_DIR", &data),
+            .env("PROXYFLEET_DATA_DIR", &data)
+            .env("PROXYFLEET_DATABASE_URL", &url),
     );
     again.addr();
     again.terminate();
     assert_eq!(std::fs::read_to_string(&secret).unwrap(), before);
+    let out = again.seen_out.join("\n");
+    assert!(
+        out.contains("--database-url <the server's database URL>") && !out.contains(&url),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_log_level_that_is_no_level_stops_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["verbose", "proxyfleet=loud", ""] {
+        let out = proxyfleet(&["serve", "--listen", "127.0.0.1:0", "--log-level", bad])
+            .env("PROXYFLEET_DATA_DIR", dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad:?} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("log_level"), "{bad:?}: {err}");
+    }
+}
+
+/// Only the working directory's `.env` is read, not one in a parent directory.
+#[test]
+fn dotenv_is_read_from_the_working_directory_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let parents = dir.path().join("from-parent");
+    std::fs::write(
+        dir.path().join(".env"),
+        format!("PROXYFLEET_DATA_DIR={}\n", parents.display()),
+    )
+    .unwrap();
+    let doctor = || {
+        let out = proxyfleet(&["doctor"]).current_dir(&sub).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    doctor();
+    assert!(sub.join("data/proxyfleet.db").exists());
+    assert!(!parents.exists(), "the parent directory's .env was read");
+    let here = dir.path().join("from-here");
+    std::fs::write(
+        sub.join(".env"),
+        format!("PROXYFLEET_DATA_DIR={}\n", here.display()),
+    )
+    .unwrap();
+    doctor();
+    assert!(here.join("proxyfleet.db").exists(), "./.env was not read");
 }
 
 #[test]

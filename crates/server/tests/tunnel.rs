@@ -41,6 +41,8 @@ async fn new_device(s: &TestServer, token: &str, name: &str) -> (String, String)
     assert_eq!(v["status"], "pending");
     assert!(v["pairing_qr_svg"].as_str().unwrap().starts_with("<?xml"));
     assert!(v["pairing_expires_at"].as_str().unwrap().ends_with('Z'));
+    // What the operator is told to enroll with is where the tunnel really listens.
+    assert_eq!(v["enroll_server"].as_str(), Some(s.tunnel().as_str()));
     (
         v["id"].as_str().unwrap().to_owned(),
         v["pairing_code"].as_str().unwrap().to_owned(),

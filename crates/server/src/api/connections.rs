@@ -143,7 +143,7 @@ fn view(state: &AppState, row: ConnectionRow) -> ConnectionView {
 }
 
 /// IPv6 literals go in brackets in `host:port`.
-fn bracket(host: &str) -> String {
+pub(super) fn bracket(host: &str) -> String {
     if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]")
     } else {

@@ -149,6 +149,10 @@ pub struct CreatedDevice {
     pairing_code: String,
     /// The pairing code as an SVG QR code.
     pairing_qr_svg: String,
+    /// `HOST:PORT` for `proxyfleet-agent enroll --server`: the proxy public host and the tunnel's port. Absent
+    /// when this server runs no tunnel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enroll_server: Option<String>,
 }
 
 /// Add a device. Enroll it with `proxyfleet-agent enroll --server HOST:PORT --code CODE --state-dir DIR`.
@@ -181,6 +185,13 @@ async fn create_device(
             device: view(&state, row),
             pairing_qr_svg: pairing::qr_svg(&code),
             pairing_code: code,
+            enroll_server: state.tunnel_addr.map(|a| {
+                format!(
+                    "{}:{}",
+                    super::connections::bracket(&state.proxy.public_host),
+                    a.port()
+                )
+            }),
         }),
     ))
 }

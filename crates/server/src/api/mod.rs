@@ -77,6 +77,8 @@ pub struct AppInner {
     pub pki: Arc<crate::pki::Pki>,
     pub registry: Arc<crate::tunnel::Registry>,
     pub pairing_ttl: std::time::Duration,
+    /// Where the device tunnel listens, when it does (for the enroll command shown with a pairing code).
+    pub tunnel_addr: Option<std::net::SocketAddr>,
 }
 
 /// What the webhook settings endpoints need.

@@ -24,6 +24,12 @@ pub async fn add(c: &Client, s: &TestServer) -> (String, CancellationToken, temp
         c.find(Locator::Css(".qr svg")).await.is_ok(),
         "the QR code is shown"
     );
+    // The command shown is the one to run: this server's tunnel port and the code.
+    let command = text(c, ".pairing pre").await;
+    assert!(
+        command.contains(&format!("--server {} --code {code} ", s.tunnel())),
+        "{command}"
+    );
     shot(c, "device-pairing").await;
     c.goto(&s.url("/devices")).await.unwrap();
     assert!(
