@@ -129,7 +129,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PROXYFLEET_SESSION_IDLE_TIMEOUT_SECS")]
     pub session_idle_timeout_secs: Option<u64>,
     /// Require upper, lower, digit and special characters in operator passwords. Default true.
-    #[arg(long, env = "PROXYFLEET_PASSWORD_COMPOSITION_RULE")]
+    #[arg(long, env = "PROXYFLEET_PASSWORD_COMPOSITION_RULE", num_args = 0..=1, default_missing_value = "true")]
     pub password_composition_rule: Option<bool>,
     /// Comma-separated CIDRs of reverse proxies whose X-Forwarded-For is believed. Default none.
     #[arg(long, env = "PROXYFLEET_TRUSTED_PROXIES", value_delimiter = ',')]
@@ -148,7 +148,7 @@ pub struct ServeArgs {
     pub tunnel_listen: Option<SocketAddr>,
     /// Serve QUIC on the tunnel port (UDP). Default true; the TLS-over-TCP fallback on the same port number is
     /// always served.
-    #[arg(long, env = "PROXYFLEET_TUNNEL_QUIC")]
+    #[arg(long, env = "PROXYFLEET_TUNNEL_QUIC", num_args = 0..=1, default_missing_value = "true")]
     pub tunnel_quic: Option<bool>,
     /// Heartbeat interval told to agents, seconds. Default 30.
     #[arg(long, env = "PROXYFLEET_TUNNEL_HEARTBEAT_SECS")]
@@ -184,7 +184,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PROXYFLEET_MONITOR_SCAN_SECS")]
     pub monitor_scan_secs: Option<u64>,
     /// Allow webhooks to private and loopback addresses (labs, tests). Default false.
-    #[arg(long, env = "PROXYFLEET_WEBHOOK_ALLOW_PRIVATE")]
+    #[arg(long, env = "PROXYFLEET_WEBHOOK_ALLOW_PRIVATE", num_args = 0..=1, default_missing_value = "true")]
     pub webhook_allow_private: Option<bool>,
     /// Seconds between writes of usage counters to the store. Default 5.
     #[arg(long, env = "PROXYFLEET_USAGE_FLUSH_SECS")]

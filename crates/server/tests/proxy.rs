@@ -792,6 +792,98 @@ async fn one_mib_limit_across_eight_flows_is_exact_then_reset_restores() {
     }
 }
 
+/// A target that reads and counts everything it is sent, over all its connections; the second value counts the
+/// connections that have ended (EOF or error).
+async fn sink_target() -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (got, ended) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (got2, ended2) = (got.clone(), ended.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let (got, ended) = (got2.clone(), ended2.clone());
+            tokio::spawn(async move {
+                let mut b = vec![0u8; 64 * 1024];
+                while let Ok(n) = s.read(&mut b).await {
+                    if n == 0 {
+                        break;
+                    }
+                    got.fetch_add(n, Ordering::SeqCst);
+                }
+                ended.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, got, ended)
+}
+
+/// Concurrent uploads at the cut-off: the target receives exactly what the connection is charged, the limit (bytes
+/// already counted are delivered, whichever flow's chunk crossed the limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_racing_for_the_limit_deliver_what_is_charged() {
+    use std::sync::atomic::Ordering;
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    const FLOWS: usize = 4;
+    for round in 0..3 {
+        let (sink, got, ended) = sink_target().await;
+        let c = rig
+            .create(json!({"name": format!("uploads-{round}"), "device_id": rig.device, "bandwidth_limit_bytes": 3 * MIB}))
+            .await;
+        let (user, pass) = creds(&c);
+        let id = c["id"].as_str().unwrap().to_owned();
+        // All flows open first, then they upload together.
+        let mut flows = Vec::new();
+        for _ in 0..FLOWS {
+            flows.push(
+                socks_connect(rig.socks_addr(), sink, &user, &pass)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let mut tasks = Vec::new();
+        for mut f in flows {
+            tasks.push(tokio::spawn(async move {
+                let chunk = pattern(256 * 1024);
+                // Write until the proxy closes the flow.
+                tokio::time::timeout(Duration::from_secs(30), async {
+                    while f.write_all(&chunk).await.is_ok() {}
+                })
+                .await
+                .expect("the upload was cut off");
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ended.load(Ordering::SeqCst) < FLOWS {
+            assert!(
+                Instant::now() < deadline,
+                "the target's connections stay open"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let v = rig.connection(&id).await;
+        assert_eq!(v["used_bytes"].as_u64(), Some(3 * MIB as u64));
+        assert_eq!(
+            got.load(Ordering::SeqCst),
+            3 * MIB,
+            "round {round}: the target got what was charged"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disable_delete_and_device_revocation_close_open_flows_at_once() {
     let Some(rig) = Rig::start().await else {
@@ -937,6 +1029,53 @@ async fn usage_is_counted_per_hour_and_survives_a_graceful_restart() {
         )
         .await;
     assert_eq!(r.status(), 400);
+}
+
+/// A graceful shutdown in the middle of a download to a slow reader: what the store keeps is what the customer
+/// received (chunks counted before the stop are still written; none is counted and then dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_charges_only_what_a_slow_reader_received() {
+    let Some(mut rig) = Rig::start().await else {
+        return;
+    };
+    let target = stream_target(256 * MIB).await;
+    let c = rig
+        .create(json!({"name": "slow", "device_id": rig.device}))
+        .await;
+    let (user, pass) = creds(&c);
+    let id = c["id"].as_str().unwrap().to_owned();
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        let mut f = socks_connect(rig.socks_addr(), target, &user, &pass)
+            .await
+            .unwrap();
+        readers.push(tokio::spawn(async move {
+            let (mut total, mut b) = (0usize, vec![0u8; 16 * 1024]);
+            loop {
+                match f.read(&mut b).await {
+                    Ok(0) | Err(_) => return total,
+                    Ok(n) => total += n,
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    rig.s.restart().await;
+    let mut received = 0;
+    for r in readers {
+        received += tokio::time::timeout(Duration::from_secs(20), r)
+            .await
+            .expect("the flows ended at shutdown")
+            .unwrap();
+    }
+    assert!(received > 0);
+    let v = rig.connection(&id).await;
+    assert_eq!(
+        v["used_bytes"].as_u64(),
+        Some(received as u64),
+        "charged what the customer received"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

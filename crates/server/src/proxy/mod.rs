@@ -38,6 +38,18 @@ pub struct ProxyContext {
     pub tracker: TaskTracker,
 }
 
+impl ProxyContext {
+    /// One step of a customer's handshake: bounded by the handshake timeout and abandoned at shutdown (`None`
+    /// either way). Once a flow relays, shutdown ends it through its stop token instead, so that bytes already
+    /// counted are still delivered.
+    pub async fn handshake<F: std::future::Future>(&self, step: F) -> Option<F::Output> {
+        tokio::select! {
+            r = tokio::time::timeout(self.handshake_timeout, step) => r.ok(),
+            () = self.shutdown.cancelled() => None,
+        }
+    }
+}
+
 /// Which door a listener is.
 #[derive(Debug, Clone)]
 pub enum Door {
@@ -213,14 +225,9 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let (ctx2, door) = (ctx.clone(), door.clone());
-        ctx.tracker.spawn(async move {
-            // At shutdown a client still in its handshake is dropped at once; relaying flows end on their own.
-            let shutdown = ctx2.shutdown.clone();
-            tokio::select! {
-                () = handle(ctx2, stream, peer, door) => {}
-                () = shutdown.cancelled() => {}
-            }
-        });
+        // At shutdown a client still in its handshake is dropped at once (`ProxyContext::handshake`); relaying
+        // flows end through their stop token, after writing what they counted.
+        ctx.tracker.spawn(handle(ctx2, stream, peer, door));
     }
 }
 
@@ -230,11 +237,11 @@ async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr, doo
         Door::Socks5 => socks5::serve(&ctx, stream, peer, &door).await,
         Door::Dedicated(_) => {
             let mut first = [0u8; 1];
-            match tokio::time::timeout(ctx.handshake_timeout, stream.peek(&mut first)).await {
-                Ok(Ok(1)) if first[0] == proxyfleet_proto::socks5::VERSION => {
+            match ctx.handshake(stream.peek(&mut first)).await {
+                Some(Ok(1)) if first[0] == proxyfleet_proto::socks5::VERSION => {
                     socks5::serve(&ctx, stream, peer, &door).await
                 }
-                Ok(Ok(1)) => http::serve(&ctx, stream, peer, &door).await,
+                Some(Ok(1)) => http::serve(&ctx, stream, peer, &door).await,
                 _ => Ok(()),
             }
         }

@@ -70,34 +70,28 @@ impl Flow {
         self.counters.add(d, n);
         true
     }
-
-    async fn stopped(&self) {
-        self.stop.cancelled().await;
-    }
-
-    fn is_stopped(&self) -> bool {
-        self.stop.is_cancelled()
-    }
 }
 
 /// Write bytes that were already counted. They are delivered even if the flow is stopped meanwhile (the customer
 /// paid for them), but a peer that stopped reading cannot hold a stopped flow open for longer than the grace.
 async fn write_counted<W: AsyncWrite + Unpin>(
-    flow: &Flow,
+    stop: &CancellationToken,
     w: &mut W,
     bytes: &[u8],
 ) -> std::io::Result<bool> {
     tokio::select! {
         r = w.write_all(bytes) => r.map(|()| true),
-        _ = async { flow.stopped().await; tokio::time::sleep(WRITE_GRACE).await } => Ok(false),
+        _ = async { stop.cancelled().await; tokio::time::sleep(WRITE_GRACE).await } => Ok(false),
     }
 }
 
-/// Send `first` (bytes the front door already holds), then copy until EOF, an error, the cut-off or a stop.
-/// Returns true when the source ended normally (EOF).
+/// Send `first` (bytes the front door already holds), then copy until EOF, an error, the cut-off or `stop`.
+/// Returns true when the source ended normally (EOF). A chunk counted before the stop is still written (within
+/// the grace) before it returns.
 async fn pump<R, W>(
     dir: &Directory,
     flow: &Flow,
+    stop: &CancellationToken,
     d: Dir,
     r: &mut R,
     w: &mut W,
@@ -113,7 +107,7 @@ where
             .entry
             .charge(first.len(), d, &flow.device, dir.clock().now_ms());
         flow.counters.add(d, g);
-        if g > 0 && !write_counted(flow, &mut w, &first[..g]).await? {
+        if g > 0 && !write_counted(stop, &mut w, &first[..g]).await? {
             return Ok(false);
         }
         if g < first.len() {
@@ -125,7 +119,7 @@ where
     loop {
         let n = tokio::select! {
             biased;
-            _ = flow.stopped() => return Ok(false),
+            _ = stop.cancelled() => return Ok(false),
             n = buf.read_from(r) => n?,
         };
         if n == 0 {
@@ -134,10 +128,10 @@ where
         }
         let g = flow.entry.charge(n, d, &flow.device, dir.clock().now_ms());
         flow.counters.add(d, g);
-        if g > 0 && !write_counted(flow, &mut w, &buf.data()[..g]).await? {
+        if g > 0 && !write_counted(stop, &mut w, &buf.data()[..g]).await? {
             return Ok(false);
         }
-        if g < n || flow.is_stopped() {
+        if g < n || stop.is_cancelled() {
             return Ok(false);
         }
     }
@@ -166,8 +160,11 @@ pub async fn relay<CR, CW, DR, DW>(
     DW: AsyncWrite + Unpin,
 {
     {
-        let up = pump(dir, flow, Dir::Up, &mut cr, &mut dw, first_up);
-        let down = pump(dir, flow, Dir::Down, &mut dr, &mut cw, &[]);
+        // Stopped with the connection's flows, or by this relay when one direction ends it. Either way each
+        // direction finishes writing the chunk it already counted, so what was charged is what was forwarded.
+        let stop = flow.stop.child_token();
+        let up = pump(dir, flow, &stop, Dir::Up, &mut cr, &mut dw, first_up);
+        let down = pump(dir, flow, &stop, Dir::Down, &mut dr, &mut cw, &[]);
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
         while !(up_done && down_done) {
@@ -175,11 +172,11 @@ pub async fn relay<CR, CW, DR, DW>(
                 r = &mut up, if !up_done => {
                     up_done = true;
                     // An error or a stop ends the flow; a clean EOF leaves the other direction running (half-close).
-                    if !matches!(r, Ok(true)) { break; }
+                    if !matches!(r, Ok(true)) { stop.cancel(); }
                 }
                 r = &mut down, if !down_done => {
                     down_done = true;
-                    if !matches!(r, Ok(true)) || opts.end_with_target { break; }
+                    if !matches!(r, Ok(true)) || opts.end_with_target { stop.cancel(); }
                 }
             }
         }

@@ -130,12 +130,12 @@ pub async fn serve(
     peer: SocketAddr,
     door: &Door,
 ) -> anyhow::Result<()> {
-    let Some(n) = tokio::time::timeout(
-        ctx.handshake_timeout,
-        negotiate(ctx, &mut stream, peer, door),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("SOCKS5 handshake timed out"))??
+    let Some(n) = ctx
+        .handshake(negotiate(ctx, &mut stream, peer, door))
+        .await
+        .ok_or_else(|| {
+            anyhow::anyhow!("SOCKS5 handshake timed out (or the server is stopping)")
+        })??
     else {
         return Ok(());
     };

@@ -88,9 +88,12 @@ pub async fn serve(
     peer: SocketAddr,
     door: &Door,
 ) -> anyhow::Result<()> {
-    let head = tokio::time::timeout(ctx.handshake_timeout, read_head(&mut stream))
+    let head = ctx
+        .handshake(read_head(&mut stream))
         .await
-        .map_err(|_| anyhow::anyhow!("HTTP proxy request head timed out"))??;
+        .ok_or_else(|| {
+            anyhow::anyhow!("HTTP proxy request head timed out (or the server is stopping)")
+        })??;
     let (req, rest) = match head {
         Ok(h) => h,
         Err(e) => {
@@ -110,15 +113,14 @@ pub async fn serve(
         }
         (_, b) => b.unwrap_or(hp::BodyLength::None),
     };
-    let entry = match tokio::time::timeout(ctx.handshake_timeout, auth(ctx, &req, peer, door)).await
-    {
-        Ok(Ok(e)) => e,
-        Ok(Err(AuthFailure::Invalid)) => {
+    let entry = match ctx.handshake(auth(ctx, &req, peer, door)).await {
+        Some(Ok(e)) => e,
+        Some(Err(AuthFailure::Invalid)) => {
             let challenge = "Proxy-Authenticate: Basic realm=\"proxyfleet\", charset=\"UTF-8\"\r\n";
             respond(&mut stream, 407, challenge, "proxy authentication required").await?;
             return Ok(());
         }
-        Ok(Err(AuthFailure::Limited(after))) => {
+        Some(Err(AuthFailure::Limited(after))) => {
             let retry = format!("Retry-After: {}\r\n", after.as_secs().max(1));
             respond(
                 &mut stream,
@@ -129,7 +131,7 @@ pub async fn serve(
             .await?;
             return Ok(());
         }
-        Ok(Err(AuthFailure::Unavailable)) | Err(_) => {
+        Some(Err(AuthFailure::Unavailable)) | None => {
             respond(
                 &mut stream,
                 503,
