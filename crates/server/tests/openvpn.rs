@@ -39,6 +39,54 @@ where
     rt.block_on(body(topo));
 }
 
+/// An IPv6 web site the customer reaches through its own network (the server namespace stands in for its ISP):
+/// the customer gets an IPv6 address and default route, the site answers `direct`. Returns its URL.
+fn ipv6_site(topo: &Topology) -> String {
+    let ip = |ns: &str, args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["-n", ns])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    };
+    let (srv, cust) = (topo.srv.name.as_str(), topo.cust.name.as_str());
+    ip(
+        srv,
+        &[
+            "addr",
+            "add",
+            "2001:db8:c::1/64",
+            "dev",
+            "eth-cust",
+            "nodad",
+        ],
+    );
+    ip(srv, &["addr", "add", "2001:db8:99::1/128", "dev", "lo"]);
+    ip(
+        cust,
+        &["addr", "add", "2001:db8:c::2/64", "dev", "eth-srv", "nodad"],
+    );
+    ip(
+        cust,
+        &["-6", "route", "add", "default", "via", "2001:db8:c::1"],
+    );
+    // This thread is in the server namespace.
+    let l = std::net::TcpListener::bind("[2001:db8:99::1]:8099").unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut b = [0u8; 1024];
+            let _ = std::io::Read::read(&mut s, &mut b);
+            let _ = std::io::Write::write_all(
+                &mut s,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\ndirect",
+            );
+        }
+    });
+    "http://[2001:db8:99::1]:8099/".to_owned()
+}
+
 #[test]
 fn vpn_customer_browses_through_the_device_and_dns_is_answered_there() {
     in_server_ns(1, |topo| async move {
@@ -63,12 +111,20 @@ fn vpn_customer_browses_through_the_device_and_dns_is_answered_there() {
             "<auth-user-pass>\n{user}\n{pass}\n</auth-user-pass>"
         )));
 
+        // The customer is dual-stack: an IPv6 site is reachable through its own network, around any VPN.
+        let v6_site = ipv6_site(&topo);
+        let (ok, _, body) = curl(&topo.cust, &v6_site, 5).await;
+        assert!(ok && body == "direct", "IPv6 works without the VPN: {body}");
+
         let c = Client::start(&topo.cust, &v.profile_file("c1.ovpn", ovpn));
         assert!(
             c.connected(CONNECT).await,
             "client connects:\n{}",
             c.log_text()
         );
+        // With the VPN up, IPv6 goes into the tunnel and is refused there: nothing leaves around it.
+        let (ok, _, body) = curl(&topo.cust, &v6_site, 5).await;
+        assert!(!ok, "IPv6 leaked around the VPN: {body}");
         let (ok, _, body) = curl(&topo.cust, &format!("http://{TARGET_NAME}/"), 15).await;
         if !ok {
             vpn::dump(&topo.srv);

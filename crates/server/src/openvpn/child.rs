@@ -38,6 +38,29 @@ impl Paths {
     }
 }
 
+/// The server's address in the clients' IPv6 subnet (unique local, /64). Clients never carry IPv6 through the
+/// door: the subnet exists so that `redirect-gateway ipv6` routes the client's IPv6 into the tunnel, where
+/// `block-ipv6` answers it "no route" on the client itself. Without it a dual-stack client's IPv6 left through
+/// its own network, around the VPN. Should a client send IPv6 anyway, the door's nftables rules drop it (they
+/// cover both families).
+pub const SERVER_IPV6: &str = "fd70:7066:7670::1";
+
+/// A customer's IPv6 address: its IPv4 address in the low 32 bits of the subnet, so it is as unique as that.
+pub fn client_ipv6(v4: std::net::Ipv4Addr) -> String {
+    let o = v4.octets();
+    let v6 = std::net::Ipv6Addr::new(
+        0xfd70,
+        0x7066,
+        0x7670,
+        0,
+        0,
+        0,
+        u16::from_be_bytes([o[0], o[1]]),
+        u16::from_be_bytes([o[2], o[3]]),
+    );
+    format!("{v6}/64")
+}
+
 /// The OpenVPN server configuration.
 pub fn server_config(s: &OpenVpnSettings, keys: &Keys, paths: &Paths) -> String {
     let net = s.subnet.network();
@@ -71,7 +94,8 @@ pub fn server_config(s: &OpenVpnSettings, keys: &Keys, paths: &Paths) -> String 
          tls-crypt {tc}\n\
          tls-version-min 1.2\n\
          data-ciphers AES-256-GCM:AES-128-GCM:CHACHA20-POLY1305\n\
-         push \"redirect-gateway def1\"\n\
+         ifconfig-ipv6 {SERVER_IPV6}/64 {SERVER_IPV6}\n\
+         push \"redirect-gateway def1 ipv6\"\n\
          push \"block-ipv6\"\n\
          push \"dhcp-option DNS {dns}\"\n\
          keepalive {ka} {restart}\n\

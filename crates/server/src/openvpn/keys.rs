@@ -170,6 +170,7 @@ pub fn profile(
          proto {proto}\n\
          remote {host} {port}\n\
          nobind\n\
+         persist-tun\n\
          resolv-retry infinite\n\
          remote-cert-tls server\n\
          verify-x509-name {SERVER_NAME} name\n\
@@ -246,6 +247,8 @@ mod tests {
             "verify-x509-name proxyfleet-openvpn name",
             "data-ciphers AES-256-GCM",
             "auth-retry nointeract",
+            // Reconnects keep the tun and its routes: traffic waits (or fails) instead of leaving unprotected.
+            "persist-tun",
             "<ca>\n-----BEGIN CERTIFICATE-----",
             "<tls-crypt>",
             "<auth-user-pass>\npfabcdefghij\nSecret123\n</auth-user-pass>",

@@ -235,7 +235,14 @@ async fn authorize(m: &Arc<Manager>, kind: ClientKind, cid: u64, kid: u64, env: 
             cmd.push_str(&mgmt::client_auth(
                 cid,
                 kid,
-                &[format!("ifconfig-push {ip} {}", m.netmask)],
+                &[
+                    format!("ifconfig-push {ip} {}", m.netmask),
+                    format!(
+                        "ifconfig-ipv6-push {} {}",
+                        super::child::client_ipv6(ip),
+                        super::child::SERVER_IPV6
+                    ),
+                ],
             ));
             cmd
         }
@@ -243,7 +250,10 @@ async fn authorize(m: &Arc<Manager>, kind: ClientKind, cid: u64, kid: u64, env: 
             if kind == ClientKind::Reauth {
                 m.sessions.remove(cid);
             }
-            tracing::info!(cid, reason, "VPN login denied");
+            // The username the client sent (not a secret; it names the connection being tried), bounded and
+            // quoted so that it cannot forge log lines.
+            let user: String = username.chars().take(64).collect();
+            tracing::info!(cid, username = ?user, reason, "VPN login denied");
             mgmt::client_deny(cid, kid, reason)
         }
     }
