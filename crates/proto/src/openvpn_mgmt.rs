@@ -286,6 +286,11 @@ pub fn client_kill(cid: u64) -> String {
     format!("client-kill {cid} HALT\n")
 }
 
+/// End a client's session and tell it to connect again (its connection may still be used, on another device).
+pub fn client_restart(cid: u64) -> String {
+    format!("client-kill {cid} RESTART\n")
+}
+
 /// One client of a `status 3` answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatusClient {
@@ -443,6 +448,7 @@ mod tests {
             "client-auth 4 0\nifconfig-push 10.77.0.16 255.255.0.0 END\nEND\n"
         );
         assert_eq!(client_kill(5), "client-kill 5 HALT\n");
+        assert_eq!(client_restart(5), "client-kill 5 RESTART\n");
     }
 
     #[test]

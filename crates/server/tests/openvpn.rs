@@ -534,6 +534,43 @@ fn vpn_sessions_end_on_newer_login_new_password_disable_and_revocation() {
             .await;
         assert_eq!(r.status(), 200);
 
+        // Moved to another device that is online: the client is told to log in again, not to quit, and is back
+        // by itself, on the new device.
+        let (other, _other_agent) = v.add_device(&topo, "phone-2").await;
+        let mut c5 = Client::start(&topo.cust, &newer);
+        assert!(c5.connected(CONNECT).await, "{}", c5.log_text());
+        let r =
+            v.s.patch(
+                &format!("/api/v1.0/connections/{id}"),
+                &v.token,
+                json!({ "device_id": other }),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+        v.until("the client to log in again", CONNECT, || async {
+            count(&c5.log_text(), "Initialization Sequence Completed") >= 2
+        })
+        .await;
+        assert!(
+            !c5.exited(Duration::from_secs(1)).await,
+            "{}",
+            c5.log_text()
+        );
+        let (ok, _, body) = curl(&topo.cust, &format!("http://{TARGET_NAME}/"), 15).await;
+        assert!(
+            ok && body == HELLO,
+            "traffic through the new device: {body}"
+        );
+        drop(c5);
+        let r =
+            v.s.patch(
+                &format!("/api/v1.0/connections/{id}"),
+                &v.token,
+                json!({ "device_id": v.device_id }),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+
         // The device revoked: killed, and refused as offline.
         let mut c4 = Client::start(&topo.cust, &newer);
         assert!(c4.connected(CONNECT).await, "{}", c4.log_text());

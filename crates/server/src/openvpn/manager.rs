@@ -272,12 +272,7 @@ async fn admit(
         Err(AuthFailure::Unavailable) => return Err("server busy; try again"),
     };
     let adm = entry.admit().map_err(deny_reason)?;
-    let online = m
-        .ctx
-        .registry
-        .get(&adm.device_id)
-        .is_some_and(|l| l.operator_id == entry.operator_id);
-    if !online {
+    if !device_online(m, &entry, &adm.device_id) {
         return Err("device offline");
     }
     match m.sessions.address(&entry.id).await {
@@ -290,18 +285,34 @@ async fn admit(
     }
 }
 
+/// Whether the connection's device is connected now (and still the operator's).
+fn device_online(m: &Manager, entry: &Entry, device_id: &str) -> bool {
+    m.ctx
+        .registry
+        .get(device_id)
+        .is_some_and(|l| l.operator_id == entry.operator_id)
+}
+
 impl Manager {
     /// Queue a `client-kill` on whatever connection is current (the socket may have been replaced meanwhile).
     fn kill_later(self: &Arc<Self>, cid: u64) {
         let m = self.clone();
-        self.ctx.tracker.spawn(async move { m.kill(cid).await });
+        self.ctx
+            .tracker
+            .spawn(async move { m.kill(cid, false).await });
     }
 
-    async fn kill(&self, cid: u64) {
+    /// End a session: HALT (the client exits), or with `again` RESTART (it logs in anew).
+    async fn kill(&self, cid: u64, again: bool) {
         // OpenVPN takes one management client at a time: the kill goes through the live connection's queue.
         let tx = self.kills.lock().ok().and_then(|g| g.clone());
         if let Some(tx) = tx {
-            let _ = tx.send(mgmt::client_kill(cid)).await;
+            let cmd = if again {
+                mgmt::client_restart(cid)
+            } else {
+                mgmt::client_kill(cid)
+            };
+            let _ = tx.send(cmd).await;
         }
     }
 }
@@ -317,20 +328,27 @@ fn watch(m: &Arc<Manager>, entry: &Arc<Entry>, cid: u64, ended: CancellationToke
         }
     };
     let credential = entry.credential_token();
-    let m = m.clone();
+    let (m, entry) = (m.clone(), entry.clone());
     let shutdown = m.ctx.shutdown.clone();
     m.ctx.tracker.clone().spawn(async move {
-        tokio::select! {
+        let stopped = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
             _ = ended.cancelled() => return,
-            _ = stop.cancelled() => {}
-            _ = credential.cancelled() => {}
-        }
+            _ = stop.cancelled() => true,
+            _ = credential.cancelled() => false,
+        };
+        // Flows stopped, but a login now would be admitted: the connection moved to another device, which is
+        // online. The client is told to log in again (and lands there) rather than to quit. A cut-off, a
+        // disable, a new password or a device that is gone halts it: logging in again could only fail.
+        let again = stopped
+            && entry
+                .admit()
+                .is_ok_and(|a| device_online(&m, &entry, &a.device_id));
         if let Some(s) = m.sessions.remove(cid) {
-            tracing::info!(connection = %s.entry.id, cid, "VPN session killed: the connection stopped");
+            tracing::info!(connection = %s.entry.id, cid, again, "VPN session killed: the connection stopped");
         }
-        m.kill(cid).await;
+        m.kill(cid, again).await;
     });
 }
 

@@ -461,31 +461,9 @@ impl Vpn {
         s.create_operator("vpnop", ADMIN_PASSWORD, Role::Admin)
             .await;
         let token = s.login("vpnop", ADMIN_PASSWORD).await;
-        let r = s
-            .post("/api/v1.0/devices", &token, json!({ "name": "phone" }))
-            .await;
-        assert_eq!(r.status(), 201);
-        let v: Value = r.json().await.expect("json");
-        let device_id = v["id"].as_str().expect("id").to_owned();
-        let code = v["pairing_code"].as_str().expect("code").to_owned();
         let work = tempfile::tempdir().expect("tempdir");
-        let state = work.path().join("agent");
-        std::fs::create_dir_all(&state).expect("agent dir");
-        let agent_stop = CancellationToken::new();
-        let (tunnel, stop) = (s.tunnel(), agent_stop.clone());
-        spawn_in(&topo.dev, move || async move {
-            proxyfleet_agent::enroll(&tunnel, &code, &state)
-                .await
-                .expect("enroll");
-            let opts = proxyfleet_agent::RunOptions {
-                power_supply_dir: state.join("none"),
-                // The target lives at a private address of this lab.
-                allow_private_targets: true,
-                dns_server: Some(SocketAddr::new(TARGET.into(), 53)),
-                ..Default::default()
-            };
-            let _ = proxyfleet_agent::run(&state, opts, stop).await;
-        });
+        let (device_id, agent_stop) =
+            enroll_agent(&s, &token, topo, &work.path().join("agent")).await;
         let vpn = Vpn {
             s,
             token,
@@ -498,6 +476,26 @@ impl Vpn {
         })
         .await;
         vpn
+    }
+
+    /// Another device of the operator's, its agent running in the device namespace; waits until it is online.
+    /// Returns its id and its agent's stop token.
+    pub async fn add_device(&self, topo: &Topology, name: &str) -> (String, CancellationToken) {
+        let (id, stop) =
+            enroll_agent(&self.s, &self.token, topo, &self.work.path().join(name)).await;
+        self.until(
+            "the new device is online",
+            Duration::from_secs(20),
+            || async {
+                let r = self
+                    .s
+                    .get(&format!("/api/v1.0/devices/{id}"), &self.token)
+                    .await;
+                r.json::<Value>().await.expect("json")["status"] == "online"
+            },
+        )
+        .await;
+        (id, stop)
     }
 
     pub async fn device(&self) -> Value {
@@ -676,4 +674,44 @@ pub fn dump(ns: &Netns) {
             );
         }
     }
+}
+
+/// Create a device through the API and run an agent enrolled as it in the device namespace (its state directory's
+/// name is the device's name). Returns the device id and the agent's stop token.
+async fn enroll_agent(
+    s: &TestServer,
+    token: &str,
+    topo: &Topology,
+    state: &Path,
+) -> (String, CancellationToken) {
+    let name = state
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("phone")
+        .to_owned();
+    let r = s
+        .post("/api/v1.0/devices", token, json!({ "name": name }))
+        .await;
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.expect("json");
+    let device_id = v["id"].as_str().expect("id").to_owned();
+    let code = v["pairing_code"].as_str().expect("code").to_owned();
+    let state = state.to_owned();
+    std::fs::create_dir_all(&state).expect("agent dir");
+    let agent_stop = CancellationToken::new();
+    let (tunnel, stop) = (s.tunnel(), agent_stop.clone());
+    spawn_in(&topo.dev, move || async move {
+        proxyfleet_agent::enroll(&tunnel, &code, &state)
+            .await
+            .expect("enroll");
+        let opts = proxyfleet_agent::RunOptions {
+            power_supply_dir: state.join("none"),
+            // The target lives at a private address of this lab.
+            allow_private_targets: true,
+            dns_server: Some(SocketAddr::new(TARGET.into(), 53)),
+            ..Default::default()
+        };
+        let _ = proxyfleet_agent::run(&state, opts, stop).await;
+    });
+    (device_id, agent_stop)
 }
