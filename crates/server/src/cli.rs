@@ -38,10 +38,10 @@ pub enum Command {
         #[command(flatten)]
         common: CommonArgs,
         /// Report what would be done; change nothing.
-        #[arg(long, env = "PROXYFLEET_DRY_RUN")]
+        #[arg(long, env = "PROXYFLEET_MIGRATE_DRY_RUN")]
         dry_run: bool,
         /// Rows hashed per transaction.
-        #[arg(long, env = "PROXYFLEET_BATCH_SIZE", default_value_t = proxyfleet::legacy::DEFAULT_BATCH)]
+        #[arg(long, env = "PROXYFLEET_MIGRATE_BATCH_SIZE", default_value_t = proxyfleet::legacy::DEFAULT_BATCH)]
         batch_size: usize,
     },
     /// Check the installation: plaintext credentials left, rows without any credential. Exits 1 on a problem.
@@ -61,10 +61,10 @@ pub enum ImportCommand {
         /// The export: `.csv` with a header row, or `.json` (an array of objects).
         file: PathBuf,
         /// The operator who receives the connections.
-        #[arg(long, env = "PROXYFLEET_OPERATOR")]
+        #[arg(long, env = "PROXYFLEET_IMPORT_OPERATOR")]
         operator: String,
         /// Import the good rows and report the bad ones (default: any bad row imports nothing).
-        #[arg(long, env = "PROXYFLEET_SKIP_BAD")]
+        #[arg(long, env = "PROXYFLEET_IMPORT_SKIP_BAD")]
         skip_bad: bool,
     },
 }
