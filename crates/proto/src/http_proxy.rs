@@ -25,6 +25,10 @@ pub enum HeadError {
     Target,
     #[error("https:// URLs go through CONNECT")]
     Https,
+    #[error("the URL carries credentials (user:password@); send them to the proxy as Proxy-Authorization, to the site as Authorization")]
+    Userinfo,
+    #[error("more than one Proxy-Authorization header")]
+    TwoCredentials,
     #[error("more than {MAX_HEADERS} header fields")]
     TooManyHeaders,
     #[error(
@@ -181,7 +185,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(ProxyRequest, usize)>, HeadError
         let split = rest.find(['/', '?']).unwrap_or(rest.len());
         let (authority, tail) = rest.split_at(split);
         if authority.contains('@') {
-            return Err(HeadError::Target);
+            return Err(HeadError::Userinfo);
         }
         let (host, port) = parse_authority(authority, Some(80))?;
         let path = match tail {
@@ -196,6 +200,10 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(ProxyRequest, usize)>, HeadError
     let named = connection_named(req.headers);
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("proxy-authorization") {
+            // Two credentials are ambiguous (which one authenticated?): refused, not the last one taken.
+            if proxy_authorization.is_some() {
+                return Err(HeadError::TwoCredentials);
+            }
             proxy_authorization =
                 Some(String::from_utf8(h.value.to_vec()).map_err(|_| HeadError::Malformed)?);
         } else if forwarded(h.name, &named) {
@@ -401,6 +409,16 @@ mod tests {
             parse_head(b"CONNECT [::1:80 HTTP/1.1\r\n\r\n"),
             Err(HeadError::Target)
         );
+        assert_eq!(
+            parse_head(b"GET http://bob:pw@example.com/ HTTP/1.1\r\n\r\n"),
+            Err(HeadError::Userinfo)
+        );
+        assert_eq!(
+            parse_head(
+                b"CONNECT a.com:443 HTTP/1.1\r\nProxy-Authorization: Basic eDp5\r\nProxy-Authorization: Basic dTpw\r\n\r\n"
+            ),
+            Err(HeadError::TwoCredentials)
+        );
     }
 
     #[test]
@@ -434,7 +452,7 @@ mod tests {
         );
         assert_eq!(
             parse_head(b"GET http://u:p@x.org/ HTTP/1.1\r\n\r\n"),
-            Err(HeadError::Target)
+            Err(HeadError::Userinfo)
         );
     }
 

@@ -588,6 +588,26 @@ async fn http_and_socks5_doors_carry_traffic_and_refuse_properly() {
     let mut m = [0u8; 2];
     raw.read_exact(&mut m).await.unwrap();
     assert_eq!(m, [5, 0xFF]);
+    // So is one offering no method at all.
+    let mut raw = TcpStream::connect(rig.socks_addr()).await.unwrap();
+    raw.write_all(&[5, 0]).await.unwrap();
+    let mut m = [0u8; 2];
+    raw.read_exact(&mut m).await.unwrap();
+    assert_eq!(m, [5, 0xFF]);
+    // Credentials in the URL get a 400 that says so (they would otherwise go nowhere, or to the site).
+    let (_, h) = curl(&[
+        "-i",
+        "-x",
+        &format!("http://{}", rig.http_addr()),
+        "--request-target",
+        &format!("http://bob:pw@{target}/"),
+        &format!("http://{target}/"),
+    ])
+    .await;
+    assert!(
+        h.starts_with("HTTP/1.1 400") && h.contains("Proxy-Authorization"),
+        "{h}"
+    );
     // A slow or silent client blocks nobody.
     let _silent = TcpStream::connect(rig.socks_addr()).await.unwrap();
     let _half = {
@@ -1761,7 +1781,21 @@ async fn dedicated_port_with_allow_list() {
         curl_via(&format!("http://127.0.0.1:{port}"), &url, &[]).await,
         (0, "200 777".into())
     );
-    // Not allow-listed any more: credentials required, and only this connection's.
+    // A flow let in by the allow-list, idle (no credentials: method 0 only).
+    let idle = stream_target(0).await;
+    let mut open = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    open.write_all(&[5, 1, 0]).await.unwrap();
+    let mut m = [0u8; 2];
+    open.read_exact(&mut m).await.unwrap();
+    assert_eq!(m, [5, 0]);
+    let mut req = vec![5, 1, 0, 1, 127, 0, 0, 1];
+    req.extend_from_slice(&idle.port().to_be_bytes());
+    open.write_all(&req).await.unwrap();
+    let mut reply = [0u8; 10];
+    open.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply[1], 0, "connected");
+    // Not allow-listed any more: credentials required, and only this connection's; the flow the old list let in
+    // is closed.
     let id = c["id"].as_str().unwrap();
     let r = rig
         .s
@@ -1772,6 +1806,7 @@ async fn dedicated_port_with_allow_list() {
         )
         .await;
     assert_eq!(r.status(), 200);
+    assert_eq!(drain(&mut open, Duration::from_secs(5)).await, 0);
     assert_eq!(
         curl_via(&format!("http://127.0.0.1:{port}"), &url, &[])
             .await

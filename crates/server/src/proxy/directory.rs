@@ -315,8 +315,10 @@ impl Entry {
         lock(&self.state).allow.iter().any(|n| n.contains(&ip))
     }
 
-    /// Take new settings from the store's row. Open flows are closed when the connection stops admitting or moves
-    /// to another device; they are kept when only the name or the limit (still above usage) changed.
+    /// Take new settings from the store's row. Open flows are closed when the connection stops admitting, moves
+    /// to another device, loses an address from its allow-list or moves its dedicated port (a client let in by
+    /// what was taken away must not keep its flows); they are kept when only the name, the limit (still above
+    /// usage) or an added allow-list entry changed.
     fn apply(&self, row: &ConnectionRow) {
         let mut s = lock(&self.state);
         let device: Option<Arc<str>> = row.device_id.as_deref().map(Arc::from);
@@ -330,8 +332,13 @@ impl Entry {
             // A disabled connection forgets its verified password: re-enabling costs one bcrypt check.
             s.verified = None;
         }
-        s.allow = parse_cidrs(&row.allow_cidrs);
-        s.dedicated_port = row.dedicated_port.and_then(|p| u16::try_from(p).ok());
+        let allow = parse_cidrs(&row.allow_cidrs);
+        let port = row.dedicated_port.and_then(|p| u16::try_from(p).ok());
+        if s.allow.iter().any(|n| !allow.contains(n)) || s.dedicated_port != port {
+            s.close_flows();
+        }
+        s.allow = allow;
+        s.dedicated_port = port;
         s.settle();
     }
 }

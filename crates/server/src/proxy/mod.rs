@@ -132,6 +132,8 @@ impl ProxyContext {
                 | OpenFailure::Flow(FlowError::Offline | FlowError::Tunnel(_)),
             ) => "device_offline",
             Err(OpenFailure::Unsupported) => "unsupported",
+            // The device's policy refused the target (a private address): the customer's doing, not a failure.
+            Err(OpenFailure::Flow(FlowError::Target(OpenResult::NotAllowed))) => "not_allowed",
             Err(OpenFailure::Flow(_)) => "target_failed",
         };
         self.metrics.proxy_flows.with_label_values(&[outcome]).inc();

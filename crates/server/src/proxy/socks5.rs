@@ -67,6 +67,13 @@ async fn negotiate(
     let mut buf = Vec::with_capacity(64);
     let greeting = match read_msg(stream, &mut buf, s5::parse_greeting).await? {
         Ok(g) => g,
+        // A greeting offering no method is well-formed enough to answer: none of them is acceptable.
+        Err(s5::Socks5Error::NoMethods) => {
+            stream
+                .write_all(&[s5::VERSION, s5::METHOD_UNACCEPTABLE])
+                .await?;
+            return Ok(None);
+        }
         Err(e) => anyhow::bail!("bad SOCKS5 greeting: {e}"),
     };
     let client = peer.ip().to_canonical();
