@@ -114,7 +114,7 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub common: CommonArgs,
     /// Address for the API and dashboard. Default 127.0.0.1:8080.
-    #[arg(long, env = "PROXYFLEET_LISTEN")]
+    #[arg(long, env = "PROXYFLEET_LISTEN", value_name = "IP:PORT")]
     pub listen: Option<SocketAddr>,
     /// Redis address (host:port or redis:// URL). Also read from `REDIS_ADDR`. Unset: no Redis.
     #[arg(long, env = "PROXYFLEET_REDIS_ADDR", hide_env_values = true)]
@@ -144,7 +144,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PROXYFLEET_LOG_LEVEL")]
     pub log_level: Option<String>,
     /// UDP address for device tunnels (QUIC). Unset: no device can connect.
-    #[arg(long, env = "PROXYFLEET_TUNNEL_LISTEN")]
+    #[arg(long, env = "PROXYFLEET_TUNNEL_LISTEN", value_name = "IP:PORT")]
     pub tunnel_listen: Option<SocketAddr>,
     /// Serve QUIC on the tunnel port (UDP). Default true; the TLS-over-TCP fallback on the same port number is
     /// always served.
@@ -157,10 +157,10 @@ pub struct ServeArgs {
     #[arg(long, env = "PROXYFLEET_PAIRING_TTL_SECS")]
     pub pairing_ttl_secs: Option<u64>,
     /// Address of the shared HTTP proxy port (for example 0.0.0.0:3128). Unset: no HTTP proxy door.
-    #[arg(long, env = "PROXYFLEET_HTTP_PROXY_LISTEN")]
+    #[arg(long, env = "PROXYFLEET_HTTP_PROXY_LISTEN", value_name = "IP:PORT")]
     pub http_proxy_listen: Option<SocketAddr>,
     /// Address of the shared SOCKS5 port (for example 0.0.0.0:1080). Unset: no SOCKS5 door.
-    #[arg(long, env = "PROXYFLEET_SOCKS5_LISTEN")]
+    #[arg(long, env = "PROXYFLEET_SOCKS5_LISTEN", value_name = "IP:PORT")]
     pub socks5_listen: Option<SocketAddr>,
     /// Ports operators may give connections as their own, START-END (for example 20000-20999). Unset: none.
     #[arg(long, env = "PROXYFLEET_PROXY_DEDICATED_PORTS")]
@@ -194,7 +194,7 @@ pub struct ServeArgs {
     pub shutdown_timeout_secs: Option<u64>,
     /// Address of the OpenVPN door (for example 0.0.0.0:1194). Unset: no OpenVPN door. Needs root
     /// (CAP_NET_ADMIN) and the `openvpn` and `nft` programs.
-    #[arg(long, env = "PROXYFLEET_OPENVPN_LISTEN")]
+    #[arg(long, env = "PROXYFLEET_OPENVPN_LISTEN", value_name = "IP:PORT")]
     pub openvpn_listen: Option<SocketAddr>,
     /// OpenVPN transport: udp or tcp. Default udp.
     #[arg(long, env = "PROXYFLEET_OPENVPN_PROTO")]

@@ -98,12 +98,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         eprintln!("skipped {bad}");
                     }
                     println!(
-                        "imported {} connection(s); {} already present; {} bad row(s) skipped. \
-                         Run `proxyfleet migrate-passwords` (or start the server) to hash their passwords.",
+                        "imported {} connection(s); {} already present; {} bad row(s) skipped.",
                         r.counts.created,
                         r.counts.already_present,
                         r.skipped.len()
                     );
+                    if r.counts.created > 0 {
+                        println!("Run `proxyfleet migrate-passwords` (or start the server) to hash their passwords.");
+                    }
                     Ok(())
                 }
                 Err(proxyfleet::legacy::ImportError::BadRows(rows)) => {
@@ -159,7 +161,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("hashed credentials:    {hashed}");
             println!("rows without any credential: {neither}");
             if plain > 0 {
-                anyhow::bail!("{plain} connection(s) still have a plaintext password: run `proxyfleet migrate-passwords`");
+                anyhow::bail!(
+                    "{plain} connection(s) still have a plaintext password: run `proxyfleet migrate-passwords`; \
+                     a row it reports as failed (a password over 71 bytes) needs regenerate-password"
+                );
             }
             Ok(())
         }

@@ -247,7 +247,13 @@ pub async fn run(
         match detector.scan().await {
             Ok(r) => {
                 if r != ScanReport::default() {
-                    tracing::info!(?r, "device alert transitions");
+                    tracing::info!(
+                        offline = r.offline_alerts,
+                        suppressed = r.suppressed,
+                        recovered = r.recovered,
+                        deferred = r.deferred,
+                        "device alert transitions"
+                    );
                     events.notify_one();
                 }
             }

@@ -123,6 +123,9 @@ impl Redis {
         }
         let this = self.clone();
         tokio::spawn(async move {
+            // The first failed attempt of an outage is a warning (a mistyped address shows at startup); the
+            // retries every few seconds after it are debug lines.
+            let mut warned = false;
             loop {
                 if this.inner.cancel.is_cancelled() {
                     break;
@@ -140,6 +143,10 @@ impl Redis {
                         this.inner.up_gauge.set(1);
                         tracing::info!("redis is reachable; using it for sessions and rate limits");
                         return;
+                    }
+                    Err(e) if !warned => {
+                        warned = true;
+                        tracing::warn!(error = %e, "redis is unreachable; sessions and rate limits use SQL and memory until it is");
                     }
                     Err(e) => tracing::debug!(error = %e, "redis still unreachable"),
                 }

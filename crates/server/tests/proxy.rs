@@ -1762,6 +1762,24 @@ async fn dedicated_port_with_allow_list() {
         .create(json!({"name": "own", "device_id": rig.device, "dedicated_port": port, "allow_cidrs": ["127.0.0.0/8"]}))
         .await;
     assert_eq!(c["dedicated_proxy"], format!("127.0.0.1:{port}"));
+    // The connection's dashboard page shows its own port and who needs no login there.
+    let page = reqwest::Client::new()
+        .get(
+            rig.s
+                .url(&format!("/connections/{}", c["id"].as_str().unwrap())),
+        )
+        .header("cookie", format!("pf_session={}", rig.token))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(&format!("id=\"conn-dedicated\">127.0.0.1:{port}"))
+            && page.contains("id=\"conn-allow\">127.0.0.0/8"),
+        "{page}"
+    );
     let r = rig
         .s
         .post(

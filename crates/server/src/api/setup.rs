@@ -143,8 +143,9 @@ const SETUP_PAGE: &str = r#"<!doctype html>
 label{display:block;margin-top:1rem;font-weight:600}input{width:100%;padding:.5rem;font-size:1rem;box-sizing:border-box}
 button{margin-top:1.5rem;padding:.6rem 1.2rem;font-size:1rem}#msg{margin-top:1rem}.err{color:#a00000}.ok{color:#05620a}</style>
 </head><body><h1>Create the first operator</h1>
-<p>This account becomes the administrator. Choose your own password: at least 8 characters with an uppercase
-letter, a lowercase letter, a digit and a special character, not a common password.</p>
+<p>This account becomes the administrator. Choose your own password: at least 8 characters and at most 71 bytes,
+with an uppercase letter, a lowercase letter, a digit and a special character (unless the server runs with
+password_composition_rule = false), not a common password and not containing the username.</p>
 <form id="f"><label for="token">Setup token</label><input id="token" name="token" required autocomplete="off">
 <label for="username">Username</label><input id="username" name="username" required minlength="3" pattern="[A-Za-z0-9_]+" autocomplete="username">
 <label for="password">Password</label><input id="password" name="password" type="password" required minlength="8" autocomplete="new-password">

@@ -185,6 +185,13 @@ async fn render_detail(
             dl.facts {
                 dt { "HTTP proxy" } dd { (addr("http_proxy").unwrap_or_else(|| "off".into())) }
                 dt { "SOCKS5 proxy" } dd { (addr("socks5_proxy").unwrap_or_else(|| "off".into())) }
+                @if let Some(own) = addr("dedicated_proxy") {
+                    dt { "Own port" } dd id="conn-dedicated" { (own) span.hint { " HTTP and SOCKS5" } }
+                }
+                @let allow: Vec<&str> = c["allow_cidrs"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
+                @if !allow.is_empty() {
+                    dt { "No login from" } dd id="conn-allow" { (allow.join(", ")) span.hint { " on the own port (set through the API)" } }
+                }
                 dt { "OpenVPN" } dd {
                     @match c["openvpn"]["remote"].as_str() {
                         Some(remote) => {

@@ -111,6 +111,7 @@ pub fn shell(title: &str, csrf: Option<&str>, body: Markup) -> Markup {
                 @if let Some(t) = csrf { meta name="csrf-token" content=(t); }
                 title { (title) " — proxyfleet" }
                 link rel="stylesheet" href="/dashboard/app.css";
+                link rel="icon" type="image/svg+xml" href="/dashboard/icon.svg";
                 script src="/dashboard/app.js" defer {}
             }
             body { (body) }

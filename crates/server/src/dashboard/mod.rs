@@ -95,6 +95,7 @@ pub fn router(app: AppState, api: Router) -> Router {
         .route("/dashboard/events", get(events::stream))
         .route("/dashboard/app.js", get(assets::script))
         .route("/dashboard/app.css", get(assets::style))
+        .route("/dashboard/icon.svg", get(assets::icon))
         .layer(axum::middleware::map_response(harden))
         .with_state(st)
 }

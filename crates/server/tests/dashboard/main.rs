@@ -442,6 +442,11 @@ async fn measure(c: &Client, s: &TestServer) {
         .await
         .unwrap()
         .len();
+    // The tab icon the pages link is served (no 404 for a missing favicon on every page).
+    let icon = get("/dashboard/icon.svg").await.unwrap();
+    assert_eq!(icon.status(), 200);
+    assert_eq!(icon.headers()["content-type"], "image/svg+xml");
+    assert!(icon.text().await.unwrap().starts_with("<svg"));
     let html = usize::try_from(t["html_bytes"].as_u64().unwrap()).unwrap();
     println!(
         "connections page: HTML {html} B + CSS {css} B + JS {js} B = {} B; {t}",
