@@ -67,7 +67,7 @@ async fn render(
             @if deliveries.is_empty() { p { "No deliveries yet." } }
             @else {
                 div.scroll { table {
-                    thead { tr { th { "Time (UTC)" } th { "Event" } th { "State" } th { "HTTP" } th { "Latency" } th {} } }
+                    thead { tr { th { "Time (UTC)" } th { "Event" } th { "Attempt" } th { "HTTP" } th { "Latency" } th {} } }
                     tbody { @for a in deliveries { (delivery(op, a)) } }
                 } }
             }
@@ -82,9 +82,15 @@ fn delivery(op: &Op, a: &Value) -> maud::Markup {
         tr {
             td.nowrap { (short_time(a["attempted_at"].as_str().unwrap_or(""))) }
             td { code { (a["event_type"].as_str().unwrap_or("")) } }
+            // This attempt's own result (any 2xx is success), then the event's state after all its attempts.
             td {
-                span.badge { (a["event_status"].as_str().unwrap_or("")) }
+                @if a["status_code"].as_i64().is_some_and(|c| (200..300).contains(&c)) {
+                    span.badge { "accepted" }
+                } @else {
+                    span.badge { "failed" }
+                }
                 @if let Some(e) = a["error"].as_str() { br; span.err { (e) } }
+                br; span.hint.event-state { "event " (a["event_status"].as_str().unwrap_or("")) }
             }
             td { (a["status_code"].as_i64().map_or_else(|| "—".to_owned(), |c| c.to_string())) }
             td { (a["latency_ms"].as_i64().unwrap_or(0)) " ms" }
