@@ -13,6 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::conn::{BoxRead, BoxWrite};
 use crate::policy::TargetPolicy;
 
+/// After the server stopped reading a flow, how long its already-sent upload may take to reach the target.
+const UP_GRACE: Duration = Duration::from_secs(2);
 /// Every header read must finish within this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connecting to a target (DNS + TCP) must finish within this.
@@ -77,7 +79,25 @@ pub async fn serve_flow(
         copy(&mut tr, &mut send).await?;
         send.shutdown().await
     };
-    let _ = tokio::try_join!(up, down);
+    tokio::pin!(up, down);
+    tokio::select! {
+        r = &mut up => {
+            // The customer's side ended: cleanly (half-close), the answer may still be coming; on an error the
+            // flow is over.
+            if r.is_ok() {
+                let _ = down.await;
+            }
+        }
+        r = &mut down => {
+            if r.is_ok() {
+                let _ = up.await;
+            } else {
+                // The server stopped taking the answer (the flow was cut off or closed). What it already sent
+                // up was counted: deliver it to the target, within a grace, before the flow ends.
+                let _ = tokio::time::timeout(UP_GRACE, up).await;
+            }
+        }
+    }
     Ok(())
 }
 

@@ -428,7 +428,14 @@ impl ServeConfig {
             public_url: public_url.trim_end_matches('/').to_owned(),
             log_format: raw.log_format.unwrap_or_default(),
             log_level: log_filter(raw.log_level.unwrap_or_else(|| "info".to_owned()))?,
-            shutdown_timeout: Duration::from_secs(raw.shutdown_timeout_secs.unwrap_or(10)),
+            // At least the 2 s a stopping flow has to write what it already counted, and its goodbye.
+            shutdown_timeout: Duration::from_secs(secs_in(
+                "shutdown_timeout_secs",
+                raw.shutdown_timeout_secs,
+                10,
+                3,
+                3600,
+            )?),
             tunnel_listen: raw.tunnel_listen,
             tunnel_quic: raw.tunnel_quic.unwrap_or(true),
             tunnel_heartbeat: Duration::from_secs(secs_in(

@@ -813,8 +813,10 @@ async fn one_mib_limit_across_eight_flows_is_exact_then_reset_restores() {
 }
 
 /// A target that reads and counts everything it is sent, over all its connections; the second value counts the
-/// connections that have ended (EOF or error).
-async fn sink_target() -> (
+/// connections that have ended (EOF or error). With `talk` it also sends without pause while it reads.
+async fn sink_target(
+    talk: bool,
+) -> (
     SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -827,17 +829,26 @@ async fn sink_target() -> (
     let (got2, ended2) = (got.clone(), ended.clone());
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else {
+            let Ok((s, _)) = l.accept().await else {
                 return;
             };
             let (got, ended) = (got2.clone(), ended2.clone());
             tokio::spawn(async move {
+                let (mut s, w) = s.into_split();
+                // It talks once the customer has started to upload (so that every flow is open by then).
+                let mut w = talk.then_some(w);
                 let mut b = vec![0u8; 64 * 1024];
                 while let Ok(n) = s.read(&mut b).await {
                     if n == 0 {
                         break;
                     }
                     got.fetch_add(n, Ordering::SeqCst);
+                    if let Some(mut w) = w.take() {
+                        tokio::spawn(async move {
+                            let chunk = pattern(16 * 1024);
+                            while w.write_all(&chunk).await.is_ok() {}
+                        });
+                    }
                 }
                 ended.fetch_add(1, Ordering::SeqCst);
             });
@@ -846,8 +857,10 @@ async fn sink_target() -> (
     (addr, got, ended)
 }
 
-/// Concurrent uploads at the cut-off: the target receives exactly what the connection is charged, the limit (bytes
-/// already counted are delivered, whichever flow's chunk crossed the limit).
+/// Concurrent uploads at the cut-off: what the connection is charged, the limit, is exactly what reached the other
+/// side (bytes already counted are delivered, whichever flow's chunk crossed the limit). The last rounds' target
+/// also talks back while it reads, so the answer's direction is cut off too: upload received by the target plus
+/// download received by the customers is the limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_racing_for_the_limit_deliver_what_is_charged() {
     use std::sync::atomic::Ordering;
@@ -855,10 +868,13 @@ async fn uploads_racing_for_the_limit_deliver_what_is_charged() {
         return;
     };
     const FLOWS: usize = 4;
-    for round in 0..3 {
-        let (sink, got, ended) = sink_target().await;
+    for round in 0..5 {
+        let talk = round >= 3;
+        // Long enough, when both directions move, for the answer to be under way at the cut-off.
+        let limit = if talk { 24 * MIB } else { 3 * MIB };
+        let (sink, got, ended) = sink_target(talk).await;
         let c = rig
-            .create(json!({"name": format!("uploads-{round}"), "device_id": rig.device, "bandwidth_limit_bytes": 3 * MIB}))
+            .create(json!({"name": format!("uploads-{round}"), "device_id": rig.device, "bandwidth_limit_bytes": limit}))
             .await;
         let (user, pass) = creds(&c);
         let id = c["id"].as_str().unwrap().to_owned();
@@ -872,12 +888,17 @@ async fn uploads_racing_for_the_limit_deliver_what_is_charged() {
             );
         }
         let mut tasks = Vec::new();
-        for mut f in flows {
+        let mut readers = Vec::new();
+        for f in flows {
+            let (mut r, mut w) = tokio::io::split(f);
+            readers.push(tokio::spawn(async move {
+                drain(&mut r, Duration::from_secs(30)).await
+            }));
             tasks.push(tokio::spawn(async move {
                 let chunk = pattern(256 * 1024);
                 // Write until the proxy closes the flow.
                 tokio::time::timeout(Duration::from_secs(30), async {
-                    while f.write_all(&chunk).await.is_ok() {}
+                    while w.write_all(&chunk).await.is_ok() {}
                 })
                 .await
                 .expect("the upload was cut off");
@@ -886,6 +907,15 @@ async fn uploads_racing_for_the_limit_deliver_what_is_charged() {
         for t in tasks {
             t.await.unwrap();
         }
+        let mut down = 0;
+        for r in readers {
+            down += r.await.unwrap();
+        }
+        assert_eq!(
+            down > 0,
+            talk,
+            "round {round}: the answer direction carried data"
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         while ended.load(Ordering::SeqCst) < FLOWS {
             assert!(
@@ -895,11 +925,11 @@ async fn uploads_racing_for_the_limit_deliver_what_is_charged() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let v = rig.connection(&id).await;
-        assert_eq!(v["used_bytes"].as_u64(), Some(3 * MIB as u64));
+        assert_eq!(v["used_bytes"].as_u64(), Some(limit as u64));
         assert_eq!(
-            got.load(Ordering::SeqCst),
-            3 * MIB,
-            "round {round}: the target got what was charged"
+            got.load(Ordering::SeqCst) + down,
+            limit,
+            "round {round}: the target and the customers got what was charged"
         );
     }
 }

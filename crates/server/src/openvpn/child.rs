@@ -62,7 +62,7 @@ pub fn client_ipv6(v4: std::net::Ipv4Addr) -> String {
 }
 
 /// The OpenVPN server configuration.
-pub fn server_config(s: &OpenVpnSettings, keys: &Keys, paths: &Paths) -> String {
+pub fn server_config(s: &OpenVpnSettings, keys: &Keys, paths: &Paths, ipv6: bool) -> String {
     let net = s.subnet.network();
     let mask = s.subnet.netmask();
     let ka = s.keepalive.as_secs();
@@ -94,8 +94,7 @@ pub fn server_config(s: &OpenVpnSettings, keys: &Keys, paths: &Paths) -> String 
          tls-crypt {tc}\n\
          tls-version-min 1.2\n\
          data-ciphers AES-256-GCM:AES-128-GCM:CHACHA20-POLY1305\n\
-         ifconfig-ipv6 {SERVER_IPV6}/64 {SERVER_IPV6}\n\
-         push \"redirect-gateway def1 ipv6\"\n\
+         {v6}\
          push \"block-ipv6\"\n\
          push \"dhcp-option DNS {dns}\"\n\
          keepalive {ka} {restart}\n\
@@ -113,6 +112,11 @@ pub fn server_config(s: &OpenVpnSettings, keys: &Keys, paths: &Paths) -> String 
         tc = keys.tls_crypt_path().display(),
         dns = s.dns,
         restart = ka * 3,
+        v6 = if ipv6 {
+            format!("ifconfig-ipv6 {SERVER_IPV6}/64 {SERVER_IPV6}\npush \"redirect-gateway def1 ipv6\"\n")
+        } else {
+            "push \"redirect-gateway def1\"\n".to_owned()
+        },
     );
     if s.proto == "udp" {
         c.push_str("explicit-exit-notify 1\n");

@@ -31,6 +31,8 @@ pub struct Manager {
     pub sessions: Arc<Sessions>,
     pub socket: PathBuf,
     pub netmask: Ipv4Addr,
+    /// Whether the door routes clients' IPv6 into the tunnel (to refuse it there); off where the host has no IPv6.
+    pub ipv6: bool,
     /// Cancelled by [`Manager::reconnect`] to drop the current socket connection (tests and operators' tooling).
     pub drop_socket: std::sync::Mutex<CancellationToken>,
     /// The live connection's command queue, for kills decided outside its loop.
@@ -232,18 +234,7 @@ async fn authorize(m: &Arc<Manager>, kind: ClientKind, cid: u64, kid: u64, env: 
             }
             watch(m, &entry, cid, ended);
             tracing::info!(connection = %entry.id, cid, %ip, "VPN login accepted");
-            cmd.push_str(&mgmt::client_auth(
-                cid,
-                kid,
-                &[
-                    format!("ifconfig-push {ip} {}", m.netmask),
-                    format!(
-                        "ifconfig-ipv6-push {} {}",
-                        super::child::client_ipv6(ip),
-                        super::child::SERVER_IPV6
-                    ),
-                ],
-            ));
+            cmd.push_str(&mgmt::client_auth(cid, kid, &client_config(m, ip)));
             cmd
         }
         Err(reason) => {
@@ -283,6 +274,19 @@ async fn admit(
             Err("server busy; try again")
         }
     }
+}
+
+/// The per-client lines of an admitted login: its IPv4 address and, when the door routes IPv6, its IPv6 one.
+fn client_config(m: &Manager, ip: Ipv4Addr) -> Vec<String> {
+    let mut lines = vec![format!("ifconfig-push {ip} {}", m.netmask)];
+    if m.ipv6 {
+        lines.push(format!(
+            "ifconfig-ipv6-push {} {}",
+            super::child::client_ipv6(ip),
+            super::child::SERVER_IPV6
+        ));
+    }
+    lines
 }
 
 /// Whether the connection's device is connected now (and still the operator's).

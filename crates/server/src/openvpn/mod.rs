@@ -147,7 +147,13 @@ pub async fn start(
         net::teardown().await;
         return off(format!("cannot route into {}: {e}", net::STACK_DEV));
     }
-    let conf = child::server_config(settings, &keys, &paths);
+    // OpenVPN exits when it cannot put an IPv6 address on its tun: where this host has IPv6 off, the door runs
+    // without the IPv6 lines (there is then no IPv6 of the server's to leak to either).
+    let ipv6 = net::enable_ipv6();
+    if !ipv6 {
+        tracing::warn!("IPv6 is off on this host: VPN clients' IPv6 is not routed into the tunnel (block-ipv6 needs it)");
+    }
+    let conf = child::server_config(settings, &keys, &paths, ipv6);
     let _ = std::fs::remove_file(&paths.config);
     crate::pki::write(&paths.config, &conf, 0o600).context("writing the OpenVPN config")?;
 
@@ -156,6 +162,7 @@ pub async fn start(
         sessions: sessions.clone(),
         socket: paths.mgmt.clone(),
         netmask: settings.subnet.netmask(),
+        ipv6,
         drop_socket: std::sync::Mutex::new(CancellationToken::new()),
         kills: std::sync::Mutex::new(None),
     });

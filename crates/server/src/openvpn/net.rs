@@ -106,6 +106,21 @@ fn ruleset(tproxy_port: u16, gateway: std::net::Ipv4Addr) -> String {
     )
 }
 
+/// Make sure OpenVPN's tun may carry IPv6 (a host whose new interfaces start with IPv6 off would make OpenVPN
+/// exit when it adds the tun's IPv6 address). False when the host has IPv6 off altogether.
+pub fn enable_ipv6() -> bool {
+    let all = std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6");
+    if all.map(|v| v.trim() != "0").unwrap_or(true) {
+        return false;
+    }
+    let dev = format!("/proc/sys/net/ipv6/conf/{VPN_DEV}/disable_ipv6");
+    match std::fs::read_to_string(&dev) {
+        Ok(v) if v.trim() == "0" => true,
+        Ok(_) => std::fs::write(&dev, "0").is_ok(),
+        Err(_) => false,
+    }
+}
+
 /// Create OpenVPN's tun device (so that forwarding can be switched on for it before OpenVPN starts, and so that it
 /// outlives OpenVPN restarts) and the rules that send its packets to proxyfleet only.
 pub async fn setup(tproxy_port: u16, gateway: std::net::Ipv4Addr) -> Result<(), NetError> {

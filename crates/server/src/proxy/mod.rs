@@ -70,6 +70,8 @@ pub enum OpenFailure {
     /// The device's agent predates this kind of flow (it did not announce the capability): update the agent.
     Unsupported,
     Flow(FlowError),
+    /// The server is stopping (a restart): try again in a moment.
+    ShuttingDown,
 }
 
 impl OpenFailure {
@@ -77,6 +79,7 @@ impl OpenFailure {
     pub fn http(&self) -> (u16, &'static str) {
         match self {
             OpenFailure::Refused(r) => (403, r.reason()),
+            OpenFailure::ShuttingDown => (503, "proxy restarting; try again"),
             OpenFailure::DeviceOffline | OpenFailure::Flow(FlowError::Offline) => {
                 (502, "device offline")
             }
@@ -99,6 +102,7 @@ impl OpenFailure {
         use proxyfleet_proto::socks5::Reply;
         match self {
             OpenFailure::Refused(_) => Reply::NotAllowedByRuleset,
+            OpenFailure::ShuttingDown => Reply::GeneralFailure,
             OpenFailure::DeviceOffline
             | OpenFailure::Flow(FlowError::Offline | FlowError::Tunnel(_)) => {
                 Reply::NetworkUnreachable
@@ -132,6 +136,7 @@ impl ProxyContext {
                 | OpenFailure::Flow(FlowError::Offline | FlowError::Tunnel(_)),
             ) => "device_offline",
             Err(OpenFailure::Unsupported) => "unsupported",
+            Err(OpenFailure::ShuttingDown) => "shutting_down",
             // The device's policy refused the target (a private address): the customer's doing, not a failure.
             Err(OpenFailure::Flow(FlowError::Target(OpenResult::NotAllowed))) => "not_allowed",
             Err(OpenFailure::Flow(_)) => "target_failed",
@@ -157,7 +162,13 @@ impl ProxyContext {
         }
         let (r, w) = tokio::select! {
             res = link::open_flow(&*live.link, target) => res.map_err(OpenFailure::Flow)?,
-            _ = adm.stop.cancelled() => return Err(OpenFailure::Refused(entry.admit().err().unwrap_or(Refusal::Disabled))),
+            _ = adm.stop.cancelled() => {
+                // Stopped while the device dialled: a restart is not a refusal of the connection.
+                if self.shutdown.is_cancelled() {
+                    return Err(OpenFailure::ShuttingDown);
+                }
+                return Err(OpenFailure::Refused(entry.admit().err().unwrap_or(Refusal::Disabled)));
+            }
         };
         Ok((
             Flow {

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::directory::{Dir, Directory, Entry};
 
 /// After a flow is told to stop, how long a write of already-counted bytes may still take.
-const WRITE_GRACE: Duration = Duration::from_secs(2);
+pub(super) const WRITE_GRACE: Duration = Duration::from_secs(2);
 
 /// An admitted flow: whose meter it charges, through which device, and what stops it.
 pub struct Flow {

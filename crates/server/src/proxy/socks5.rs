@@ -246,7 +246,13 @@ async fn udp_associate(
                     continue;
                 }
                 let d = UdpDatagram { host: pkt.host, port: pkt.port, payload: pkt.payload.to_vec() };
-                if to_dev.send(d).await.is_err() {
+                // A tunnel that takes nothing (its window full, its session gone) must not hold a stopped
+                // association, or the server's shutdown, for longer than a counted write may take.
+                let sent = tokio::select! {
+                    r = to_dev.send(d) => r.is_ok(),
+                    _ = async { flow.stop.cancelled().await; tokio::time::sleep(super::relay::WRITE_GRACE).await } => false,
+                };
+                if !sent {
                     break;
                 }
             }

@@ -27,6 +27,9 @@ use tokio_util::sync::CancellationToken;
 use crate::common::{skip, Db, Opts, TestServer, ADMIN_PASSWORD};
 use proxyfleet::store::Role;
 
+/// What the README tells customers whose machine has IPv6 switched off to add to their profile.
+pub const IPV6_OFF_LINES: &str =
+    "pull-filter ignore \"ifconfig-ipv6\"\npull-filter ignore \"route-ipv6\"\n";
 pub const SERVER_CUST: Ipv4Addr = Ipv4Addr::new(10, 201, 1, 1);
 pub const CUST: Ipv4Addr = Ipv4Addr::new(10, 201, 1, 2);
 pub const SERVER_DEV: Ipv4Addr = Ipv4Addr::new(10, 201, 2, 1);
