@@ -67,6 +67,20 @@ impl Serve {
         panic!("server never announced its address: {:?}", self.seen_err);
     }
 
+    /// Wait until standard output has shown `needle` (what is printed once the server is up may come just after
+    /// it announced its address).
+    fn wait_out(&mut self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.seen_out.iter().any(|l| l.contains(needle)) {
+            assert!(
+                Instant::now() < deadline,
+                "never printed {needle:?}: {:?}",
+                self.seen_out
+            );
+            self.drain();
+        }
+    }
+
     fn drain(&mut self) {
         while let Ok(l) = self.stdout.recv_timeout(Duration::from_millis(200)) {
             self.seen_out.push(l);
@@ -168,6 +182,7 @@ fn first_run_prints_a_setup_link_generates_secrets_and_stops_on_sigterm() {
         "SQLite is the default store, private"
     );
 
+    s.wait_out("operator create");
     let status = s.terminate();
     assert!(status.success(), "graceful exit on SIGTERM: {status}");
     let out = s.seen_out.join("\n");
@@ -205,6 +220,7 @@ fn first_run_prints_a_setup_link_generates_secrets_and_stops_on_sigterm() {
             .env("PROXYFLEET_DATABASE_URL", &url),
     );
     again.addr();
+    again.wait_out("operator create");
     again.terminate();
     assert_eq!(std::fs::read_to_string(&secret).unwrap(), before);
     let out = again.seen_out.join("\n");
