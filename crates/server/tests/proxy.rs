@@ -1678,12 +1678,11 @@ async fn a_device_that_goes_silent_on_the_tcp_fallback_fails_its_flows_within_a_
     silent_device(false, Duration::from_secs(55)).await;
 }
 
-async fn silent_device(quic: bool, limit: Duration) {
+/// A rig whose agent reaches the server through a [`Plug`], so that the test can make the device go silent.
+async fn plugged_rig(quic: bool) -> Option<(Rig, Plug)> {
     let mut o = opts();
     o.raw.tunnel_quic = Some(quic);
-    let Some(s) = TestServer::start(o).await else {
-        return;
-    };
+    let s = TestServer::start(o).await?;
     let token = s.admin_token().await;
     let (device, state) = common::enrolled_device(&s, &token, "phone").await;
     // The agent dials the server through the plug.
@@ -1701,6 +1700,55 @@ async fn silent_device(quic: bool, limit: Duration) {
         _state: state,
     };
     rig.wait_online(&rig.device).await;
+    Some((rig, plug))
+}
+
+/// A server stopping while a flow waits for its device answers that flow "restarting", not "disabled".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_waiting_for_its_device_at_shutdown_is_told_the_proxy_restarts() {
+    let Some((rig, plug)) = plugged_rig(true).await else {
+        return;
+    };
+    let c = rig
+        .create(json!({"name": "c", "device_id": rig.device}))
+        .await;
+    let (user, pass) = creds(&c);
+    let idle = stream_target(0).await;
+    // The device goes silent: it stays registered (for the idle timeout) but answers no new flow.
+    plug.pull();
+    let http = rig.http_addr();
+    let ask = tokio::spawn(async move {
+        let mut s = TcpStream::connect(http).await.unwrap();
+        let basic = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+        };
+        s.write_all(
+            format!("CONNECT {idle} HTTP/1.1\r\nProxy-Authorization: Basic {basic}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    });
+    // Let the request reach the device's (silent) link, then stop the server.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let Rig { s, agent, .. } = rig;
+    s.shutdown().await;
+    agent.cancel();
+    let answer = ask.await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 503") && answer.contains("restarting"),
+        "{answer:?}"
+    );
+}
+
+async fn silent_device(quic: bool, limit: Duration) {
+    let Some((rig, plug)) = plugged_rig(quic).await else {
+        return;
+    };
     let c = rig
         .create(json!({"name": "c", "device_id": rig.device}))
         .await;

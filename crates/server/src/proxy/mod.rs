@@ -161,7 +161,12 @@ impl ProxyContext {
             return Err(OpenFailure::Unsupported);
         }
         let (r, w) = tokio::select! {
-            res = link::open_flow(&*live.link, target) => res.map_err(OpenFailure::Flow)?,
+            // The tunnels close at shutdown too: a flow they fail then is told the proxy restarts.
+            res = link::open_flow(&*live.link, target) => res.map_err(|e| if self.shutdown.is_cancelled() {
+                OpenFailure::ShuttingDown
+            } else {
+                OpenFailure::Flow(e)
+            })?,
             _ = adm.stop.cancelled() => {
                 // Stopped while the device dialled: a restart is not a refusal of the connection.
                 if self.shutdown.is_cancelled() {
