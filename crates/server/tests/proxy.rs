@@ -114,6 +114,16 @@ impl Rig {
         r.json().await.unwrap()
     }
 
+    async fn revoke(&self, device: &str) -> reqwest::Response {
+        self.s
+            .post(
+                &format!("/api/v1.0/devices/{device}/revoke"),
+                &self.token,
+                json!({}),
+            )
+            .await
+    }
+
     async fn connection(&self, id: &str) -> Value {
         let r = self
             .s
@@ -980,14 +990,7 @@ async fn disable_delete_and_device_revocation_close_open_flows_at_once() {
     let mut f = socks_connect(rig.socks_addr(), idle_target, &user, &pass)
         .await
         .unwrap();
-    let r = rig
-        .s
-        .post(
-            &format!("/api/v1.0/devices/{}/revoke", rig.device),
-            &rig.token,
-            json!({}),
-        )
-        .await;
+    let r = rig.revoke(&rig.device).await;
     assert_eq!(r.status(), 200);
     drain(&mut f, Duration::from_secs(2)).await;
 }
@@ -1468,14 +1471,7 @@ async fn a_connection_keeps_its_revoked_device_when_edited_and_null_detaches_it(
     let path = format!("/api/v1.0/connections/{id}");
     let (second, _second_state) = common::enrolled_device(&rig.s, &rig.token, "second").await;
     let other = rig.create(json!({"name": "o", "device_id": second})).await;
-    let r = rig
-        .s
-        .post(
-            &format!("/api/v1.0/devices/{}/revoke", rig.device),
-            &rig.token,
-            json!({}),
-        )
-        .await;
+    let r = rig.revoke(&rig.device).await;
     assert!(r.status().is_success(), "{}", r.status());
     let r = rig
         .s

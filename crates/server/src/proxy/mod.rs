@@ -160,20 +160,15 @@ impl ProxyContext {
         if !target.supported_by(live.capabilities) {
             return Err(OpenFailure::Unsupported);
         }
-        let (r, w) = tokio::select! {
-            // The tunnels close at shutdown too: a flow they fail then is told the proxy restarts.
-            res = link::open_flow(&*live.link, target) => res.map_err(|e| if self.shutdown.is_cancelled() {
-                OpenFailure::ShuttingDown
-            } else {
-                OpenFailure::Flow(e)
-            })?,
-            _ = adm.stop.cancelled() => {
-                // Stopped while the device dialled: a restart is not a refusal of the connection.
-                if self.shutdown.is_cancelled() {
-                    return Err(OpenFailure::ShuttingDown);
-                }
-                return Err(OpenFailure::Refused(entry.admit().err().unwrap_or(Refusal::Disabled)));
-            }
+        let opened = tokio::select! {
+            res = link::open_flow(&*live.link, target) => res.map_err(OpenFailure::Flow),
+            _ = adm.stop.cancelled() => Err(OpenFailure::Refused(entry.admit().err().unwrap_or(Refusal::Disabled))),
+        };
+        let (r, w) = match opened {
+            // At shutdown the flows are stopped and the tunnels close: whichever came first, this is a restart,
+            // not a refusal of the connection or a device failure.
+            Err(_) if self.shutdown.is_cancelled() => return Err(OpenFailure::ShuttingDown),
+            other => other?,
         };
         Ok((
             Flow {

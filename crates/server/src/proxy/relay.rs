@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::directory::{Dir, Directory, Entry};
 
 /// After a flow is told to stop, how long a write of already-counted bytes may still take.
-pub(super) const WRITE_GRACE: Duration = Duration::from_secs(2);
+const WRITE_GRACE: Duration = Duration::from_secs(2);
 
 /// An admitted flow: whose meter it charges, through which device, and what stops it.
 pub struct Flow {
@@ -79,9 +79,20 @@ async fn write_counted<W: AsyncWrite + Unpin>(
     w: &mut W,
     bytes: &[u8],
 ) -> std::io::Result<bool> {
+    within_grace(stop, w.write_all(bytes))
+        .await
+        .map_or(Ok(false), |r| r.map(|()| true))
+}
+
+/// Run `step` (delivering something already counted) to its end, unless `stop` has been cancelled for longer
+/// than [`WRITE_GRACE`]: then `None`.
+pub(super) async fn within_grace<F: std::future::Future>(
+    stop: &CancellationToken,
+    step: F,
+) -> Option<F::Output> {
     tokio::select! {
-        r = w.write_all(bytes) => r.map(|()| true),
-        _ = async { stop.cancelled().await; tokio::time::sleep(WRITE_GRACE).await } => Ok(false),
+        r = step => Some(r),
+        _ = async { stop.cancelled().await; tokio::time::sleep(WRITE_GRACE).await } => None,
     }
 }
 

@@ -248,11 +248,8 @@ async fn udp_associate(
                 let d = UdpDatagram { host: pkt.host, port: pkt.port, payload: pkt.payload.to_vec() };
                 // A tunnel that takes nothing (its window full, its session gone) must not hold a stopped
                 // association, or the server's shutdown, for longer than a counted write may take.
-                let sent = tokio::select! {
-                    r = to_dev.send(d) => r.is_ok(),
-                    _ = async { flow.stop.cancelled().await; tokio::time::sleep(super::relay::WRITE_GRACE).await } => false,
-                };
-                if !sent {
+                let sent = super::relay::within_grace(&flow.stop, to_dev.send(d)).await;
+                if !matches!(sent, Some(Ok(()))) {
                     break;
                 }
             }
