@@ -69,14 +69,31 @@ pub async fn serve_flow(
     let _ = tcp.set_nodelay(true);
     send.write_all(&[OpenResult::Ok as u8]).await?;
     let (mut tr, mut tw) = tcp.into_split();
+    relay(&mut recv, &mut send, &mut tr, &mut tw).await;
+    // What was sent up must reach the target before the socket closes: closing it with the target's answer
+    // unread would reset the connection and drop the upload's end (counted and paid for). The answer is left
+    // unread: fetching it over the device's link would cost data nobody uses.
+    if let Ok(tcp) = tr.reunite(tw) {
+        proxyfleet_proto::io::close_delivered(&tcp, UP_GRACE, false).await;
+    }
+    Ok(())
+}
+
+/// Copy a flow both ways until both directions end, or the answer's fails (the server stopped taking it).
+async fn relay(
+    recv: &mut BoxRead,
+    send: &mut BoxWrite,
+    tr: &mut tokio::net::tcp::OwnedReadHalf,
+    tw: &mut tokio::net::tcp::OwnedWriteHalf,
+) {
     // 8 KiB per direction while the flow is idle or interactive, growing to 64 KiB (fewer, larger writes into the
     // tunnel and the socket) while it moves bulk data.
     let up = async {
-        copy(&mut recv, &mut tw).await?;
+        copy(recv, tw).await?;
         tw.shutdown().await
     };
     let down = async {
-        copy(&mut tr, &mut send).await?;
+        copy(tr, send).await?;
         send.shutdown().await
     };
     tokio::pin!(up, down);
@@ -98,7 +115,6 @@ pub async fn serve_flow(
             }
         }
     }
-    Ok(())
 }
 
 /// Answer `result` (not `Ok`) and end the stream.

@@ -1,9 +1,11 @@
-//! Byte-stream helpers for relaying: the copy buffer every flow direction uses ([`CopyBuf`], [`copy`]) and the
-//! read-ahead under the tunnel's TLS-over-TCP fallback ([`ReadAhead`]).
+//! Byte-stream helpers for relaying: the copy buffer every flow direction uses ([`CopyBuf`], [`copy`]), the
+//! read-ahead under the tunnel's TLS-over-TCP fallback ([`ReadAhead`]) and the close that keeps a flow's last
+//! bytes ([`close_delivered`]).
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -76,6 +78,53 @@ where
         w.write_all(buf.data()).await?;
         total += n as u64;
     }
+}
+
+/// How often [`close_delivered`] looks at what the peer has acknowledged.
+const DELIVERY_POLL: Duration = Duration::from_millis(5);
+
+/// End a TCP connection without throwing away what was written to it.
+///
+/// Closing a socket that still holds unread input makes the kernel answer with a reset and drop the output it has
+/// not sent yet. So when a flow ends while its peer is still sending (an upload racing the cut-off, a target that
+/// keeps talking, a client that sent its next request), the last bytes written to it, counted and paid for,
+/// would never arrive. This half-closes (a FIN after the queued output), then waits, at most `grace`, until the
+/// peer has acknowledged everything or has closed its side too.
+///
+/// With `discard_input` it reads and drops what the peer sends meanwhile, so that the socket closes with nothing
+/// unread once the peer is done: a FIN, not a reset. Without, the peer's input stays unread (on a device, reading
+/// it would fetch bytes nobody pays for over the mobile link) and the close may be a reset, once everything was
+/// acknowledged. After `grace` the socket closes whatever the peer does.
+pub async fn close_delivered(s: &tokio::net::TcpStream, grace: Duration, discard_input: bool) {
+    let _ = socket2::SockRef::from(s).shutdown(std::net::Shutdown::Write);
+    let _ = tokio::time::timeout(grace, async {
+        let mut scratch = [0u8; 4096];
+        loop {
+            if discard_input {
+                loop {
+                    match s.try_read(&mut scratch) {
+                        // The peer closed too (nothing is left unread), or reset (nothing more can be delivered).
+                        Ok(0) => return,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(_) => return,
+                    }
+                }
+            }
+            if crate::net::unacked_bytes(s) == Some(0) {
+                return;
+            }
+            if discard_input {
+                tokio::select! {
+                    r = s.readable() => if r.is_err() { return },
+                    _ = tokio::time::sleep(DELIVERY_POLL) => {}
+                }
+            } else {
+                tokio::time::sleep(DELIVERY_POLL).await;
+            }
+        }
+    })
+    .await;
 }
 
 /// How much [`ReadAhead`] asks the socket for at once.
@@ -170,6 +219,67 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What fits in the sockets is written while the peer sends without reading; then the socket is closed. The
+    /// peer, reading only later, gets every byte and then the end of the stream — with `discard_input` (what the
+    /// peer sent is read and dropped) and without (the close waits for the acknowledgements). Dropping the socket
+    /// instead resets the connection and loses what was still queued.
+    #[tokio::test]
+    async fn a_close_delivers_what_was_queued_while_the_peer_is_still_sending() {
+        async fn run(close: Option<bool>) -> (usize, usize) {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let peer = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (ours, _) = l.accept().await.unwrap();
+            let (mut pr, mut pw) = peer.into_split();
+            // The peer keeps sending until the connection is gone.
+            let sending = tokio::spawn(async move {
+                let chunk = vec![7u8; 16 * 1024];
+                while pw.write_all(&chunk).await.is_ok() {}
+            });
+            // Let some of it arrive, unread.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let block = vec![1u8; 64 * 1024];
+            let mut sent = 0;
+            loop {
+                ours.writable().await.unwrap();
+                match ours.try_write(&block) {
+                    Ok(n) => sent += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            let closing = tokio::spawn(async move {
+                if let Some(discard) = close {
+                    close_delivered(&ours, Duration::from_secs(5), discard).await;
+                }
+                drop(ours);
+            });
+            // The peer starts reading only now.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut got = 0;
+            let mut b = vec![0u8; 64 * 1024];
+            while let Ok(n) = pr.read(&mut b).await {
+                if n == 0 {
+                    break;
+                }
+                got += n;
+            }
+            closing.await.unwrap();
+            sending.await.unwrap();
+            (sent, got)
+        }
+        for discard in [true, false] {
+            let (sent, got) = run(Some(discard)).await;
+            assert_eq!(got, sent, "discard_input = {discard}");
+        }
+        let (sent, got) = run(None).await;
+        assert!(
+            got < sent,
+            "a plain drop lost nothing: the test shows nothing"
+        );
+    }
 
     /// Reads that fill the buffer grow it to the most, one doubling each; reads that do not leave it as it is.
     #[tokio::test]

@@ -4,7 +4,8 @@
 //! Every frame is `u32` big-endian length + body. Lengths are checked against a maximum before anything is
 //! allocated, and every decoder rejects truncated input, unknown tags, over-long strings and trailing bytes with a
 //! [`DecodeError`] instead of panicking.
-// One unsafe call in all of proxyfleet: `net::tune_allocator` (glibc `mallopt`), allowed there alone.
+// Two unsafe calls in all of proxyfleet, each allowed in its function alone: `net::tune_allocator` (glibc
+// `mallopt`) and `net::unacked_bytes` (the `SIOCOUTQ` ioctl).
 #![deny(unsafe_code)]
 
 pub mod base32;

@@ -73,6 +73,25 @@ pub fn tune_allocator() {
     }
 }
 
+/// Bytes written to a TCP socket that its peer has not acknowledged yet, the FIN included (`SIOCOUTQ`); `None`
+/// where the platform cannot tell, or on an error.
+#[allow(unsafe_code)]
+pub fn unacked_bytes(s: &impl std::os::fd::AsRawFd) -> Option<u32> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let mut n: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (= TIOCOUTQ) on a socket descriptor writes one int through the pointer, which points
+        // at a live local; a descriptor that is not a TCP socket makes it fail with an error, not write.
+        let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+        (r == 0).then(|| u32::try_from(n).ok()).flatten()
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let _ = s;
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -944,6 +944,61 @@ async fn uploads_racing_for_the_limit_deliver_what_is_charged() {
     }
 }
 
+/// A flow cut off while its customer is still uploading and has not read the answer yet: the answer already
+/// charged still arrives. (Closing a socket with the customer's upload unread resets the connection, and the kernel
+/// drops what it had not sent yet: the customer paid for bytes it never got. The device's side, with the
+/// target's answer unread, the same for the upload.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_cut_off_mid_upload_still_delivers_the_answer_it_charged() {
+    use std::sync::atomic::Ordering;
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    let limit = 8 * MIB;
+    let (sink, got, ended) = sink_target(true).await;
+    let c = rig
+        .create(json!({"name": "cut-mid-upload", "device_id": rig.device, "bandwidth_limit_bytes": limit}))
+        .await;
+    let (user, pass) = creds(&c);
+    let id = c["id"].as_str().unwrap().to_owned();
+    let f = socks_connect(rig.socks_addr(), sink, &user, &pass)
+        .await
+        .unwrap();
+    let (mut r, mut w) = tokio::io::split(f);
+    let upload = tokio::spawn(async move {
+        let chunk = pattern(64 * 1024);
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while w.write_all(&chunk).await.is_ok() {}
+        })
+        .await
+        .expect("the upload was cut off");
+    });
+    // The answer piles up unread in the sockets while the upload runs into the limit.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while rig.connection(&id).await["state"] != "exhausted" {
+        assert!(Instant::now() < deadline, "the limit was never reached");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let down = drain(&mut r, Duration::from_secs(30)).await;
+    upload.await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ended.load(Ordering::SeqCst) < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the target's connection stays open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(down > 0, "the answer's direction carried data");
+    let v = rig.connection(&id).await;
+    assert_eq!(v["used_bytes"].as_u64(), Some(limit as u64));
+    assert_eq!(
+        got.load(Ordering::SeqCst) + down,
+        limit,
+        "the target and the customer got what was charged (answer {down} bytes)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disable_delete_and_device_revocation_close_open_flows_at_once() {
     let Some(rig) = Rig::start().await else {

@@ -10,8 +10,15 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// A byte pipe (TCP) or a datagram pipe (UDP: every read is one datagram, every write sends one).
-pub trait Pipe: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Pipe for T {}
+pub trait Pipe: AsyncRead + AsyncWrite + Send + Unpin {
+    /// The kernel socket under the pipe, when it is one (TCP handed over by TPROXY).
+    fn tcp(&self) -> Option<&tokio::net::TcpStream>;
+}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Pipe for T {
+    fn tcp(&self) -> Option<&tokio::net::TcpStream> {
+        (self as &dyn std::any::Any).downcast_ref()
+    }
+}
 
 /// One customer flow the engine terminated: `src` is the customer's VPN address, `dst` where they wanted to go.
 pub struct Terminated {
@@ -233,6 +240,18 @@ pub fn open_tun(name: &str) -> Result<tun::AsyncDevice, tun::Error> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_boxed_pipe_knows_whether_a_socket_is_under_it() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let tcp: Box<dyn Pipe> = Box::new(s);
+        assert!((*tcp).tcp().is_some());
+        let memory: Box<dyn Pipe> = Box::new(tokio::io::duplex(64).0);
+        assert!((*memory).tcp().is_none());
+    }
 
     fn udp_packet(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
         let b = etherparse::PacketBuilder::ipv4(src, dst, 64).udp(sport, dport);

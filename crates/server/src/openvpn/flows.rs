@@ -152,16 +152,20 @@ async fn tcp(
             return;
         }
     };
-    let (cr, cw) = tokio::io::split(t.pipe);
-    relay::relay(
+    let (cr, cw) = relay::relay(
         &ctx.dir,
         &flow,
-        (cr, cw),
+        tokio::io::split(t.pipe),
         (dr, dw),
         &[],
         RelayOptions::default(),
     )
     .await;
+    let pipe = cr.unsplit(cw);
+    // Through the box to the pipe inside (the box is a `Pipe` too, one that is no socket).
+    if let Some(s) = (*pipe).tcp() {
+        relay::close_customer(s).await;
+    }
 }
 
 async fn udp(

@@ -156,7 +156,8 @@ pub struct RelayOptions {
 }
 
 /// Relay a customer flow through its tunnel stream until both directions end, either fails, or the flow is
-/// stopped. `first_up` is customer data the front door already read past its handshake.
+/// stopped. `first_up` is customer data the front door already read past its handshake. The customer's side is
+/// handed back half-closed, for [`close_customer`].
 pub async fn relay<CR, CW, DR, DW>(
     dir: &Directory,
     flow: &Flow,
@@ -164,7 +165,8 @@ pub async fn relay<CR, CW, DR, DW>(
     (mut dr, mut dw): (DR, DW),
     first_up: &[u8],
     opts: RelayOptions,
-) where
+) -> (CR, CW)
+where
     CR: AsyncRead + Unpin,
     CW: AsyncWrite + Unpin,
     DR: AsyncRead + Unpin,
@@ -194,4 +196,12 @@ pub async fn relay<CR, CW, DR, DW>(
     }
     // Tell the customer the flow is over (FIN) before the sockets are dropped.
     let _ = tokio::time::timeout(Duration::from_millis(200), cw.shutdown()).await;
+    (cr, cw)
+}
+
+/// Close a customer's socket after a relay once what was written to it has arrived (within [`WRITE_GRACE`]),
+/// reading and dropping what the customer still sends: closing with its input unread would reset the connection
+/// and lose the end of what the customer was charged for ([`proxyfleet_proto::io::close_delivered`]).
+pub async fn close_customer(s: &tokio::net::TcpStream) {
+    proxyfleet_proto::io::close_delivered(s, WRITE_GRACE, true).await;
 }

@@ -11,7 +11,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::directory::{Dir, Entry};
-use super::relay::{relay, RelayOptions};
+use super::relay::{close_customer, relay, RelayOptions};
 use super::{AuthFailure, Door, OpenFailure, ProxyContext};
 
 const UNSPECIFIED: SocketAddr =
@@ -162,16 +162,18 @@ pub async fn serve(
                 Err(e) => return refuse(&mut stream, &e).await,
             };
             reply(&mut stream, Reply::Succeeded, UNSPECIFIED).await?;
-            let (cr, cw) = stream.into_split();
-            relay(
+            let (cr, cw) = relay(
                 &ctx.dir,
                 &flow,
-                (cr, cw),
+                stream.into_split(),
                 (dr, dw),
                 &n.rest,
                 RelayOptions::default(),
             )
             .await;
+            if let Ok(s) = cr.reunite(cw) {
+                close_customer(&s).await;
+            }
             Ok(())
         }
         Command::UdpAssociate => udp_associate(ctx, stream, peer, n).await,

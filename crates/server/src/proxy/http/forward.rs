@@ -38,6 +38,11 @@ pub struct OneRequest<R> {
 }
 
 impl<R> OneRequest<R> {
+    /// The client's socket, after the request.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+
     pub fn new(held: Vec<u8>, inner: R, length: BodyLength) -> Self {
         let body = match length {
             BodyLength::None => Body::Done { dropped: 0 },

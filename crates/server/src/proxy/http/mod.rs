@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::directory::Entry;
-use super::relay::{relay, RelayOptions};
+use super::relay::{close_customer, relay, RelayOptions};
 use super::{AuthFailure, Door, ProxyContext};
 
 mod forward;
@@ -170,7 +170,7 @@ pub async fn serve(
             let opts = RelayOptions {
                 end_with_target: true,
             };
-            relay(
+            let (up, cw) = relay(
                 &ctx.dir,
                 &flow,
                 (up, cw),
@@ -179,9 +179,15 @@ pub async fn serve(
                 opts,
             )
             .await;
+            if let Ok(s) = up.into_inner().reunite(cw) {
+                close_customer(&s).await;
+            }
             return Ok(());
         }
     };
-    relay(&ctx.dir, &flow, stream.into_split(), (dr, dw), &first, opts).await;
+    let (cr, cw) = relay(&ctx.dir, &flow, stream.into_split(), (dr, dw), &first, opts).await;
+    if let Ok(s) = cr.reunite(cw) {
+        close_customer(&s).await;
+    }
     Ok(())
 }
