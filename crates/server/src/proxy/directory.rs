@@ -4,7 +4,7 @@
 //! The store stays the truth for settings (the API writes there first, then here). Usage is the exception: it lives
 //! here and is flushed on an interval (see [`Directory::flush`]); a crash loses at most one interval.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -354,6 +354,9 @@ pub fn parse_cidrs(s: &str) -> Vec<IpNet> {
 struct Orphans {
     used: Vec<(String, i64)>,
     buckets: Vec<UsageBucket>,
+    /// Operators deleted while the server runs. Their history went with them, and an hourly row cannot be written
+    /// without its operator: one left in a flush would fail that flush and every one after it.
+    deleted_operators: HashSet<String>,
 }
 
 /// Why a credential check failed.
@@ -506,6 +509,8 @@ impl Directory {
             if let Ok(mut o) = self.orphans.lock() {
                 o.buckets.retain(|b| b.operator_id != operator_id);
                 o.used.retain(|(id, _)| !ids.contains(id));
+                // A flush under way may hold some of their usage still, and bring it back if it fails.
+                o.deleted_operators.insert(operator_id.to_owned());
             }
         }
         ids
@@ -700,13 +705,10 @@ impl Directory {
             .entries
             .read()
             .map_or_else(|_| Vec::new(), |m| m.values().cloned().collect());
-        let Orphans {
-            mut used,
-            mut buckets,
-        } = self
+        let (mut used, mut buckets) = self
             .orphans
             .lock()
-            .map(|mut o| std::mem::take(&mut *o))
+            .map(|mut o| (std::mem::take(&mut o.used), std::mem::take(&mut o.buckets)))
             .unwrap_or_default();
         let mut taken = Vec::new();
         for e in &entries {
@@ -726,8 +728,8 @@ impl Directory {
             for e in taken {
                 lock(&e.state).dirty = true;
             }
+            self.put_back(buckets);
             if let Ok(mut o) = self.orphans.lock() {
-                o.buckets.extend(buckets);
                 // Removed connections' totals (the live ones are re-marked dirty above).
                 o.used
                     .extend(used.into_iter().filter(|(id, _)| self.get(id).is_none()));
@@ -735,6 +737,22 @@ impl Directory {
             return Err(err);
         }
         Ok(())
+    }
+}
+
+impl Directory {
+    /// Hourly usage a failed flush did not write, kept for the next one; except an operator's deleted meanwhile:
+    /// their rows would fail every flush from then on.
+    fn put_back(&self, buckets: Vec<UsageBucket>) {
+        if let Ok(mut o) = self.orphans.lock() {
+            let o = &mut *o;
+            let gone = &o.deleted_operators;
+            o.buckets.extend(
+                buckets
+                    .into_iter()
+                    .filter(|b| !gone.contains(&b.operator_id)),
+            );
+        }
     }
 }
 
@@ -788,6 +806,100 @@ mod tests {
             created_at: 0,
             updated_at: 0,
         }
+    }
+
+    /// An operator deleted while a flush holds some of their usage: that flush fails (their rows need them), but
+    /// it must not bring their usage back, or every flush after it fails too and nobody's usage is written again.
+    #[tokio::test]
+    async fn a_deleted_operators_usage_does_not_block_the_flushes_after() {
+        use crate::store::{ConnectionSettings, NewDevice, NewOperator};
+        let tmp = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", tmp.path().join("t.db").display());
+        let store = Store::connect(&url, 2).await.unwrap();
+        let clock = crate::clock::ManualClock::default();
+        let now = clock.now_ms();
+        let mut conns = Vec::new();
+        for name in ["gone", "stays"] {
+            let op = store
+                .create_operator(NewOperator {
+                    username: name,
+                    password_hash: "!",
+                    role: crate::store::Role::Operator,
+                    now,
+                })
+                .await
+                .unwrap();
+            let dev = store
+                .create_device(NewDevice {
+                    operator_id: &op.id,
+                    name: "d",
+                    description: "",
+                    pairing_code_hash: name,
+                    pairing_expires_at: now,
+                    now,
+                })
+                .await
+                .unwrap();
+            let settings = ConnectionSettings {
+                name: "c".into(),
+                device_id: Some(dev.id.clone()),
+                limit_bytes: None,
+                disabled_at: None,
+                allow_cidrs: String::new(),
+                dedicated_port: None,
+            };
+            let c = store
+                .create_connection(&op.id, &format!("pf{name}"), "!", &settings, now)
+                .await
+                .unwrap();
+            conns.push((op.id, dev.id, c.id));
+        }
+        let dir = Directory::load(
+            store.clone(),
+            Hasher::new(1).await.unwrap(),
+            LoginLimiter::new(Default::default(), None, Arc::new(clock.clone())),
+            Arc::new(clock.clone()),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        let charge = |i: usize, n: usize| {
+            let (_, dev, id) = &conns[i];
+            dir.get(id)
+                .unwrap()
+                .charge(n, Dir::Down, &Arc::from(dev.as_str()), now);
+        };
+        charge(0, 100);
+        charge(1, 200);
+        // As a flush under way: it takes everything, the operator is deleted, then its write fails.
+        let (used, buckets) = {
+            let mut o = dir.orphans.lock().unwrap();
+            for e in dir.entries.read().unwrap().values() {
+                let mut s = lock(&e.state);
+                s.dirty = false;
+                o.used.push((e.id.clone(), s.used as i64));
+                let pending = std::mem::take(&mut s.pending);
+                o.buckets.extend(pending.into_iter().map(|p| bucket(e, p)));
+            }
+            (std::mem::take(&mut o.used), std::mem::take(&mut o.buckets))
+        };
+        assert!(store.delete_operator(&conns[0].0).await.unwrap());
+        dir.remove_operator(&conns[0].0, true);
+        assert!(store.flush_usage(&used, &buckets).await.is_err());
+        // What the failed flush puts back (the same code as `flush`'s failure path, run through it).
+        {
+            let mut o = dir.orphans.lock().unwrap();
+            o.used.extend(used);
+        }
+        dir.put_back(buckets);
+        charge(1, 50);
+        dir.flush().await.expect("the next flush writes");
+        let stays = &conns[1];
+        let hours = store
+            .connection_usage(&stays.0, &stays.2, 0, i64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(hours.iter().map(|h| h.bytes_down).sum::<i64>(), 250);
     }
 
     #[test]
