@@ -31,12 +31,32 @@ fn is_public_v4(a: Ipv4Addr) -> bool {
 
 fn is_public_v6(a: Ipv6Addr) -> bool {
     let s = a.segments();
-    if s[..5] == [0; 5] && (s[5] == 0 || s[5] == 0xffff) {
-        // `::`, `::1`, IPv4-compatible and IPv4-mapped all land here; the first two embed 0.0.0.0 and 0.0.0.1.
-        let [hi, lo] = [s[6].to_be_bytes(), s[7].to_be_bytes()];
-        return is_public_v4(Ipv4Addr::new(hi[0], hi[1], lo[0], lo[1]));
+    let v4 = |hi: u16, lo: u16| {
+        let [hi, lo] = [hi.to_be_bytes(), lo.to_be_bytes()];
+        Ipv4Addr::new(hi[0], hi[1], lo[0], lo[1])
+    };
+    // Forms that carry an IPv4 address a translator or relay on the way may deliver to: judged by that address.
+    let embedded = if s[..5] == [0; 5] && (s[5] == 0 || s[5] == 0xffff) {
+        // `::`, `::1`, IPv4-compatible and IPv4-mapped; the first two embed 0.0.0.0 and 0.0.0.1.
+        Some(v4(s[6], s[7]))
+    } else if s[..4] == [0; 4] && s[4] == 0xffff && s[5] == 0 {
+        // IPv4-translated (SIIT), ::ffff:0:0/96.
+        Some(v4(s[6], s[7]))
+    } else if s[..6] == [0x0064, 0xff9b, 0, 0, 0, 0] {
+        // The well-known NAT64 prefix, 64:ff9b::/96: an IPv6-only carrier's NAT64 turns it into the IPv4 address.
+        Some(v4(s[6], s[7]))
+    } else if s[0] == 0x2002 {
+        // 6to4, 2002::/16: the relay's IPv4 address follows the prefix.
+        Some(v4(s[1], s[2]))
+    } else {
+        None
+    };
+    if let Some(v4) = embedded {
+        return is_public_v4(v4);
     }
     let private = (s[0] & 0xfe00) == 0xfc00 // unique local, fc00::/7
+        || (s[0] == 0x2001 && s[1] == 0) // Teredo, 2001::/32: tunnelled through an IPv4 relay
+        || s[..4] == [0x0100, 0, 0, 0] // discard-only, 100::/64
         || (s[0] & 0xffc0) == 0xfe80 // link-local, fe80::/10
         || (s[0] & 0xff00) == 0xff00 // multicast, ff00::/8
         || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation, 2001:db8::/32
@@ -204,7 +224,7 @@ mod tests {
             "fe00::",
             "fec0::",
             "feff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
-            "64:ff9b::",
+            "64:ff9b::8.8.8.8",
             "64:ff9b:2::",
             "64:ff9b:0:ffff:ffff:ffff:ffff:ffff",
         ];
@@ -225,6 +245,20 @@ mod tests {
             "::127.0.0.1",
             "::10.0.0.1",
             "::169.254.1.1",
+            // SIIT, NAT64 and 6to4 forms of private addresses (a translator on the way would reach them).
+            "::ffff:0:127.0.0.1",
+            "::ffff:0:10.1.2.3",
+            "64:ff9b::127.0.0.1",
+            "64:ff9b::7f00:1",
+            "64:ff9b::192.168.0.1",
+            "64:ff9b::",
+            "2002:7f00:1::1",
+            "2002:a00:1::",
+            "2002:c0a8:101:ffff:ffff:ffff:ffff:ffff",
+            // Teredo and discard-only.
+            "2001::1",
+            "2001:0:ffff:ffff:ffff:ffff:ffff:ffff",
+            "100::1",
         ] {
             assert!(!public(a), "{a} must not be public");
         }
@@ -233,6 +267,11 @@ mod tests {
             "::ffff:100.63.255.255",
             "::ffff:172.32.0.0",
             "::8.8.8.8",
+            "::ffff:0:8.8.8.8",
+            "64:ff9b::1.1.1.1",
+            "2002:808:808::1",
+            "2001:1::1",
+            "100:0:0:1::1",
         ] {
             assert!(public(a), "{a} must be public");
         }
