@@ -174,6 +174,9 @@ pub struct ServeArgs {
     /// Seconds a proxy client has to finish its handshake. Default 10.
     #[arg(long, env = "PROXYFLEET_PROXY_HANDSHAKE_TIMEOUT_SECS")]
     pub proxy_handshake_timeout_secs: Option<u64>,
+    /// Seconds a flow one side has closed may stay silent on the other before it ends. Default 60.
+    #[arg(long, env = "PROXYFLEET_PROXY_HALF_CLOSED_TIMEOUT_SECS")]
+    pub proxy_half_closed_timeout_secs: Option<u64>,
     /// Seconds without a heartbeat after which a device is offline (and the grace after startup). Default 120.
     #[arg(long, env = "PROXYFLEET_OFFLINE_AFTER_SECS")]
     pub offline_after_secs: Option<u64>,
@@ -238,6 +241,7 @@ impl ServeArgs {
             proxy_public_host: self.proxy_public_host.clone(),
             usage_flush_secs: self.usage_flush_secs,
             proxy_handshake_timeout_secs: self.proxy_handshake_timeout_secs,
+            proxy_half_closed_timeout_secs: self.proxy_half_closed_timeout_secs,
             offline_after_secs: self.offline_after_secs,
             alert_cooldown_secs: self.alert_cooldown_secs,
             monitor_scan_secs: self.monitor_scan_secs,

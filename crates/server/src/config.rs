@@ -96,6 +96,7 @@ pub struct RawConfig {
     pub proxy_public_host: Option<String>,
     pub usage_flush_secs: Option<u64>,
     pub proxy_handshake_timeout_secs: Option<u64>,
+    pub proxy_half_closed_timeout_secs: Option<u64>,
     pub offline_after_secs: Option<u64>,
     pub alert_cooldown_secs: Option<u64>,
     pub monitor_scan_secs: Option<u64>,
@@ -153,6 +154,7 @@ impl RawConfig {
             proxy_public_host,
             usage_flush_secs,
             proxy_handshake_timeout_secs,
+            proxy_half_closed_timeout_secs,
             offline_after_secs,
             alert_cooldown_secs,
             monitor_scan_secs,
@@ -301,6 +303,8 @@ pub struct ServeConfig {
     pub usage_flush: Duration,
     /// A proxy client must finish its handshake (SOCKS5 negotiation, HTTP request head) within this.
     pub proxy_handshake_timeout: Duration,
+    /// A flow one side has closed ends when the other side sends nothing for this long.
+    pub proxy_half_closed_timeout: Duration,
     /// A device is offline after this long without a heartbeat (also the grace after startup).
     pub offline_after: Duration,
     /// After an offline alert, no other for the same device for this long.
@@ -472,6 +476,13 @@ impl ServeConfig {
                 10,
                 1,
                 120,
+            )?),
+            proxy_half_closed_timeout: Duration::from_secs(secs_in(
+                "proxy_half_closed_timeout_secs",
+                raw.proxy_half_closed_timeout_secs,
+                60,
+                1,
+                86_400,
             )?),
             offline_after: Duration::from_secs(secs_in(
                 "offline_after_secs",

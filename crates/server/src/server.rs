@@ -376,6 +376,7 @@ async fn start_proxy(
     let ctx = Arc::new(ProxyContext {
         dir: Arc::new(dir),
         handshake_timeout: config.proxy_handshake_timeout,
+        half_closed_timeout: config.proxy_half_closed_timeout,
         metrics: metrics.clone(),
         registry: registry.clone(),
         shutdown,

@@ -1989,6 +1989,65 @@ async fn dedicated_port_with_allow_list() {
     assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err());
 }
 
+/// A target that reads until the client's end and then holds the connection open, saying nothing, for ever.
+async fn holding_target() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut b = [0u8; 1024];
+            while let Ok(n) = s.read(&mut b).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            held.push(s);
+        }
+    });
+    addr
+}
+
+/// A client that closes its side in front of a target that never does: the flow ends once the target has been
+/// silent for the half-closed timeout, instead of holding one of the device's streams for ever (enough of them and
+/// nobody else could use the device). A flow that is merely idle, both sides open, is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_flow_ends_when_the_other_side_stays_silent() {
+    let mut o = opts();
+    o.raw.proxy_half_closed_timeout_secs = Some(2);
+    let Some(rig) = Rig::start_with(o).await else {
+        return;
+    };
+    let holder = holding_target().await;
+    let c = rig
+        .create(json!({"name": "half", "device_id": rig.device}))
+        .await;
+    let (user, pass) = creds(&c);
+    let mut idle = socks_connect(rig.socks_addr(), holder, &user, &pass)
+        .await
+        .unwrap();
+    let mut f = socks_connect(rig.socks_addr(), holder, &user, &pass)
+        .await
+        .unwrap();
+    f.write_all(b"request").await.unwrap();
+    f.shutdown().await.unwrap();
+    let started = Instant::now();
+    let mut b = [0u8; 16];
+    let end = tokio::time::timeout(Duration::from_secs(15), f.read(&mut b))
+        .await
+        .expect("the half-closed flow was never ended");
+    assert!(matches!(end, Ok(0)), "{end:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "ended before the timeout: {:?}",
+        started.elapsed()
+    );
+    // The idle flow, both sides open, saw the same silence and stays.
+    let still = tokio::time::timeout(Duration::from_millis(500), idle.read(&mut b)).await;
+    assert!(still.is_err(), "the idle flow was ended: {still:?}");
+    idle.write_all(b"still here").await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_stall_in_the_handshake_are_dropped_after_the_timeout() {
     let mut o = opts();

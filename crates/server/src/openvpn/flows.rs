@@ -15,7 +15,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use super::engine::{Engine, FlowKind, Terminated};
 use super::sessions::Sessions;
 use crate::proxy::directory::Dir;
-use crate::proxy::relay::{self, RelayOptions};
+use crate::proxy::relay;
 use crate::proxy::ProxyContext;
 
 /// Largest datagram read from a customer, in bytes.
@@ -158,7 +158,7 @@ async fn tcp(
         tokio::io::split(t.pipe),
         (dr, dw),
         &[],
-        RelayOptions::default(),
+        ctx.relay_options(false),
     )
     .await;
     let pipe = cr.unsplit(cw);

@@ -32,6 +32,8 @@ pub struct ProxyContext {
     pub dir: Arc<Directory>,
     /// A customer has this long to finish a door's handshake (SOCKS5 negotiation, HTTP request head).
     pub handshake_timeout: Duration,
+    /// A flow one side has closed ends when the other side sends nothing for this long.
+    pub half_closed_timeout: Duration,
     pub metrics: crate::metrics::Metrics,
     pub registry: Arc<Registry>,
     pub shutdown: CancellationToken,
@@ -39,6 +41,14 @@ pub struct ProxyContext {
 }
 
 impl ProxyContext {
+    /// How this server's relays end (a forwarded request's also with its answer: `end_with_target`).
+    pub fn relay_options(&self, end_with_target: bool) -> relay::RelayOptions {
+        relay::RelayOptions {
+            end_with_target,
+            half_closed_timeout: self.half_closed_timeout,
+        }
+    }
+
     /// One step of a customer's handshake: bounded by the handshake timeout and abandoned at shutdown (`None`
     /// either way). Once a flow relays, shutdown ends it through its stop token instead, so that bytes already
     /// counted are still delivered.

@@ -8,6 +8,7 @@
 //! datagram payloads without headers. Protocol overhead (TCP/IP, QUIC, TLS, SOCKS and tunnel framing) is not
 //! counted. A chunk is counted when it is handed to the socket.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,13 +97,32 @@ pub(super) async fn within_grace<F: std::future::Future>(
     }
 }
 
+/// When either direction of a relay last read something: milliseconds since the relay started.
+struct Activity {
+    start: tokio::time::Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
 /// Send `first` (bytes the front door already holds), then copy until EOF, an error, the cut-off or `stop`.
 /// Returns true when the source ended normally (EOF). A chunk counted before the stop is still written (within
 /// the grace) before it returns.
+#[allow(clippy::too_many_arguments)]
 async fn pump<R, W>(
     dir: &Directory,
     flow: &Flow,
     stop: &CancellationToken,
+    activity: &Activity,
     d: Dir,
     r: &mut R,
     w: &mut W,
@@ -137,6 +157,7 @@ where
             let _ = w.shutdown().await;
             return Ok(true);
         }
+        activity.touch();
         let g = flow.entry.charge(n, d, &flow.device, dir.clock().now_ms());
         flow.counters.add(d, g);
         if g > 0 && !write_counted(stop, &mut w, &buf.data()[..g]).await? {
@@ -148,11 +169,15 @@ where
     }
 }
 
-/// How a relay ends besides both sides closing.
-#[derive(Debug, Clone, Copy, Default)]
+/// How a relay ends besides both sides closing ([`super::ProxyContext::relay_options`]).
+#[derive(Debug, Clone, Copy)]
 pub struct RelayOptions {
     /// End the whole flow when the target's side ends (one forwarded HTTP request: the answer is complete).
     pub end_with_target: bool,
+    /// Once one side has closed its direction, the flow ends when the other sends nothing for this long. Without
+    /// it a client that closes (or half-closes) in front of a target that never does, or the reverse, holds a
+    /// tunnel stream of the device for ever: enough of them and nobody else can open a flow through it.
+    pub half_closed_timeout: Duration,
 }
 
 /// Relay a customer flow through its tunnel stream until both directions end, either fails, or the flow is
@@ -176,10 +201,35 @@ where
         // Stopped with the connection's flows, or by this relay when one direction ends it. Either way each
         // direction finishes writing the chunk it already counted, so what was charged is what was forwarded.
         let stop = flow.stop.child_token();
-        let up = pump(dir, flow, &stop, Dir::Up, &mut cr, &mut dw, first_up);
-        let down = pump(dir, flow, &stop, Dir::Down, &mut dr, &mut cw, &[]);
+        let activity = Activity {
+            start: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+        };
+        let up = pump(
+            dir,
+            flow,
+            &stop,
+            &activity,
+            Dir::Up,
+            &mut cr,
+            &mut dw,
+            first_up,
+        );
+        let down = pump(
+            dir,
+            flow,
+            &stop,
+            &activity,
+            Dir::Down,
+            &mut dr,
+            &mut cw,
+            &[],
+        );
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
+        // Set once one direction has ended cleanly: when the other must have moved something again.
+        let mut idle_by: Option<tokio::time::Instant> = None;
+        let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
         while !(up_done && down_done) {
             tokio::select! {
                 r = &mut up, if !up_done => {
@@ -191,6 +241,19 @@ where
                     down_done = true;
                     if !matches!(r, Ok(true)) || opts.end_with_target { stop.cancel(); }
                 }
+                () = tokio::time::sleep_until(idle_by.unwrap_or(far)), if idle_by.is_some() => {
+                    let by = activity.last() + opts.half_closed_timeout;
+                    if by <= tokio::time::Instant::now() {
+                        stop.cancel();
+                        idle_by = None;
+                    } else {
+                        idle_by = Some(by);
+                    }
+                    continue;
+                }
+            }
+            if (up_done != down_done) && idle_by.is_none() && !stop.is_cancelled() {
+                idle_by = Some(tokio::time::Instant::now() + opts.half_closed_timeout);
             }
         }
     }

@@ -11,7 +11,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::directory::{Dir, Entry};
-use super::relay::{close_customer, relay, RelayOptions};
+use super::relay::{close_customer, relay};
 use super::{AuthFailure, Door, OpenFailure, ProxyContext};
 
 const UNSPECIFIED: SocketAddr =
@@ -168,7 +168,7 @@ pub async fn serve(
                 stream.into_split(),
                 (dr, dw),
                 &n.rest,
-                RelayOptions::default(),
+                ctx.relay_options(false),
             )
             .await;
             if let Ok(s) = cr.reunite(cw) {

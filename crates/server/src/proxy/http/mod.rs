@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::directory::Entry;
-use super::relay::{close_customer, relay, RelayOptions};
+use super::relay::{close_customer, relay};
 use super::{AuthFailure, Door, ProxyContext};
 
 mod forward;
@@ -159,7 +159,7 @@ pub async fn serve(
             stream
                 .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 .await?;
-            (rest, RelayOptions::default())
+            (rest, ctx.relay_options(false))
         }
         ProxyTarget::Forward { path } => {
             // One request per connection: the origin gets this request and its body, never what the client
@@ -167,9 +167,7 @@ pub async fn serve(
             let (cr, cw) = stream.into_split();
             let up = forward::OneRequest::new(rest, cr, body);
             let down = forward::Answer::new(dr);
-            let opts = RelayOptions {
-                end_with_target: true,
-            };
+            let opts = ctx.relay_options(true);
             let (up, cw) = relay(
                 &ctx.dir,
                 &flow,
