@@ -1137,6 +1137,35 @@ async fn usage_is_counted_per_hour_and_survives_a_graceful_restart() {
         )
         .await;
     assert_eq!(r.status(), 400);
+
+    // A deleted connection's history stays readable for billing, by its operator only.
+    let path = format!("/api/v1.0/connections/{id}");
+    assert_eq!(rig.s.delete(&path, &rig.token).await.status(), 204);
+    assert_eq!(rig.s.get(&path, &rig.token).await.status(), 404);
+    let h: Value = rig
+        .s
+        .get(&format!("{path}/usage"), &rig.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let total: i64 = h["hours"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["bytes_total"].as_i64().unwrap())
+        .sum();
+    assert_eq!(total, 300_005, "{h}");
+    rig.s
+        .create_operator("bob", "Sup3r-Secret-Phrase", Role::Operator)
+        .await;
+    let bob = rig.s.login("bob", "Sup3r-Secret-Phrase").await;
+    assert_eq!(
+        rig.s.get(&format!("{path}/usage"), &bob).await.status(),
+        404
+    );
+    let made_up = format!("/api/v1.0/connections/{}/usage", uuid::Uuid::new_v4());
+    assert_eq!(rig.s.get(&made_up, &rig.token).await.status(), 404);
 }
 
 /// A graceful shutdown in the middle of a download to a slow reader: what the store keeps is what the customer

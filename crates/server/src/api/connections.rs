@@ -637,7 +637,7 @@ fn history(since: i64, until: i64, rows: Vec<HourUsage>) -> UsageHistory {
     }
 }
 
-/// Hourly usage of a connection (through any device).
+/// Hourly usage of a connection (through any device); also of a deleted one, whose history is kept.
 #[utoipa::path(get, path = "/connections/{id}/usage", tag = "connections", security(("bearer" = [])),
     params(("id" = String, Path), UsageQuery),
     responses((status = 200, body = UsageHistory), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
@@ -647,11 +647,10 @@ async fn connection_usage(
     ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<UsageQuery>,
 ) -> Result<Json<UsageHistory>, ApiError> {
-    own(&state, &s.operator_id, &id).await?;
     usage(&state, &s.operator_id, &id, &q, false).await
 }
 
-/// Hourly usage through a device (all its connections).
+/// Hourly usage through a device (all its connections); also through a deleted one, whose history is kept.
 #[utoipa::path(get, path = "/devices/{id}/usage", tag = "devices", security(("bearer" = [])),
     params(("id" = String, Path), UsageQuery),
     responses((status = 200, body = UsageHistory), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
@@ -661,11 +660,11 @@ async fn device_usage(
     ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<UsageQuery>,
 ) -> Result<Json<UsageHistory>, ApiError> {
-    own_device(&state, &s.operator_id, &id).await?;
     usage(&state, &s.operator_id, &id, &q, true).await
 }
 
-/// The hourly history of a connection or (with `device`) a device the caller owns.
+/// The hourly history of a connection or (with `device`) a device the caller owns or owned: one that is gone is
+/// known by its history (which is the caller's own: every row carries its operator). Anything else is `404`.
 async fn usage(
     state: &AppState,
     operator_id: &str,
@@ -673,6 +672,14 @@ async fn usage(
     q: &UsageQuery,
     device: bool,
 ) -> Result<Json<UsageHistory>, ApiError> {
+    let exists = if device {
+        state.store.device(operator_id, id).await?.is_some()
+    } else {
+        state.store.connection(operator_id, id).await?.is_some()
+    };
+    if !exists && !state.store.has_usage(operator_id, id, device).await? {
+        return Err(ApiError::NotFound);
+    }
     let (since, until) = range(state, q)?;
     let rows = if device {
         state

@@ -273,6 +273,24 @@ impl Store {
             .await
     }
 
+    /// Whether any hourly usage of this operator names the connection or (with `device`) the device: a deleted
+    /// one's history stays readable.
+    pub async fn has_usage(
+        &self,
+        operator_id: &str,
+        id: &str,
+        device: bool,
+    ) -> Result<bool, StoreError> {
+        let column = if device { "device_id" } else { "connection_id" };
+        let q = format!("SELECT 1 FROM usage_hourly WHERE operator_id = ? AND {column} = ? LIMIT 1");
+        Ok(sqlx::query(&self.sql(&q))
+            .bind(operator_id)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some())
+    }
+
     async fn hourly(
         &self,
         column: &'static str,
