@@ -1168,6 +1168,40 @@ async fn usage_is_counted_per_hour_and_survives_a_graceful_restart() {
     assert_eq!(rig.s.get(&made_up, &rig.token).await.status(), 404);
 }
 
+/// The cut-off is written to the store at once, not at the next usage flush: a crash soon after a connection was
+/// exhausted must not bring it back with its limit unused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_connection_is_stored_at_once() {
+    let mut o = opts();
+    o.raw.usage_flush_secs = Some(300);
+    let Some(rig) = Rig::start_with(o).await else {
+        return;
+    };
+    let target = stream_target(500_000).await;
+    let limit = 200_000;
+    let c = rig
+        .create(json!({"name": "c", "device_id": rig.device, "bandwidth_limit_bytes": limit}))
+        .await;
+    let (user, pass) = creds(&c);
+    let id = c["id"].as_str().unwrap().to_owned();
+    let stored = || async {
+        let rows = rig.s.store().all_connections().await.unwrap();
+        rows.into_iter().find(|r| r.id == id).unwrap().used_bytes
+    };
+    let mut f = socks_connect(rig.socks_addr(), target, &user, &pass)
+        .await
+        .unwrap();
+    assert_eq!(drain(&mut f, Duration::from_secs(10)).await, limit as usize);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stored().await != limit {
+        assert!(
+            Instant::now() < deadline,
+            "the cut-off waits for the next flush"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A graceful shutdown in the middle of a download to a slow reader: what the store keeps is what the customer
 /// received (chunks counted before the stop are still written; none is counted and then dropped).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -122,6 +122,9 @@ pub struct Entry {
     /// One bcrypt verification per connection at a time: flows that miss the cache together wait for it.
     verify: tokio::sync::Mutex<()>,
     sink: QuotaSink,
+    /// Woken when the connection is cut off: the usage flush writes that at once instead of at its next tick, so
+    /// that a crash soon after cannot reopen an exhausted connection.
+    flush_soon: Arc<tokio::sync::Notify>,
 }
 
 /// What an admitted flow needs.
@@ -188,6 +191,7 @@ impl Entry {
             state: Mutex::new(state),
             verify: tokio::sync::Mutex::new(()),
             sink,
+            flush_soon: Arc::default(),
         }
     }
 
@@ -271,6 +275,7 @@ impl Entry {
                 self.report("connection.usage_80", used, limit, now_ms);
             }
             if used >= l && before < l {
+                self.flush_soon.notify_one();
                 self.report("connection.exhausted", used, limit, now_ms);
             }
         }
@@ -387,6 +392,8 @@ pub struct Directory {
     orphans: Mutex<Orphans>,
     /// Cancelled at shutdown: every flow ends.
     shutdown: CancellationToken,
+    /// Woken by a connection's cut-off: the flush loop writes usage at once.
+    flush_soon: Arc<tokio::sync::Notify>,
 }
 
 impl Directory {
@@ -409,6 +416,7 @@ impl Directory {
             orphans: Mutex::default(),
             shutdown,
             sink: QuotaSink::default(),
+            flush_soon: Arc::default(),
         };
         for row in d.store.all_connections().await? {
             d.upsert(&row);
@@ -431,7 +439,9 @@ impl Directory {
             e.apply(row);
             return e;
         }
-        let e = Arc::new(Entry::from_row(row, self.sink.clone(), &self.shutdown));
+        let mut e = Entry::from_row(row, self.sink.clone(), &self.shutdown);
+        e.flush_soon = self.flush_soon.clone();
+        let e = Arc::new(e);
         if let Ok(mut m) = self.entries.write() {
             m.insert(e.id.clone(), e.clone());
         }
@@ -767,7 +777,8 @@ fn bucket(e: &Entry, p: Pending) -> UsageBucket {
     }
 }
 
-/// Flush usage every `interval` until cancelled (the server flushes once more after every flow has ended).
+/// Flush usage every `interval`, and at once when a connection is cut off, until cancelled (the server flushes
+/// once more after every flow has ended).
 pub async fn flush_loop(
     dir: Arc<Directory>,
     interval: std::time::Duration,
@@ -775,9 +786,11 @@ pub async fn flush_loop(
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let soon = dir.flush_soon.clone();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            () = soon.notified() => {}
             _ = cancel.cancelled() => break,
         }
         if let Err(e) = dir.flush().await {

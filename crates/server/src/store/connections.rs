@@ -282,7 +282,8 @@ impl Store {
         device: bool,
     ) -> Result<bool, StoreError> {
         let column = if device { "device_id" } else { "connection_id" };
-        let q = format!("SELECT 1 FROM usage_hourly WHERE operator_id = ? AND {column} = ? LIMIT 1");
+        let q =
+            format!("SELECT 1 FROM usage_hourly WHERE operator_id = ? AND {column} = ? LIMIT 1");
         Ok(sqlx::query(&self.sql(&q))
             .bind(operator_id)
             .bind(id)
