@@ -138,6 +138,8 @@ pub struct Hasher {
     permits: Arc<Semaphore>,
     dummy_hash: Arc<str>,
     cost: u32,
+    /// bcrypt computations run, by this hasher and its clones.
+    runs: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Hasher {
@@ -159,6 +161,7 @@ impl Hasher {
             permits,
             dummy_hash: dummy.into(),
             cost,
+            runs: Arc::default(),
         })
     }
 
@@ -198,6 +201,11 @@ impl Hasher {
             .await;
     }
 
+    /// How many bcrypt computations this hasher and its clones have run.
+    pub fn runs(&self) -> u64 {
+        self.runs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> Result<T, bcrypt::BcryptError> + Send + 'static,
@@ -207,6 +215,7 @@ impl Hasher {
             .acquire()
             .await
             .map_err(|_| HashError::Closed)?;
+        self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::task::spawn_blocking(f)
             .await
             .map_err(HashError::Join)?

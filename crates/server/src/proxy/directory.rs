@@ -615,7 +615,10 @@ impl Directory {
             Some(e) => e,
             None => {
                 // Not loaded: perhaps imported while this server runs. Counted first, so that guessing
-                // usernames costs the guesser, not the store.
+                // usernames costs the guesser, not the store. No bcrypt for a name that does not exist: proxy
+                // usernames are generated (50 random bits) and sit in customers' proxy URLs, so hiding whether one
+                // exists is worth little, while a dummy bcrypt per made-up name let a flood of them, from many
+                // addresses, take every password check from real customers and operators.
                 let attempt = self
                     .limiter
                     .begin(&keys)
@@ -627,7 +630,6 @@ impl Directory {
                         self.upsert(&row)
                     }
                     _ => {
-                        self.hasher.verify_dummy().await;
                         self.limiter.failed(&keys, attempt).await;
                         return Err(AuthFailure::Invalid);
                     }
@@ -821,18 +823,26 @@ mod tests {
         }
     }
 
-    /// An operator deleted while a flush holds some of their usage: that flush fails (their rows need them), but
-    /// it must not bring their usage back, or every flush after it fails too and nobody's usage is written again.
-    #[tokio::test]
-    async fn a_deleted_operators_usage_does_not_block_the_flushes_after() {
+    /// A store on SQLite with an operator, a device and a connection (username `pf` + name, password `pw-` +
+    /// name, cost-4 hash) per name, and a directory over it: the directory, the store, (operator, device,
+    /// connection) ids per name, and the store's directory (keep it while the test runs).
+    async fn directory_with(
+        names: &[&str],
+    ) -> (
+        Directory,
+        Store,
+        Vec<(String, String, String)>,
+        tempfile::TempDir,
+    ) {
         use crate::store::{ConnectionSettings, NewDevice, NewOperator};
         let tmp = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", tmp.path().join("t.db").display());
         let store = Store::connect(&url, 2).await.unwrap();
         let clock = crate::clock::ManualClock::default();
         let now = clock.now_ms();
+        let hasher = Hasher::with_cost(1, 4).await.unwrap();
         let mut conns = Vec::new();
-        for name in ["gone", "stays"] {
+        for &name in names {
             let op = store
                 .create_operator(NewOperator {
                     username: name,
@@ -861,21 +871,31 @@ mod tests {
                 allow_cidrs: String::new(),
                 dedicated_port: None,
             };
+            let hash = hasher.hash(&format!("pw-{name}")).await.unwrap();
             let c = store
-                .create_connection(&op.id, &format!("pf{name}"), "!", &settings, now)
+                .create_connection(&op.id, &format!("pf{name}"), &hash, &settings, now)
                 .await
                 .unwrap();
             conns.push((op.id, dev.id, c.id));
         }
         let dir = Directory::load(
             store.clone(),
-            Hasher::new(1).await.unwrap(),
+            hasher,
             LoginLimiter::new(Default::default(), None, Arc::new(clock.clone())),
             Arc::new(clock.clone()),
             CancellationToken::new(),
         )
         .await
         .unwrap();
+        (dir, store, conns, tmp)
+    }
+
+    /// An operator deleted while a flush holds some of their usage: that flush fails (their rows need them), but
+    /// it must not bring their usage back, or every flush after it fails too and nobody's usage is written again.
+    #[tokio::test]
+    async fn a_deleted_operators_usage_does_not_block_the_flushes_after() {
+        let (dir, store, conns, _tmp) = directory_with(&["gone", "stays"]).await;
+        let now = dir.clock().now_ms();
         let charge = |i: usize, n: usize| {
             let (_, dev, id) = &conns[i];
             dir.get(id)
@@ -913,6 +933,30 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(hours.iter().map(|h| h.bytes_down).sum::<i64>(), 250);
+    }
+
+    /// A made-up username costs no bcrypt (a flood of them from many addresses took every password check from real
+    /// customers); a wrong password for a real one does, once, and then the right one is cached.
+    #[tokio::test]
+    async fn made_up_usernames_cost_no_password_check() {
+        let (dir, _store, _conns, _tmp) = directory_with(&["real"]).await;
+        let client: IpAddr = "192.0.2.7".parse().unwrap();
+        let runs = dir.hasher.runs();
+        for i in 0..5 {
+            let r = dir.authenticate(&format!("pfmadeup{i}"), "x", client).await;
+            assert_eq!(r.err(), Some(AuthFailure::Invalid));
+        }
+        assert_eq!(dir.hasher.runs(), runs, "bcrypt ran for made-up usernames");
+        let r = dir.authenticate("pfreal", "wrong", client).await;
+        assert_eq!(r.err(), Some(AuthFailure::Invalid));
+        assert_eq!(dir.hasher.runs(), runs + 1);
+        assert!(dir.authenticate("pfreal", "pw-real", client).await.is_ok());
+        assert!(dir.authenticate("pfreal", "pw-real", client).await.is_ok());
+        assert_eq!(
+            dir.hasher.runs(),
+            runs + 2,
+            "the verified password is cached"
+        );
     }
 
     #[test]
