@@ -101,7 +101,11 @@ pub fn parse_authority(s: &str, default_port: Option<u16>) -> Result<(Host, u16)
         (host, p)
     };
     let port = match (port, default_port) {
-        (Some(p), _) => p.parse::<u16>().map_err(|_| HeadError::Target)?,
+        // Digits only: Rust's integer parser also takes a leading `+`.
+        (Some(p), _) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+            p.parse::<u16>().map_err(|_| HeadError::Target)?
+        }
+        (Some(_), _) => return Err(HeadError::Target),
         (None, Some(d)) => d,
         (None, None) => return Err(HeadError::Target),
     };
@@ -400,6 +404,10 @@ mod tests {
         assert_eq!(
             parse_head(b"CONNECT a b:1 HTTP/1.1\r\n\r\n"),
             Err(HeadError::Malformed)
+        );
+        assert_eq!(
+            parse_head(b"CONNECT 1.2.3.4:+80 HTTP/1.1\r\n\r\n"),
+            Err(HeadError::Target)
         );
         assert_eq!(
             parse_head(b"CONNECT 1.2.3.4:0 HTTP/1.1\r\n\r\n"),
