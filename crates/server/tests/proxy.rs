@@ -1888,6 +1888,13 @@ async fn silent_device(quic: bool, limit: Duration) {
 
     plug.pull();
     let pulled = Instant::now();
+    // A flow asked for now waits for an answer that never comes: 504 once the open timeout (15 s) is up, counted as
+    // the device's failure, not the target's.
+    let http = format!("http://{user}:{pass}@{}", rig.http_addr());
+    let waiting = {
+        let (http, target) = (http.clone(), format!("http://{idle}/"));
+        tokio::spawn(async move { curl_via(&http, &target, &[]).await.1 })
+    };
     let end = tokio::time::timeout(limit, flow.read(&mut b)).await;
     assert!(
         matches!(end, Ok(Ok(0)) | Ok(Err(_))),
@@ -1913,10 +1920,22 @@ async fn silent_device(quic: bool, limit: Duration) {
         assert!(Instant::now() < deadline, "still shown online: {v}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let http = format!("http://{user}:{pass}@{}", rig.http_addr());
     let asked = Instant::now();
     let (_, out) = curl_via(&http, &format!("http://{idle}/"), &[]).await;
     assert!(out.starts_with("502 "), "{out}");
+    let waited = waiting.await.unwrap();
+    // Over QUIC the link is declared dead after 20 s, past the open timeout.
+    assert!(!quic || waited.starts_with("504 "), "{waited}");
+    if waited.starts_with("504 ") {
+        let m = rig.s.text("/metrics").await;
+        assert!(
+            m.contains("proxyfleet_proxy_flows_total{outcome=\"device_timeout\"} 1"),
+            "{m}"
+        );
+    } else {
+        // The link was found dead before the open timeout: the waiting flow failed as offline.
+        assert!(waited.starts_with("502 "), "{waited}");
+    }
     assert!(
         asked.elapsed() < Duration::from_secs(3),
         "refused at once, not after the open timeout"

@@ -145,6 +145,8 @@ impl ProxyContext {
                 OpenFailure::DeviceOffline
                 | OpenFailure::Flow(FlowError::Offline | FlowError::Tunnel(_)),
             ) => "device_offline",
+            // The device is registered but did not answer: a dying link, not the target's failure.
+            Err(OpenFailure::Flow(FlowError::Timeout)) => "device_timeout",
             Err(OpenFailure::Unsupported) => "unsupported",
             Err(OpenFailure::ShuttingDown) => "shutting_down",
             // The device's policy refused the target (a private address): the customer's doing, not a failure.
