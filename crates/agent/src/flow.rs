@@ -19,6 +19,14 @@ const UP_GRACE: Duration = Duration::from_secs(2);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connecting to a target (DNS + TCP) must finish within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a flow checks that the device still has the address its target connection was made from.
+const ADDRESS_CHECK: Duration = Duration::from_secs(2);
+/// TCP keepalive on target connections (first probe after this much silence, then every [`KEEPALIVE_INTERVAL`],
+/// [`KEEPALIVE_PROBES`] unanswered ones end it): a target or path that vanished without a word is found within about
+/// a minute instead of never.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 3;
 
 /// Serve one flow stream the server opened: read its header, then relay a TCP connection or a UDP association
 /// until either side ends it. Targets the policy refuses are answered `NotAllowed` (TCP) or dropped (UDP).
@@ -67,9 +75,24 @@ pub async fn serve_flow(
         Err(_) => return answer(&mut send, OpenResult::Timeout).await,
     };
     let _ = tcp.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
+    let local = tcp.local_addr().ok();
     send.write_all(&[OpenResult::Ok as u8]).await?;
     let (mut tr, mut tw) = tcp.into_split();
-    relay(&mut recv, &mut send, &mut tr, &mut tw).await;
+    let moved = tokio::select! {
+        () = relay(&mut recv, &mut send, &mut tr, &mut tw) => false,
+        () = address_gone(local) => true,
+    };
+    if moved {
+        // The device's address changed (a phone on a new carrier address): what went through the old one can
+        // neither arrive nor come back, so the flow ends now instead of hanging; the customer sees it closed.
+        tracing::debug!(local = ?local, "a flow's address is gone from the device; flow ended");
+        return Ok(());
+    }
     // What was sent up must reach the target before the socket closes: closing it with the target's answer
     // unread would reset the connection and drop the upload's end (counted and paid for). The answer is left
     // unread: fetching it over the device's link would cost data nobody uses.
@@ -77,6 +100,22 @@ pub async fn serve_flow(
         proxyfleet_proto::io::close_delivered(&tcp, UP_GRACE, false).await;
     }
     Ok(())
+}
+
+/// Returns once the device no longer has `local`'s address (checked every [`ADDRESS_CHECK`]): an address can be
+/// bound to exactly when the device has it. Never returns for an unknown address.
+async fn address_gone(local: Option<SocketAddr>) {
+    let Some(local) = local else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(ADDRESS_CHECK).await;
+        if let Err(e) = std::net::UdpSocket::bind(SocketAddr::new(local.ip(), 0)) {
+            if e.kind() == std::io::ErrorKind::AddrNotAvailable {
+                return;
+            }
+        }
+    }
 }
 
 /// Copy a flow both ways until both directions end, or the answer's fails (the server stopped taking it).

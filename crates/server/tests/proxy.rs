@@ -2071,6 +2071,99 @@ async fn dedicated_port_with_allow_list() {
     assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err());
 }
 
+/// A network interface (one end of a veth pair: this kernel may have no `dummy` links) with one IPv4 address,
+/// deleted on drop.
+struct DummyLink {
+    name: String,
+    ip: std::net::Ipv4Addr,
+}
+
+impl DummyLink {
+    fn ip(args: &[&str]) {
+        let st = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip {args:?} failed");
+    }
+
+    fn create() -> DummyLink {
+        let r = uuid::Uuid::new_v4();
+        let b = r.as_bytes();
+        let name = format!("pfd{:02x}{:02x}{:02x}", b[0], b[1], b[2]);
+        let ip = std::net::Ipv4Addr::new(10, 213, b[3], b[4].max(1));
+        let peer = format!("{name}p");
+        Self::ip(&["link", "add", &name, "type", "veth", "peer", "name", &peer]);
+        let link = DummyLink { name, ip };
+        Self::ip(&["addr", "add", &format!("{ip}/32"), "dev", &link.name]);
+        Self::ip(&["link", "set", &link.name, "up"]);
+        Self::ip(&["link", "set", &peer, "up"]);
+        link
+    }
+
+    fn remove_address(&self) {
+        Self::ip(&["addr", "del", &format!("{}/32", self.ip), "dev", &self.name]);
+    }
+}
+
+impl Drop for DummyLink {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.name])
+            .status();
+    }
+}
+
+/// The device loses the address a flow's target connection was made from (a phone moved to a new carrier
+/// address): the flow ends within seconds instead of hanging for ever, idle or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_from_an_address_the_device_lost_ends() {
+    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+    });
+    if !root {
+        common::skip("a veth interface needs root");
+        return;
+    }
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    let link = DummyLink::create();
+    // The target lives on the address, so the device's connection to it is made from it.
+    let l = TcpListener::bind((link.ip, 0)).await.unwrap();
+    let target = l.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut b = [0u8; 64];
+        let n = s.read(&mut b).await.unwrap();
+        // Hold the connection, silent.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        n
+    });
+    let c = rig
+        .create(json!({"name": "moving", "device_id": rig.device}))
+        .await;
+    let (user, pass) = creds(&c);
+    let mut f = socks_connect(rig.socks_addr(), target, &user, &pass)
+        .await
+        .unwrap();
+    f.write_all(b"hello").await.unwrap();
+    let mut b = [0u8; 16];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), f.read(&mut b))
+            .await
+            .is_err(),
+        "the flow ended before the address went"
+    );
+    link.remove_address();
+    let end = tokio::time::timeout(Duration::from_secs(15), f.read(&mut b))
+        .await
+        .expect("the flow from the lost address still hangs");
+    assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+    held.abort();
+}
+
 /// A target that reads until the client's end and then holds the connection open, saying nothing, for ever.
 async fn holding_target() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
