@@ -19,14 +19,8 @@ const UP_GRACE: Duration = Duration::from_secs(2);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connecting to a target (DNS + TCP) must finish within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often a flow checks that the device still has the address its target connection was made from.
+/// How often the device's addresses that open flows were made from are checked.
 const ADDRESS_CHECK: Duration = Duration::from_secs(2);
-/// TCP keepalive on target connections (first probe after this much silence, then every [`KEEPALIVE_INTERVAL`],
-/// [`KEEPALIVE_PROBES`] unanswered ones end it): a target or path that vanished without a word is found within about
-/// a minute instead of never.
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const KEEPALIVE_PROBES: u32 = 3;
 
 /// Serve one flow stream the server opened: read its header, then relay a TCP connection or a UDP association
 /// until either side ends it. Targets the policy refuses are answered `NotAllowed` (TCP) or dropped (UDP).
@@ -75,22 +69,25 @@ pub async fn serve_flow(
         Err(_) => return answer(&mut send, OpenResult::Timeout).await,
     };
     let _ = tcp.set_nodelay(true);
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(KEEPALIVE_IDLE)
-        .with_interval(KEEPALIVE_INTERVAL)
-        .with_retries(KEEPALIVE_PROBES);
-    let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
-    let local = tcp.local_addr().ok();
+    let lease = tcp.local_addr().ok().map(|a| addresses::lease(a.ip()));
     send.write_all(&[OpenResult::Ok as u8]).await?;
     let (mut tr, mut tw) = tcp.into_split();
+    let gone = async {
+        match &lease {
+            Some(l) => l.gone().await,
+            None => std::future::pending().await,
+        }
+    };
     let moved = tokio::select! {
         () = relay(&mut recv, &mut send, &mut tr, &mut tw) => false,
-        () = address_gone(local) => true,
+        () = gone => true,
     };
+    // The tunnel stream is done with; it does not wait for the target socket's close.
+    drop((recv, send));
     if moved {
         // The device's address changed (a phone on a new carrier address): what went through the old one can
         // neither arrive nor come back, so the flow ends now instead of hanging; the customer sees it closed.
-        tracing::debug!(local = ?local, "a flow's address is gone from the device; flow ended");
+        tracing::debug!("a flow's address is gone from the device; flow ended");
         return Ok(());
     }
     // What was sent up must reach the target before the socket closes: closing it with the target's answer
@@ -102,18 +99,126 @@ pub async fn serve_flow(
     Ok(())
 }
 
-/// Returns once the device no longer has `local`'s address (checked every [`ADDRESS_CHECK`]): an address can be
-/// bound to exactly when the device has it. Never returns for an unknown address.
-async fn address_gone(local: Option<SocketAddr>) {
-    let Some(local) = local else {
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::time::sleep(ADDRESS_CHECK).await;
-        if let Err(e) = std::net::UdpSocket::bind(SocketAddr::new(local.ip(), 0)) {
-            if e.kind() == std::io::ErrorKind::AddrNotAvailable {
-                return;
+/// The device's own addresses that open flows were made from, checked together by one task every
+/// [`ADDRESS_CHECK`] (an address can be bound to exactly when the device has it), however many flows use them.
+mod addresses {
+    use std::collections::HashMap;
+    use std::net::{IpAddr, SocketAddr};
+    use std::sync::{Mutex, OnceLock};
+
+    use tokio_util::sync::CancellationToken;
+
+    #[derive(Default)]
+    struct Watched {
+        /// Per address: how many flows use it, the token they end by when it goes, and which watch of the address
+        /// this is (a lost address that comes back is a new one).
+        open: HashMap<IpAddr, (usize, CancellationToken, u64)>,
+        watches: u64,
+        /// The checking task, started by the first lease (and again if its runtime went away).
+        task: Option<tokio::task::JoinHandle<()>>,
+    }
+
+    fn watched() -> &'static Mutex<Watched> {
+        static W: OnceLock<Mutex<Watched>> = OnceLock::new();
+        W.get_or_init(Mutex::default)
+    }
+
+    fn lock() -> std::sync::MutexGuard<'static, Watched> {
+        watched()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A flow's hold on the address its target connection was made from.
+    pub struct Lease {
+        ip: IpAddr,
+        gone: CancellationToken,
+        watch: u64,
+    }
+
+    impl Lease {
+        /// Returns once the device no longer has the address.
+        pub async fn gone(&self) {
+            self.gone.cancelled().await;
+        }
+    }
+
+    impl Drop for Lease {
+        fn drop(&mut self) {
+            let mut w = lock();
+            if let Some((n, _, watch)) = w.open.get_mut(&self.ip) {
+                if *watch == self.watch {
+                    *n -= 1;
+                    if *n == 0 {
+                        w.open.remove(&self.ip);
+                    }
+                }
             }
+        }
+    }
+
+    pub fn lease(ip: IpAddr) -> Lease {
+        let mut w = lock();
+        let next = w.watches + 1;
+        let (n, token, watch) = w
+            .open
+            .entry(ip)
+            .or_insert_with(|| (0, CancellationToken::new(), next));
+        *n += 1;
+        let (gone, watch) = (token.clone(), *watch);
+        w.watches = w.watches.max(watch);
+        if w.task.as_ref().is_none_or(|t| t.is_finished()) {
+            w.task = Some(tokio::spawn(check()));
+        }
+        Lease { ip, gone, watch }
+    }
+
+    async fn check() {
+        loop {
+            tokio::time::sleep(super::ADDRESS_CHECK).await;
+            let ips: Vec<IpAddr> = lock().open.keys().copied().collect();
+            for ip in ips {
+                let lost = matches!(
+                    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)),
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable
+                );
+                if lost {
+                    if let Some((_, token, _)) = lock().open.remove(&ip) {
+                        token.cancel();
+                    }
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use std::time::Duration;
+
+        /// Flows from an address the device does not have end; flows from one it has go on; the watch forgets an
+        /// address once no flow uses it.
+        #[tokio::test(start_paused = true)]
+        async fn flows_end_when_their_address_goes_and_only_then() {
+            let kept: IpAddr = "127.0.0.1".parse().unwrap();
+            // TEST-NET-1: no machine has it.
+            let lost: IpAddr = "192.0.2.123".parse().unwrap();
+            let (a, b, c) = (lease(kept), lease(kept), lease(lost));
+            assert_eq!(lock().open.get(&kept).map(|e| e.0), Some(2));
+            tokio::time::timeout(Duration::from_secs(10), c.gone())
+                .await
+                .expect("a flow from a missing address goes on");
+            assert!(!lock().open.contains_key(&lost));
+            assert!(
+                tokio::time::timeout(Duration::from_secs(10), a.gone())
+                    .await
+                    .is_err(),
+                "a flow from a present address was ended"
+            );
+            drop(a);
+            assert_eq!(lock().open.get(&kept).map(|e| e.0), Some(1));
+            drop((b, c));
+            assert!(!lock().open.contains_key(&kept));
         }
     }
 }
