@@ -140,6 +140,8 @@ pub struct Hasher {
     cost: u32,
     /// bcrypt computations run, by this hasher and its clones.
     runs: Arc<std::sync::atomic::AtomicU64>,
+    /// How long making the dummy hash took at start: about one verification's time.
+    typical: std::time::Duration,
 }
 
 impl Hasher {
@@ -153,15 +155,18 @@ impl Hasher {
     pub async fn with_cost(permits: usize, cost: u32) -> Result<Self, HashError> {
         let permits = Arc::new(Semaphore::new(permits.max(1)));
         let seed: [u8; 16] = rand::random();
+        let started = std::time::Instant::now();
         let dummy = tokio::task::spawn_blocking(move || bcrypt::non_truncating_hash(seed, cost))
             .await
             .map_err(HashError::Join)?
             .map_err(HashError::Bcrypt)?;
+        let typical = started.elapsed();
         Ok(Hasher {
             permits,
             dummy_hash: dummy.into(),
             cost,
             runs: Arc::default(),
+            typical,
         })
     }
 
@@ -199,6 +204,12 @@ impl Hasher {
         let _ = self
             .run(move || bcrypt::non_truncating_verify("not-a-password", &hash))
             .await;
+    }
+
+    /// Wait about as long as one verification takes, without computing anything: an answer that must not come
+    /// sooner than a wrong password's, where a bcrypt would cost too much (made-up proxy usernames).
+    pub async fn pause_like_verify(&self) {
+        tokio::time::sleep(self.typical).await;
     }
 
     /// How many bcrypt computations this hasher and its clones have run.

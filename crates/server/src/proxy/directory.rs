@@ -615,10 +615,10 @@ impl Directory {
             Some(e) => e,
             None => {
                 // Not loaded: perhaps imported while this server runs. Counted first, so that guessing
-                // usernames costs the guesser, not the store. No bcrypt for a name that does not exist: proxy
-                // usernames are generated (50 random bits) and sit in customers' proxy URLs, so hiding whether one
-                // exists is worth little, while a dummy bcrypt per made-up name let a flood of them, from many
-                // addresses, take every password check from real customers and operators.
+                // usernames costs the guesser, not the store. A name that does not exist is answered after about
+                // a bcrypt's time, like a wrong password, but without computing one: a dummy bcrypt per made-up
+                // name let a flood of them, from many addresses, take every password check from real customers
+                // and operators.
                 let attempt = self
                     .limiter
                     .begin(&keys)
@@ -630,6 +630,7 @@ impl Directory {
                         self.upsert(&row)
                     }
                     _ => {
+                        self.hasher.pause_like_verify().await;
                         self.limiter.failed(&keys, attempt).await;
                         return Err(AuthFailure::Invalid);
                     }
