@@ -432,12 +432,13 @@ impl ServeConfig {
             public_url: public_url.trim_end_matches('/').to_owned(),
             log_format: raw.log_format.unwrap_or_default(),
             log_level: log_filter(raw.log_level.unwrap_or_else(|| "info".to_owned()))?,
-            // At least the 2 s a stopping flow has to write what it already counted, and its goodbye.
+            // At least the 2 s a stopping flow has to write what it already counted, the 2 s it has for that to
+            // arrive before its socket closes, and its goodbye.
             shutdown_timeout: Duration::from_secs(secs_in(
                 "shutdown_timeout_secs",
                 raw.shutdown_timeout_secs,
                 10,
-                3,
+                5,
                 3600,
             )?),
             tunnel_listen: raw.tunnel_listen,

@@ -294,7 +294,7 @@ impl TestServer {
             database_url: Some(Secret::new(db.url.clone())),
             redis_addr: opts.redis.clone().map(Secret::new),
             redis_prefix: Some(prefix.clone()),
-            shutdown_timeout_secs: Some(3),
+            shutdown_timeout_secs: Some(5),
             ..RawConfig::default()
         };
         // The test's own settings win over the harness defaults.
