@@ -80,8 +80,14 @@ where
     }
 }
 
-/// How often [`close_delivered`] looks at what the peer has acknowledged.
+/// How often [`close_delivered`] first looks at what the peer has acknowledged; the wait doubles up to
+/// [`DELIVERY_POLL_MAX`].
 const DELIVERY_POLL: Duration = Duration::from_millis(5);
+const DELIVERY_POLL_MAX: Duration = Duration::from_millis(80);
+/// With `discard_input`, how long the peer must have sent nothing before the socket may close with everything
+/// acknowledged: a peer that keeps sending is waited for until it closes (or the grace ends), so that the close
+/// is not a reset arriving on top of data it has not read yet (some systems drop that data on a reset).
+const INPUT_QUIET: Duration = Duration::from_millis(50);
 
 /// End a TCP connection without throwing away what was written to it.
 ///
@@ -91,37 +97,42 @@ const DELIVERY_POLL: Duration = Duration::from_millis(5);
 /// would never arrive. This half-closes (a FIN after the queued output), then waits, at most `grace`, until the
 /// peer has acknowledged everything or has closed its side too.
 ///
-/// With `discard_input` it reads and drops what the peer sends meanwhile, so that the socket closes with nothing
-/// unread once the peer is done: a FIN, not a reset. Without, the peer's input stays unread (on a device, reading
-/// it would fetch bytes nobody pays for over the mobile link) and the close may be a reset, once everything was
-/// acknowledged. After `grace` the socket closes whatever the peer does.
+/// With `discard_input` it reads and drops what the peer sends meanwhile, and closes once the peer has closed too,
+/// or has acknowledged everything and sent nothing for [`INPUT_QUIET`]: then nothing is left unread and the close
+/// is not a reset. Without, the peer's input stays unread (on a device, reading it would fetch bytes nobody pays
+/// for over the mobile link) and the socket closes once everything was acknowledged, which may be a reset. After
+/// `grace` the socket closes whatever the peer does.
 pub async fn close_delivered(s: &tokio::net::TcpStream, grace: Duration, discard_input: bool) {
     let _ = socket2::SockRef::from(s).shutdown(std::net::Shutdown::Write);
     let _ = tokio::time::timeout(grace, async {
         let mut scratch = [0u8; 4096];
+        let mut last_input: Option<tokio::time::Instant> = None;
+        let mut poll = DELIVERY_POLL;
         loop {
             if discard_input {
                 loop {
                     match s.try_read(&mut scratch) {
                         // The peer closed too (nothing is left unread), or reset (nothing more can be delivered).
                         Ok(0) => return,
-                        Ok(_) => {}
+                        Ok(_) => last_input = Some(tokio::time::Instant::now()),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(_) => return,
                     }
                 }
             }
-            if crate::net::unacked_bytes(s) == Some(0) {
+            let quiet = last_input.is_none_or(|t| t.elapsed() >= INPUT_QUIET);
+            if crate::net::unacked_bytes(s) == Some(0) && quiet {
                 return;
             }
             if discard_input {
                 tokio::select! {
                     r = s.readable() => if r.is_err() { return },
-                    _ = tokio::time::sleep(DELIVERY_POLL) => {}
+                    _ = tokio::time::sleep(poll) => {}
                 }
             } else {
-                tokio::time::sleep(DELIVERY_POLL).await;
+                tokio::time::sleep(poll).await;
             }
+            poll = (poll * 2).min(DELIVERY_POLL_MAX);
         }
     })
     .await;
@@ -252,7 +263,7 @@ mod tests {
             }
             let closing = tokio::spawn(async move {
                 if let Some(discard) = close {
-                    close_delivered(&ours, Duration::from_secs(5), discard).await;
+                    close_delivered(&ours, Duration::from_secs(1), discard).await;
                 }
                 drop(ours);
             });
