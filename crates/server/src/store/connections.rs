@@ -369,6 +369,31 @@ impl Store {
             .await?)
     }
 
+    /// Which of these operator ids still exist.
+    pub async fn existing_operators(
+        &self,
+        ids: &[String],
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let mut out = std::collections::HashSet::new();
+        for chunk in ids.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let q = format!("SELECT id FROM operators WHERE id IN ({marks})");
+            let sql = self.sql(&q);
+            let mut query = sqlx::query_as::<_, (String,)>(&sql);
+            for id in chunk {
+                query = query.bind(id);
+            }
+            out.extend(
+                query
+                    .fetch_all(&self.pool)
+                    .await?
+                    .into_iter()
+                    .map(|(id,)| id),
+            );
+        }
+        Ok(out)
+    }
+
     /// Which of these usernames exist, and whose they are: `(username, operator_id)`.
     pub async fn username_owners(
         &self,
