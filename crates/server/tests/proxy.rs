@@ -2259,7 +2259,17 @@ async fn clients_that_stall_in_the_handshake_are_dropped_after_the_timeout() {
     let mut b = [0u8; 2];
     greeted.read_exact(&mut b).await.unwrap();
     assert_eq!(b, [5, 2], "method chosen; then the credentials never come");
-    for s in [&mut silent, &mut half, &mut greeted] {
+    let mut told = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), half.read_to_end(&mut told))
+        .await
+        .expect("the stuck HTTP client was not closed")
+        .unwrap();
+    assert!(
+        told.starts_with(b"HTTP/1.1 408 "),
+        "{}",
+        String::from_utf8_lossy(&told)
+    );
+    for s in [&mut silent, &mut greeted] {
         drain(s, Duration::from_secs(5)).await;
     }
     let took = started.elapsed();

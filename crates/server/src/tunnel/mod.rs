@@ -348,8 +348,12 @@ async fn tunnel(
         commands: &mut command_rx,
     };
     let result = control_loop(&*link, ctx, &device.id, session, (&kick, &ended), &mut io).await;
-    ctx.registry.unregister(&device.id, session);
-    tracing::info!(device = %device.id, "device offline");
+    if ctx.registry.unregister(&device.id, session) {
+        tracing::info!(device = %device.id, "device offline");
+    } else {
+        // A reconnect replaced this session first: the device is online through the new one.
+        tracing::debug!(device = %device.id, "a replaced device session ended");
+    }
     result
 }
 

@@ -82,7 +82,9 @@ impl Registry {
     }
 
     /// Remove a session, unless a newer one has replaced it.
-    pub fn unregister(&self, device_id: &str, session: u64) {
+    /// The session ended. True when it was the device's live one (false: a newer session had replaced it, and the
+    /// device is still online through that).
+    pub fn unregister(&self, device_id: &str, session: u64) -> bool {
         let gone = self.live.lock().ok().and_then(|mut m| {
             if m.get(device_id).is_some_and(|l| l.session == session) {
                 m.remove(device_id)
@@ -90,6 +92,7 @@ impl Registry {
                 None
             }
         });
+        let was_live = gone.is_some();
         // Its last heartbeat still reaches the store with the next flush.
         if let (Some(l), Ok(mut d)) = (gone, self.departed.lock()) {
             d.push((
@@ -98,6 +101,7 @@ impl Registry {
                 l.public_ip,
             ));
         }
+        was_live
     }
 
     pub fn heartbeat(

@@ -47,6 +47,7 @@ async fn respond(
         400 => "Bad Request",
         403 => "Forbidden",
         407 => "Proxy Authentication Required",
+        408 => "Request Timeout",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
@@ -88,12 +89,18 @@ pub async fn serve(
     peer: SocketAddr,
     door: &Door,
 ) -> anyhow::Result<()> {
-    let head = ctx
-        .handshake(read_head(&mut stream))
-        .await
-        .ok_or_else(|| {
-            anyhow::anyhow!("HTTP proxy request head timed out (or the server is stopping)")
-        })??;
+    let Some(head) = ctx.handshake(read_head(&mut stream)).await else {
+        // Say why the connection closes (not when the server is stopping: it owes nobody an answer then).
+        if !ctx.shutdown.is_cancelled() {
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                respond(&mut stream, 408, "", "request head timed out"),
+            )
+            .await;
+        }
+        anyhow::bail!("HTTP proxy request head timed out (or the server is stopping)");
+    };
+    let head = head?;
     let (req, rest) = match head {
         Ok(h) => h,
         Err(e) => {
