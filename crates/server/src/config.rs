@@ -97,6 +97,7 @@ pub struct RawConfig {
     pub usage_flush_secs: Option<u64>,
     pub proxy_handshake_timeout_secs: Option<u64>,
     pub proxy_half_closed_timeout_secs: Option<u64>,
+    pub proxy_max_flows_per_connection: Option<u64>,
     pub offline_after_secs: Option<u64>,
     pub alert_cooldown_secs: Option<u64>,
     pub monitor_scan_secs: Option<u64>,
@@ -155,6 +156,7 @@ impl RawConfig {
             usage_flush_secs,
             proxy_handshake_timeout_secs,
             proxy_half_closed_timeout_secs,
+            proxy_max_flows_per_connection,
             offline_after_secs,
             alert_cooldown_secs,
             monitor_scan_secs,
@@ -305,6 +307,8 @@ pub struct ServeConfig {
     pub proxy_handshake_timeout: Duration,
     /// A flow one side has closed ends when the other side sends nothing for this long.
     pub proxy_half_closed_timeout: Duration,
+    /// At most this many flows of one connection open at once (a device carries 4096).
+    pub proxy_max_flows_per_connection: usize,
     /// A device is offline after this long without a heartbeat (also the grace after startup).
     pub offline_after: Duration,
     /// After an offline alert, no other for the same device for this long.
@@ -485,6 +489,16 @@ impl ServeConfig {
                 1,
                 86_400,
             )?),
+            proxy_max_flows_per_connection: {
+                let v = raw.proxy_max_flows_per_connection.unwrap_or(1024);
+                if !(1..=100_000).contains(&v) {
+                    return Err(invalid(
+                        "proxy_max_flows_per_connection",
+                        "must be between 1 and 100000".to_owned(),
+                    ));
+                }
+                usize::try_from(v).unwrap_or(1024)
+            },
             offline_after: Duration::from_secs(secs_in(
                 "offline_after_secs",
                 raw.offline_after_secs,

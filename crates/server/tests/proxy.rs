@@ -2167,6 +2167,61 @@ async fn a_flow_from_an_address_the_device_lost_ends() {
     held.abort();
 }
 
+/// One connection may have only so many flows open at once, so that one credential keeping its sockets open cannot
+/// take every stream of its device: the next flow is refused (SOCKS5 `1`, HTTP `429`) until one ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_has_at_most_its_share_of_open_flows() {
+    let mut o = opts();
+    o.raw.proxy_max_flows_per_connection = Some(2);
+    let Some(rig) = Rig::start_with(o).await else {
+        return;
+    };
+    let idle = stream_target(0).await;
+    let c = rig
+        .create(json!({"name": "greedy", "device_id": rig.device}))
+        .await;
+    let (user, pass) = creds(&c);
+    let other = rig
+        .create(json!({"name": "other", "device_id": rig.device}))
+        .await;
+    let (ouser, opass) = creds(&other);
+    let first = socks_connect(rig.socks_addr(), idle, &user, &pass)
+        .await
+        .unwrap();
+    let _second = socks_connect(rig.socks_addr(), idle, &user, &pass)
+        .await
+        .unwrap();
+    assert!(matches!(
+        socks_connect(rig.socks_addr(), idle, &user, &pass).await,
+        Err(tokio_socks::Error::GeneralSocksServerFailure)
+    ));
+    let http = format!("http://{user}:{pass}@{}", rig.http_addr());
+    let (_, out) = curl_via(&http, &format!("http://{idle}/"), &[]).await;
+    assert!(out.starts_with("429 "), "{out}");
+    // Another connection on the same device is not affected.
+    let _theirs = socks_connect(rig.socks_addr(), idle, &ouser, &opass)
+        .await
+        .unwrap();
+    // A flow that ends gives its place back.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match socks_connect(rig.socks_addr(), idle, &user, &pass).await {
+            Ok(_) => break,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "the place never came back: {e:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = rig.s.text("/metrics").await;
+    assert!(
+        m.contains("proxyfleet_proxy_flows_total{outcome=\"too_many_flows\"}"),
+        "{m}"
+    );
+}
+
 /// A target that reads until the client's end and then holds the connection open, saying nothing, for ever.
 async fn holding_target() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

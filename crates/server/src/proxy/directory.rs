@@ -121,6 +121,8 @@ pub struct Entry {
     state: Mutex<State>,
     /// One bcrypt verification per connection at a time: flows that miss the cache together wait for it.
     verify: tokio::sync::Mutex<()>,
+    /// Flows of this connection open now (see `relay::FlowSlot`).
+    pub(crate) open_flows: std::sync::atomic::AtomicUsize,
     sink: QuotaSink,
     /// Woken when the connection is cut off: the usage flush writes that at once instead of at its next tick, so
     /// that a crash soon after cannot reopen an exhausted connection.
@@ -190,6 +192,7 @@ impl Entry {
             username: row.username.clone(),
             state: Mutex::new(state),
             verify: tokio::sync::Mutex::new(()),
+            open_flows: std::sync::atomic::AtomicUsize::new(0),
             sink,
             flush_soon: Arc::default(),
         }

@@ -34,6 +34,8 @@ pub struct ProxyContext {
     pub handshake_timeout: Duration,
     /// A flow one side has closed ends when the other side sends nothing for this long.
     pub half_closed_timeout: Duration,
+    /// At most this many flows of one connection open at once.
+    pub max_flows_per_connection: usize,
     pub metrics: crate::metrics::Metrics,
     pub registry: Arc<Registry>,
     pub shutdown: CancellationToken,
@@ -82,6 +84,8 @@ pub enum OpenFailure {
     Flow(FlowError),
     /// The server is stopping (a restart): try again in a moment.
     ShuttingDown,
+    /// The connection already has as many flows open as it may.
+    TooManyFlows,
 }
 
 impl OpenFailure {
@@ -90,6 +94,7 @@ impl OpenFailure {
         match self {
             OpenFailure::Refused(r) => (403, r.reason()),
             OpenFailure::ShuttingDown => (503, "proxy restarting; try again"),
+            OpenFailure::TooManyFlows => (429, "too many open flows on this connection"),
             OpenFailure::DeviceOffline | OpenFailure::Flow(FlowError::Offline) => {
                 (502, "device offline")
             }
@@ -112,7 +117,7 @@ impl OpenFailure {
         use proxyfleet_proto::socks5::Reply;
         match self {
             OpenFailure::Refused(_) => Reply::NotAllowedByRuleset,
-            OpenFailure::ShuttingDown => Reply::GeneralFailure,
+            OpenFailure::ShuttingDown | OpenFailure::TooManyFlows => Reply::GeneralFailure,
             OpenFailure::DeviceOffline
             | OpenFailure::Flow(FlowError::Offline | FlowError::Tunnel(_)) => {
                 Reply::NetworkUnreachable
@@ -149,6 +154,7 @@ impl ProxyContext {
             Err(OpenFailure::Flow(FlowError::Timeout)) => "device_timeout",
             Err(OpenFailure::Unsupported) => "unsupported",
             Err(OpenFailure::ShuttingDown) => "shutting_down",
+            Err(OpenFailure::TooManyFlows) => "too_many_flows",
             // The device's policy refused the target (a private address): the customer's doing, not a failure.
             Err(OpenFailure::Flow(FlowError::Target(OpenResult::NotAllowed))) => "not_allowed",
             Err(OpenFailure::Flow(_)) => "target_failed",
@@ -163,6 +169,8 @@ impl ProxyContext {
         target: Target,
     ) -> Result<(Flow, BoxRead, BoxWrite), OpenFailure> {
         let adm = entry.admit().map_err(OpenFailure::Refused)?;
+        let slot = relay::FlowSlot::take(entry, self.max_flows_per_connection)
+            .ok_or(OpenFailure::TooManyFlows)?;
         let live = self
             .registry
             .get(&adm.device_id)
@@ -188,6 +196,7 @@ impl ProxyContext {
                 device: adm.device_id,
                 stop: adm.stop,
                 counters: relay::Counters::new(&self.metrics),
+                _slot: slot,
             },
             r,
             w,

@@ -28,6 +28,31 @@ pub struct Flow {
     /// Cancelled when the flow must end, server shutdown included.
     pub stop: CancellationToken,
     pub counters: Counters,
+    /// Its place among the connection's open flows, given back when the flow ends.
+    pub _slot: FlowSlot,
+}
+
+/// One of a connection's open flows, counted against its most ([`super::ProxyContext::max_flows_per_connection`]):
+/// without a most, one credential that keeps its sockets open could take every stream its device has.
+pub struct FlowSlot(Arc<Entry>);
+
+impl FlowSlot {
+    /// A place for one more flow of `entry`, unless it has `max` open already.
+    pub fn take(entry: &Arc<Entry>, max: usize) -> Option<FlowSlot> {
+        entry
+            .open_flows
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| FlowSlot(entry.clone()))
+    }
+}
+
+impl Drop for FlowSlot {
+    fn drop(&mut self) {
+        self.0.open_flows.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The flow's share of the server's metrics; the open-flows gauge goes down when the flow is dropped.
