@@ -110,10 +110,9 @@ mod addresses {
 
     #[derive(Default)]
     struct Watched {
-        /// Per address: how many flows use it, the token they end by when it goes, and which watch of the address
-        /// this is (a lost address that comes back is a new one).
-        open: HashMap<IpAddr, (usize, CancellationToken, u64)>,
-        watches: u64,
+        /// Per address: how many flows use it, and the token they end by when it goes (cancelled only together
+        /// with the entry's removal, under the lock).
+        open: HashMap<IpAddr, (usize, CancellationToken)>,
         /// The checking task, started by the first lease (and again if its runtime went away).
         task: Option<tokio::task::JoinHandle<()>>,
     }
@@ -133,7 +132,6 @@ mod addresses {
     pub struct Lease {
         ip: IpAddr,
         gone: CancellationToken,
-        watch: u64,
     }
 
     impl Lease {
@@ -146,12 +144,14 @@ mod addresses {
     impl Drop for Lease {
         fn drop(&mut self) {
             let mut w = lock();
-            if let Some((n, _, watch)) = w.open.get_mut(&self.ip) {
-                if *watch == self.watch {
-                    *n -= 1;
-                    if *n == 0 {
-                        w.open.remove(&self.ip);
-                    }
+            // A cancelled lease's entry is gone already; one for the same address now is another watch's.
+            if self.gone.is_cancelled() {
+                return;
+            }
+            if let Some((n, _)) = w.open.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    w.open.remove(&self.ip);
                 }
             }
         }
@@ -159,18 +159,13 @@ mod addresses {
 
     pub fn lease(ip: IpAddr) -> Lease {
         let mut w = lock();
-        let next = w.watches + 1;
-        let (n, token, watch) = w
-            .open
-            .entry(ip)
-            .or_insert_with(|| (0, CancellationToken::new(), next));
+        let (n, token) = w.open.entry(ip).or_default();
         *n += 1;
-        let (gone, watch) = (token.clone(), *watch);
-        w.watches = w.watches.max(watch);
+        let gone = token.clone();
         if w.task.as_ref().is_none_or(|t| t.is_finished()) {
             w.task = Some(tokio::spawn(check()));
         }
-        Lease { ip, gone, watch }
+        Lease { ip, gone }
     }
 
     async fn check() {
@@ -183,7 +178,8 @@ mod addresses {
                     Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable
                 );
                 if lost {
-                    if let Some((_, token, _)) = lock().open.remove(&ip) {
+                    let mut w = lock();
+                    if let Some((_, token)) = w.open.remove(&ip) {
                         token.cancel();
                     }
                 }

@@ -105,19 +105,15 @@ const INPUT_QUIET: Duration = Duration::from_millis(50);
 pub async fn close_delivered(s: &tokio::net::TcpStream, grace: Duration, discard_input: bool) {
     let _ = socket2::SockRef::from(s).shutdown(std::net::Shutdown::Write);
     let _ = tokio::time::timeout(grace, async {
-        let mut scratch = [0u8; 4096];
         let mut last_input: Option<tokio::time::Instant> = None;
         let mut poll = DELIVERY_POLL;
         loop {
             if discard_input {
-                loop {
-                    match s.try_read(&mut scratch) {
-                        // The peer closed too (nothing is left unread), or reset (nothing more can be delivered).
-                        Ok(0) => return,
-                        Ok(_) => last_input = Some(tokio::time::Instant::now()),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(_) => return,
-                    }
+                match discard_pending(s) {
+                    // The peer closed too (nothing is left unread), or reset (nothing more can be delivered).
+                    None => return,
+                    Some(true) => last_input = Some(tokio::time::Instant::now()),
+                    Some(false) => {}
                 }
             }
             let quiet = last_input.is_none_or(|t| t.elapsed() >= INPUT_QUIET);
@@ -136,6 +132,20 @@ pub async fn close_delivered(s: &tokio::net::TcpStream, grace: Duration, discard
         }
     })
     .await;
+}
+
+/// Read and drop what the socket holds now: whether there was anything, or `None` once the peer closed or reset.
+fn discard_pending(s: &tokio::net::TcpStream) -> Option<bool> {
+    let mut scratch = [0u8; 4096];
+    let mut got = false;
+    loop {
+        match s.try_read(&mut scratch) {
+            Ok(0) => return None,
+            Ok(_) => got = true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(got),
+            Err(_) => return None,
+        }
+    }
 }
 
 /// How much [`ReadAhead`] asks the socket for at once.

@@ -124,9 +124,6 @@ pub struct Entry {
     /// Flows of this connection open now (see `relay::FlowSlot`).
     pub(crate) open_flows: std::sync::atomic::AtomicUsize,
     sink: QuotaSink,
-    /// Woken when the connection is cut off: the usage flush writes that at once instead of at its next tick, so
-    /// that a crash soon after cannot reopen an exhausted connection.
-    flush_soon: Arc<tokio::sync::Notify>,
 }
 
 /// What an admitted flow needs.
@@ -150,8 +147,22 @@ pub struct QuotaEvent {
     pub at_ms: i64,
 }
 
-/// Where quota events go (set once the server has its outbox writer).
-pub type QuotaSink = Arc<std::sync::OnceLock<tokio::sync::mpsc::Sender<QuotaEvent>>>;
+/// What every entry of a directory reports to: quota events (once the server has its outbox writer) and cut-offs
+/// (the usage flush writes those at once instead of at its next tick, so that a crash soon after cannot reopen an
+/// exhausted connection).
+#[derive(Default)]
+pub struct Reports {
+    events: std::sync::OnceLock<tokio::sync::mpsc::Sender<QuotaEvent>>,
+    flush_soon: tokio::sync::Notify,
+}
+
+impl std::fmt::Debug for Reports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reports").finish_non_exhaustive()
+    }
+}
+
+pub type QuotaSink = Arc<Reports>;
 
 /// A connection's numbers and state, as the API shows them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,12 +205,11 @@ impl Entry {
             verify: tokio::sync::Mutex::new(()),
             open_flows: std::sync::atomic::AtomicUsize::new(0),
             sink,
-            flush_soon: Arc::default(),
         }
     }
 
     fn report(&self, kind: &'static str, used: u64, limit: Option<u64>, at_ms: i64) {
-        if let Some(tx) = self.sink.get() {
+        if let Some(tx) = self.sink.events.get() {
             let e = QuotaEvent {
                 kind,
                 connection_id: self.id.clone(),
@@ -278,7 +288,7 @@ impl Entry {
                 self.report("connection.usage_80", used, limit, now_ms);
             }
             if used >= l && before < l {
-                self.flush_soon.notify_one();
+                self.sink.flush_soon.notify_one();
                 self.report("connection.exhausted", used, limit, now_ms);
             }
         }
@@ -395,8 +405,6 @@ pub struct Directory {
     orphans: Mutex<Orphans>,
     /// Cancelled at shutdown: every flow ends.
     shutdown: CancellationToken,
-    /// Woken by a connection's cut-off: the flush loop writes usage at once.
-    flush_soon: Arc<tokio::sync::Notify>,
 }
 
 impl Directory {
@@ -419,7 +427,6 @@ impl Directory {
             orphans: Mutex::default(),
             shutdown,
             sink: QuotaSink::default(),
-            flush_soon: Arc::default(),
         };
         for row in d.store.all_connections().await? {
             d.upsert(&row);
@@ -429,7 +436,7 @@ impl Directory {
 
     /// Send quota crossings (80 %, exhausted, reset) to `tx` from now on.
     pub fn set_quota_sink(&self, tx: tokio::sync::mpsc::Sender<QuotaEvent>) {
-        let _ = self.sink.set(tx);
+        let _ = self.sink.events.set(tx);
     }
 
     pub fn clock(&self) -> &dyn Clock {
@@ -442,9 +449,7 @@ impl Directory {
             e.apply(row);
             return e;
         }
-        let mut e = Entry::from_row(row, self.sink.clone(), &self.shutdown);
-        e.flush_soon = self.flush_soon.clone();
-        let e = Arc::new(e);
+        let e = Arc::new(Entry::from_row(row, self.sink.clone(), &self.shutdown));
         if let Ok(mut m) = self.entries.write() {
             m.insert(e.id.clone(), e.clone());
         }
@@ -770,9 +775,7 @@ impl Directory {
         }
         Ok(())
     }
-}
 
-impl Directory {
     /// Hourly usage a failed flush did not write, kept for the next one; except an operator's deleted meanwhile:
     /// their rows would fail every flush from then on.
     fn put_back(&self, buckets: Vec<UsageBucket>) {
@@ -808,11 +811,10 @@ pub async fn flush_loop(
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let soon = dir.flush_soon.clone();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            () = soon.notified() => {}
+            () = dir.sink.flush_soon.notified() => {}
             _ = cancel.cancelled() => break,
         }
         if let Err(e) = dir.flush().await {
@@ -1041,7 +1043,7 @@ mod tests {
     fn quota_crossings_are_reported_once_each() {
         let sink = QuotaSink::default();
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-        sink.set(tx).unwrap();
+        sink.events.set(tx).unwrap();
         let e = Entry::from_row(&row(Some(1000)), sink, &CancellationToken::new());
         let dev: Arc<str> = Arc::from("d1");
         e.charge(799, Dir::Down, &dev, 5);

@@ -8,7 +8,7 @@
 //! datagram payloads without headers. Protocol overhead (TCP/IP, QUIC, TLS, SOCKS and tunnel framing) is not
 //! counted. A chunk is counted when it is handed to the socket.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -122,14 +122,19 @@ pub(super) async fn within_grace<F: std::future::Future>(
     }
 }
 
-/// When either direction of a relay last read something: milliseconds since the relay started.
+/// When a half-closed relay's open direction last read something: milliseconds since the relay started. Only
+/// watched once one direction has ended, so that a flow moving data both ways reads no clock for it.
 struct Activity {
     start: tokio::time::Instant,
+    watching: AtomicBool,
     last_ms: AtomicU64,
 }
 
 impl Activity {
     fn touch(&self) {
+        if !self.watching.load(Ordering::Relaxed) {
+            return;
+        }
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(ms, Ordering::Relaxed);
     }
@@ -228,6 +233,7 @@ where
         let stop = flow.stop.child_token();
         let activity = Activity {
             start: tokio::time::Instant::now(),
+            watching: AtomicBool::new(false),
             last_ms: AtomicU64::new(0),
         };
         let up = pump(
@@ -278,6 +284,8 @@ where
                 }
             }
             if (up_done != down_done) && idle_by.is_none() && !stop.is_cancelled() {
+                // Reads before this moment do not count: the timeout runs from the half-close at the earliest.
+                activity.watching.store(true, Ordering::Relaxed);
                 idle_by = Some(tokio::time::Instant::now() + opts.half_closed_timeout);
             }
         }
@@ -292,4 +300,14 @@ where
 /// and lose the end of what the customer was charged for ([`proxyfleet_proto::io::close_delivered`]).
 pub async fn close_customer(s: &tokio::net::TcpStream) {
     proxyfleet_proto::io::close_delivered(s, WRITE_GRACE, true).await;
+}
+
+/// [`close_customer`] for a customer socket the relay had as two halves.
+pub async fn close_customer_halves(
+    cr: tokio::net::tcp::OwnedReadHalf,
+    cw: tokio::net::tcp::OwnedWriteHalf,
+) {
+    if let Ok(s) = cr.reunite(cw) {
+        close_customer(&s).await;
+    }
 }

@@ -11,7 +11,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::directory::{Dir, Entry};
-use super::relay::{close_customer, relay};
+use super::relay::{close_customer_halves, relay};
 use super::{AuthFailure, Door, OpenFailure, ProxyContext};
 
 const UNSPECIFIED: SocketAddr =
@@ -171,9 +171,7 @@ pub async fn serve(
                 ctx.relay_options(false),
             )
             .await;
-            if let Ok(s) = cr.reunite(cw) {
-                close_customer(&s).await;
-            }
+            close_customer_halves(cr, cw).await;
             Ok(())
         }
         Command::UdpAssociate => udp_associate(ctx, stream, peer, n).await,

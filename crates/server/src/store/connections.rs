@@ -374,24 +374,10 @@ impl Store {
         &self,
         ids: &[String],
     ) -> Result<std::collections::HashSet<String>, StoreError> {
-        let mut out = std::collections::HashSet::new();
-        for chunk in ids.chunks(500) {
-            let marks = vec!["?"; chunk.len()].join(", ");
-            let q = format!("SELECT id FROM operators WHERE id IN ({marks})");
-            let sql = self.sql(&q);
-            let mut query = sqlx::query_as::<_, (String,)>(&sql);
-            for id in chunk {
-                query = query.bind(id);
-            }
-            out.extend(
-                query
-                    .fetch_all(&self.pool)
-                    .await?
-                    .into_iter()
-                    .map(|(id,)| id),
-            );
-        }
-        Ok(out)
+        let rows: Vec<(String,)> = self
+            .select_in("SELECT id FROM operators WHERE id", ids)
+            .await?;
+        Ok(rows.into_iter().map(|(id,)| id).collect())
     }
 
     /// Which of these usernames exist, and whose they are: `(username, operator_id)`.
@@ -399,17 +385,27 @@ impl Store {
         &self,
         usernames: &[String],
     ) -> Result<Vec<(String, String)>, StoreError> {
+        self.select_in(
+            "SELECT username, operator_id FROM connections WHERE username",
+            usernames,
+        )
+        .await
+    }
+
+    /// The rows of `select` (ending in the column compared) `IN` `values`, asked in bounded lists: every backend
+    /// takes 500 parameters comfortably.
+    async fn select_in<T>(&self, select: &str, values: &[String]) -> Result<Vec<T>, StoreError>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> + Send + Unpin,
+    {
         let mut out = Vec::new();
-        // Bounded IN lists: every backend takes 500 parameters comfortably.
-        for chunk in usernames.chunks(500) {
+        for chunk in values.chunks(500) {
             let marks = vec!["?"; chunk.len()].join(", ");
-            let q = format!(
-                "SELECT username, operator_id FROM connections WHERE username IN ({marks})"
-            );
+            let q = format!("{select} IN ({marks})");
             let sql = self.sql(&q);
-            let mut query = sqlx::query_as::<_, (String, String)>(&sql);
-            for u in chunk {
-                query = query.bind(u);
+            let mut query = sqlx::query_as::<_, T>(&sql);
+            for v in chunk {
+                query = query.bind(v);
             }
             out.extend(query.fetch_all(&self.pool).await?);
         }

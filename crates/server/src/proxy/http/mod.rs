@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::directory::Entry;
-use super::relay::{close_customer, relay};
+use super::relay::{close_customer_halves, relay};
 use super::{AuthFailure, Door, ProxyContext};
 
 mod forward;
@@ -184,15 +184,11 @@ pub async fn serve(
                 opts,
             )
             .await;
-            if let Ok(s) = up.into_inner().reunite(cw) {
-                close_customer(&s).await;
-            }
+            close_customer_halves(up.into_inner(), cw).await;
             return Ok(());
         }
     };
     let (cr, cw) = relay(&ctx.dir, &flow, stream.into_split(), (dr, dw), &first, opts).await;
-    if let Ok(s) = cr.reunite(cw) {
-        close_customer(&s).await;
-    }
+    close_customer_halves(cr, cw).await;
     Ok(())
 }
