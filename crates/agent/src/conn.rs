@@ -143,11 +143,11 @@ pub async fn connect_tcp(server: &str, tls: rustls::ClientConfig) -> anyhow::Res
     let handshake = async {
         let tcp = tokio::net::TcpStream::connect(server).await?;
         let _ = tcp.set_nodelay(true);
-        connector
-            .connect(name, proxyfleet_proto::io::ReadAhead::new(tcp))
-            .await
+        let socket = proxyfleet_proto::io::ReadAhead::new(tcp);
+        let hearing = socket.hearing();
+        Ok::<_, std::io::Error>((connector.connect(name, socket).await?, hearing))
     };
-    let tls = tokio::time::timeout(TCP_TIMEOUT, handshake)
+    let (tls, hearing) = tokio::time::timeout(TCP_TIMEOUT, handshake)
         .await
         .context("TCP/TLS handshake timed out")??;
     let mut session = tokio_yamux::Session::new_client(tls, proxyfleet_proto::yamux_config());
@@ -157,9 +157,16 @@ pub async fn connect_tcp(server: &str, tls: rustls::ClientConfig) -> anyhow::Res
     let driver_done = done.clone();
     // The session only moves bytes while polled: drive it for the tunnel's whole life.
     tokio::spawn(async move {
+        // As on QUIC: a server not heard from (pings included) for the idle timeout is gone; reconnect.
+        let silence = hearing.silent_for(proxyfleet_proto::TUNNEL_IDLE_TIMEOUT);
+        tokio::pin!(silence);
         loop {
             tokio::select! {
                 _ = driver_done.cancelled() => break,
+                _ = &mut silence => {
+                    tracing::warn!("heard nothing from the server for the idle timeout; reconnecting");
+                    break;
+                }
                 next = session.next() => match next {
                     Some(Ok(stream)) => {
                         // Never stop driving the session for a slow consumer: that would freeze the whole tunnel.

@@ -158,9 +158,13 @@ pub const READ_AHEAD: usize = 64 * 1024;
 /// [`READ_AHEAD`] bytes per call and hands them out from memory. The buffer exists only while bytes arrive: it is
 /// released as soon as the socket has nothing more to give, so an idle tunnel holds none of it. Writes pass
 /// straight through.
+///
+/// It also counts the reads that brought bytes, so that the tunnel can tell a peer that went silent
+/// ([`Hearing::silent_for`]).
 pub struct ReadAhead<S> {
     inner: S,
     buf: BytesMut,
+    heard: Hearing,
 }
 
 impl<S> ReadAhead<S> {
@@ -168,11 +172,49 @@ impl<S> ReadAhead<S> {
         ReadAhead {
             inner,
             buf: BytesMut::new(),
+            heard: Hearing::default(),
         }
     }
 
     pub fn get_ref(&self) -> &S {
         &self.inner
+    }
+
+    /// What this reader has heard from the socket, for a watchdog that outlives the reader's owner.
+    pub fn hearing(&self) -> Hearing {
+        self.heard.clone()
+    }
+}
+
+/// How many reads of a [`ReadAhead`] brought bytes: one relaxed atomic add per socket read, no clock.
+#[derive(Clone, Default)]
+pub struct Hearing(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl Hearing {
+    fn heard(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn count(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Returns once nothing has arrived for `quiet` (noticed between `quiet` and 1.1 × `quiet` after the last
+    /// bytes: it looks every tenth of `quiet`).
+    pub async fn silent_for(&self, quiet: Duration) {
+        let step = quiet / 10;
+        let mut last = self.count();
+        let mut since = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(step).await;
+            let now = self.count();
+            if now != last {
+                last = now;
+                since = tokio::time::Instant::now();
+            } else if since.elapsed() >= quiet {
+                return;
+            }
+        }
     }
 }
 
@@ -185,7 +227,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         let this = self.get_mut();
         if this.buf.is_empty() {
             if out.remaining() >= READ_AHEAD {
-                return Pin::new(&mut this.inner).poll_read(cx, out);
+                let before = out.filled().len();
+                let read = Pin::new(&mut this.inner).poll_read(cx, out);
+                if out.filled().len() > before {
+                    this.heard.heard();
+                }
+                return read;
             }
             this.buf.reserve(READ_AHEAD);
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf) {
@@ -196,7 +243,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 // End of stream: `buf` stays empty and so does `out`.
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(0)) => {}
+                Poll::Ready(Ok(_)) => this.heard.heard(),
             }
         }
         let n = out.remaining().min(this.buf.len());
@@ -395,6 +443,34 @@ mod tests {
             got.extend_from_slice(&chunk[..n]);
         }
         assert_eq!(got, data);
+    }
+
+    /// The silence watch returns only after `quiet` without a byte: bytes at 10 s push it back, reads of an idle
+    /// socket do not count, and it then fires between 20 and 22 s after the last bytes.
+    #[tokio::test(start_paused = true)]
+    async fn silence_is_noticed_only_after_the_quiet_time_without_bytes() {
+        use tokio::time::Instant;
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut r = ReadAhead::new(a);
+        let hearing = r.hearing();
+        tokio::spawn(async move {
+            let mut chunk = [0u8; 64];
+            while let Ok(1..) = r.read(&mut chunk).await {}
+        });
+        let start = Instant::now();
+        let quiet = Duration::from_secs(20);
+        let watch = tokio::spawn(async move {
+            hearing.silent_for(quiet).await;
+            Instant::now()
+        });
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        b.write_all(b"ping").await.unwrap();
+        let fired = watch.await.unwrap() - start;
+        assert!(
+            fired >= Duration::from_secs(30) && fired <= Duration::from_secs(32),
+            "{fired:?}"
+        );
+        drop(b);
     }
 
     /// One read from the socket serves many small reads: the point of the adapter.

@@ -56,9 +56,9 @@ pub const TUNNEL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 pub const TUNNEL_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The yamux settings both ends of the TLS-over-TCP fallback use: its defaults with [`STREAM_WINDOW`], and a ping
-/// every [`TUNNEL_KEEP_ALIVE`] instead of 30 s. yamux closes a session, at one of its ping ticks, once a ping has
-/// gone unanswered for more than 30 s (a constant of its own), so a silent peer is found after 40–50 s instead of
-/// 60–90.
+/// every [`TUNNEL_KEEP_ALIVE`] instead of 30 s, so that each end hears from a live peer at least that often; each
+/// closes a tunnel silent for [`TUNNEL_IDLE_TIMEOUT`] itself ([`io::Hearing`]), well before yamux's own ping
+/// timeout (30 s, checked at its ping ticks) would.
 pub fn yamux_config() -> tokio_yamux::Config {
     tokio_yamux::Config {
         max_stream_window_size: STREAM_WINDOW,

@@ -59,7 +59,9 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let (acceptor, ctx2) = (acceptor.clone(), ctx.clone());
         ctx.tracker.spawn(async move {
-            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(ReadAhead::new(tcp))).await;
+            let socket = ReadAhead::new(tcp);
+            let hearing = socket.hearing();
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await;
             drop(permit);
             let tls = match handshake {
                 Ok(Ok(s)) => s,
@@ -77,10 +79,18 @@ async fn accept_loop(
             let cancel = ctx2.cancel.clone();
             // The session only moves bytes while polled: this task drives it for the tunnel's whole life.
             ctx2.tracker.spawn(async move {
+                // Both ends ping every 10 s, so a live agent is heard from at least that often, however busy
+                // the link; silence as long as QUIC's idle timeout means the device is gone, as on QUIC.
+                let silence = hearing.silent_for(proxyfleet_proto::TUNNEL_IDLE_TIMEOUT);
+                tokio::pin!(silence);
                 loop {
                     tokio::select! {
                         _ = driver_done.cancelled() => break,
                         _ = cancel.cancelled() => break,
+                        _ = &mut silence => {
+                            tracing::info!(%peer, "heard nothing from the agent for the idle timeout; closing its tunnel");
+                            break;
+                        }
                         next = session.next() => match next {
                             Some(Ok(stream)) => {
                                 if tx.try_send(stream).is_err() {
