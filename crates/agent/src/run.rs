@@ -12,6 +12,7 @@ use quinn::ConnectionError;
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::conn::{self, Conn};
 use crate::policy::TargetPolicy;
@@ -260,11 +261,15 @@ async fn drive_inner(
     tracing::info!(device = %state.device_id, server = %state.server, transport = conn.transport(), "tunnel up");
     let started = Instant::now();
     let mut tick = tokio::time::interval(interval);
-    let mut quic_check = tokio::time::interval_at(
-        tokio::time::Instant::now() + opts.quic_retry,
-        opts.quic_retry,
-    );
     let on_tcp = matches!(conn, Conn::Tcp { .. });
+    // While on TCP, QUIC is probed soon (a session that landed here because the server was restarting, not because
+    // UDP is blocked, moves back within seconds), then less and less often, down to once per `quic_retry`.
+    let mut probes = 0;
+    let quic_check = tokio::time::sleep(probe_delay(probes, opts.quic_retry));
+    tokio::pin!(quic_check);
+    // A probe runs beside the loop: its handshake may take the whole QUIC timeout, and heartbeats and new flows
+    // must not wait for it.
+    let mut probe: Option<AbortOnDropHandle<anyhow::Result<Conn>>> = None;
     let rebind = opts.rebind.clone();
     let policy = TargetPolicy {
         allow_private: opts.allow_private_targets,
@@ -281,13 +286,22 @@ async fn drive_inner(
         };
         tokio::select! {
             _ = network_changed => conn.rebind()?,
-            _ = quic_check.tick(), if on_tcp => {
+            _ = &mut quic_check, if on_tcp && probe.is_none() => {
+                let (server, tls) = (state.server.clone(), id.tls()?);
+                probe = Some(AbortOnDropHandle::new(tokio::spawn(async move {
+                    conn::connect_quic(&server, tls).await
+                })));
+            }
+            probed = async { probe.as_mut().expect("guarded by is_some").await }, if probe.is_some() => {
+                probe = None;
                 // Only a completed QUIC handshake moves the tunnel; a failed probe leaves the TCP session alone.
-                if let Ok(probe) = conn::connect_quic(&state.server, id.tls()?).await {
-                    probe.close().await;
+                if let Ok(Ok(quic)) = probed {
+                    quic.close().await;
                     conn.close().await;
                     return Ok(SessionEnd::UpgradeToQuic);
                 }
+                probes += 1;
+                quic_check.as_mut().reset(tokio::time::Instant::now() + probe_delay(probes, opts.quic_retry));
             }
             Some((request_id, ok, message)) = rotated_rx.recv() => {
                 rotating = false;
@@ -351,6 +365,17 @@ async fn drive_inner(
     }
 }
 
+/// The first QUIC probe of a session on the TCP fallback waits this long; each failed one doubles the wait.
+const FIRST_QUIC_PROBE: Duration = Duration::from_secs(15);
+
+/// How long after `failed` failed probes the next QUIC probe runs: [`FIRST_QUIC_PROBE`] doubled per failure,
+/// at most `most` (the agent's `quic_retry`).
+pub fn probe_delay(failed: u32, most: Duration) -> Duration {
+    FIRST_QUIC_PROBE
+        .saturating_mul(1u32.checked_shl(failed).unwrap_or(u32::MAX))
+        .min(most)
+}
+
 /// What a `Refused` frame from the server means for this agent.
 fn refused(code: RefusalCode, message: &str) -> SessionEnd {
     match code {
@@ -407,5 +432,23 @@ pub async fn run_rotation(cmd: &str) -> (bool, String) {
             };
             (out.status.success(), message)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quic_is_probed_soon_then_less_often_down_to_the_configured_interval() {
+        let most = Duration::from_secs(300);
+        let waits: Vec<u64> = (0..8).map(|n| probe_delay(n, most).as_secs()).collect();
+        assert_eq!(waits, [15, 30, 60, 120, 240, 300, 300, 300]);
+        assert_eq!(probe_delay(u32::MAX, most), most, "no overflow");
+        assert_eq!(
+            probe_delay(0, Duration::from_millis(300)),
+            Duration::from_millis(300),
+            "a shorter interval applies from the first probe"
+        );
     }
 }

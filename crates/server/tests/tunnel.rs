@@ -606,6 +606,65 @@ async fn without_udp_the_agent_falls_back_to_tls_over_tcp() {
     expect_refused(agent, Some(t)).await;
 }
 
+/// An agent on the TCP fallback keeps probing QUIC, and each probe to a blocked UDP port takes the whole 4 s QUIC
+/// handshake timeout; the probes run beside the session, so flows asked for meanwhile open at once (they used to
+/// wait for the probe to give up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probing_for_quic_never_holds_up_a_tcp_agents_flows() {
+    use proxyfleet::tunnel::link::open_tcp;
+    use proxyfleet_proto::Host;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let Some(s) = server_with(false).await else {
+        return;
+    };
+    let token = s.admin_token().await;
+    let (id, dir) = enrolled(&s, &token, "probing").await;
+    let _agent = spawn_agent_opts(
+        dir.path(),
+        proxyfleet_agent::RunOptions {
+            // A probe is always under way.
+            quic_retry: Duration::from_millis(50),
+            ..agent_options(dir.path())
+        },
+    );
+    wait_for(&s, &token, &id, "online over tcp", |v| {
+        v["transport"] == "tcp"
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = sock.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let live = s.running.as_ref().unwrap().state.registry.get(&id).unwrap();
+    let mut slowest = Duration::ZERO;
+    for i in 0..10u8 {
+        let asked = Instant::now();
+        let (mut r, mut w) = open_tcp(&*live.link, Host::V4([127, 0, 0, 1].into()), port)
+            .await
+            .unwrap();
+        w.write_all(&[i]).await.unwrap();
+        assert_eq!(r.read_u8().await.unwrap(), i);
+        slowest = slowest.max(asked.elapsed());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a flow waited {slowest:?} for a QUIC probe"
+    );
+    assert_eq!(
+        device(&s, &token, &id).await["transport"],
+        "tcp",
+        "same session"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_agent_moves_to_quic_when_udp_works() {
     // With both transports served, an agent that starts on TCP (as after a UDP outage) probes QUIC and moves.
