@@ -27,6 +27,8 @@ pub enum Conn {
         control: tokio_yamux::Control,
         incoming: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<tokio_yamux::StreamHandle>>,
         done: CancellationToken,
+        /// The device's address the connection was made from: when it goes, so does the tunnel.
+        local: Option<std::net::IpAddr>,
     },
 }
 
@@ -110,6 +112,14 @@ impl Conn {
         }
     }
 
+    /// The device's address a TCP tunnel was made from (a QUIC one sends from whichever the route picks).
+    pub fn tcp_local_ip(&self) -> Option<std::net::IpAddr> {
+        match self {
+            Conn::Tcp { local, .. } => *local,
+            Conn::Quic { .. } => None,
+        }
+    }
+
     /// Move a QUIC tunnel to a fresh UDP socket (the network changed); QUIC migrates the session. No-op on TCP.
     pub fn rebind(&self) -> anyhow::Result<()> {
         if let Conn::Quic { endpoint, .. } = self {
@@ -143,11 +153,12 @@ pub async fn connect_tcp(server: &str, tls: rustls::ClientConfig) -> anyhow::Res
     let handshake = async {
         let tcp = tokio::net::TcpStream::connect(server).await?;
         let _ = tcp.set_nodelay(true);
+        let local = tcp.local_addr().ok().map(|a| a.ip().to_canonical());
         let socket = proxyfleet_proto::io::ReadAhead::new(tcp);
         let hearing = socket.hearing();
-        Ok::<_, std::io::Error>((connector.connect(name, socket).await?, hearing))
+        Ok::<_, std::io::Error>((connector.connect(name, socket).await?, hearing, local))
     };
-    let (tls, hearing) = tokio::time::timeout(TCP_TIMEOUT, handshake)
+    let (tls, hearing, local) = tokio::time::timeout(TCP_TIMEOUT, handshake)
         .await
         .context("TCP/TLS handshake timed out")??;
     let mut session = tokio_yamux::Session::new_client(tls, proxyfleet_proto::yamux_config());
@@ -184,14 +195,33 @@ pub async fn connect_tcp(server: &str, tls: rustls::ClientConfig) -> anyhow::Res
         control,
         incoming: tokio::sync::Mutex::new(incoming),
         done,
+        local,
     })
 }
 
-/// QUIC first; TCP when QUIC cannot connect.
+/// Which transport a connection attempt tries first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// The usual: QUIC, and TLS over TCP when QUIC cannot connect within [`QUIC_TIMEOUT`].
+    QuicFirst,
+    /// Straight back to TCP after a TCP tunnel lost its path; QUIC only if TCP fails.
+    TcpFirst,
+}
+
+/// Connect with both transports, in `order`.
 pub async fn connect(
     server: &str,
     tls: impl Fn() -> anyhow::Result<rustls::ClientConfig>,
+    order: Order,
 ) -> anyhow::Result<Conn> {
+    if order == Order::TcpFirst {
+        return match connect_tcp(server, tls()?).await {
+            Ok(c) => Ok(c),
+            Err(tcp) => connect_quic(server, tls()?)
+                .await
+                .map_err(|quic| anyhow::anyhow!("TCP: {tcp:#}; QUIC: {quic:#}")),
+        };
+    }
     match connect_quic(server, tls()?).await {
         Ok(c) => Ok(c),
         Err(quic) => {

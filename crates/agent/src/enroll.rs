@@ -43,7 +43,11 @@ pub async fn enroll(server: &str, code: &str, state_dir: &Path) -> anyhow::Resul
         .serialize_request(&key)
         .context("making the certificate signing request")?;
 
-    let conn = crate::conn::connect(server, || tls::enroll_tls(pin.clone()))
+    let conn = crate::conn::connect(
+        server,
+        || tls::enroll_tls(pin.clone()),
+        crate::conn::Order::QuicFirst,
+    )
         .await
         .context("could not connect to the server (is the address its tunnel port, and the pairing code copied whole?)")?;
     let (recv, mut send) = conn.open_bi().await?;

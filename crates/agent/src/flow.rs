@@ -99,9 +99,9 @@ pub async fn serve_flow(
     Ok(())
 }
 
-/// The device's own addresses that open flows were made from, checked together by one task every
-/// [`ADDRESS_CHECK`] (an address can be bound to exactly when the device has it), however many flows use them.
-mod addresses {
+/// The device's own addresses that open flows (and a tunnel over TCP) were made from, checked together by one task
+/// every [`ADDRESS_CHECK`] (an address can be bound to exactly when the device has it), however many use them.
+pub(crate) mod addresses {
     use std::collections::HashMap;
     use std::net::{IpAddr, SocketAddr};
     use std::sync::{Mutex, OnceLock};
@@ -168,16 +168,20 @@ mod addresses {
         Lease { ip, gone }
     }
 
+    /// Whether the device still has `ip` (any other failure to bind counts as having it).
+    pub fn have(ip: IpAddr) -> bool {
+        !matches!(
+            std::net::UdpSocket::bind(SocketAddr::new(ip, 0)),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable
+        )
+    }
+
     async fn check() {
         loop {
             tokio::time::sleep(super::ADDRESS_CHECK).await;
             let ips: Vec<IpAddr> = lock().open.keys().copied().collect();
             for ip in ips {
-                let lost = matches!(
-                    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)),
-                    Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable
-                );
-                if lost {
+                if !have(ip) {
                     let mut w = lock();
                     if let Some((_, token)) = w.open.remove(&ip) {
                         token.cancel();

@@ -79,6 +79,9 @@ pub enum SessionEnd {
     Refused(String),
     /// QUIC works again after a TCP fallback: reconnect at once.
     UpgradeToQuic,
+    /// A TCP tunnel's path is gone (the device lost the address it was made from, or rotated its public IP):
+    /// reconnect at once, from the device's network as it is now.
+    Moved(&'static str),
     /// Anything else: reconnect after a backoff.
     Lost(anyhow::Error),
 }
@@ -95,13 +98,23 @@ pub async fn run(
         );
     }
     let mut delay = BACKOFF_MIN;
+    let mut order = conn::Order::QuicFirst;
     loop {
         let started = Instant::now();
-        match try_run(state_dir, &opts, &cancel).await {
+        let end = try_run(state_dir, &opts, &cancel, order).await;
+        order = conn::Order::QuicFirst;
+        match end {
             SessionEnd::Cancelled => return Ok(()),
             SessionEnd::Refused(why) => return Err(Refused(why).into()),
             SessionEnd::UpgradeToQuic => {
                 tracing::info!("UDP to the server works again; moving the tunnel to QUIC");
+            }
+            SessionEnd::Moved(why) => {
+                // TCP first: UDP was blocked a moment ago, and customers should not wait out a QUIC attempt
+                // before their device is back; the session's probe moves it to QUIC soon if the new network
+                // lets UDP through.
+                tracing::info!("{why}; making the TCP tunnel again");
+                order = conn::Order::TcpFirst;
             }
             SessionEnd::Lost(e) => {
                 if started.elapsed() >= STABLE_AFTER {
@@ -141,12 +154,13 @@ fn replaced() -> String {
 }
 
 /// One tunnel session.
-pub async fn try_run(
+async fn try_run(
     state_dir: &Path,
     opts: &RunOptions,
     cancel: &CancellationToken,
+    order: conn::Order,
 ) -> SessionEnd {
-    match session(state_dir, opts, cancel).await {
+    match session(state_dir, opts, cancel, order).await {
         Ok(end) => end,
         Err(e) => match e.downcast_ref::<ConnectionError>().and_then(classify) {
             Some(why) => SessionEnd::Refused(why),
@@ -200,9 +214,10 @@ async fn session(
     state_dir: &Path,
     opts: &RunOptions,
     cancel: &CancellationToken,
+    order: conn::Order,
 ) -> anyhow::Result<SessionEnd> {
     let (state, id) = load(state_dir)?;
-    let conn = conn::connect(&state.server, || id.tls()).await?;
+    let conn = conn::connect(&state.server, || id.tls(), order).await?;
     drive(conn, &id, &state, opts, cancel).await
 }
 
@@ -277,6 +292,8 @@ async fn drive_inner(
     };
     let (rotated_tx, mut rotated_rx) = tokio::sync::mpsc::channel::<(u64, bool, String)>(4);
     let mut rotating = false;
+    // A TCP tunnel lives on the address it was made from (QUIC migrates instead).
+    let address = conn.tcp_local_ip().map(crate::flow::addresses::lease);
     loop {
         let network_changed = async {
             match &rebind {
@@ -284,8 +301,20 @@ async fn drive_inner(
                 None => std::future::pending().await,
             }
         };
+        let address_gone = async {
+            match &address {
+                Some(lease) => lease.gone().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = network_changed => conn.rebind()?,
+            _ = network_changed => {
+                conn.rebind()?;
+                if conn.tcp_local_ip().is_some_and(|ip| !crate::flow::addresses::have(ip)) {
+                    return Ok(SessionEnd::Moved(LOST_ADDRESS));
+                }
+            }
+            _ = address_gone => return Ok(SessionEnd::Moved(LOST_ADDRESS)),
             _ = &mut quic_check, if on_tcp && probe.is_none() => {
                 let (server, tls) = (state.server.clone(), id.tls()?);
                 probe = Some(AbortOnDropHandle::new(tokio::spawn(async move {
@@ -311,6 +340,15 @@ async fn drive_inner(
                     conn.rebind()?;
                 }
                 writer.send(ControlFrame::RotateIpResult { request_id, ok, message }).await?;
+                if ok && on_tcp {
+                    // A TCP connection cannot move: its carrier's NAT mapping went with the old address. The
+                    // new tunnel comes from the new one, and the server reads the new address from it. Ending
+                    // the control stream first lets the server read the result (if the old path still carries
+                    // it) and close the tunnel itself.
+                    let _ = writer.close().await;
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                    return Ok(SessionEnd::Moved("the device rotated its IP"));
+                }
             }
             _ = cancel.cancelled() => {
                 conn.close().await;
@@ -364,6 +402,8 @@ async fn drive_inner(
         }
     }
 }
+
+const LOST_ADDRESS: &str = "the device no longer has the address the tunnel was made from";
 
 /// The first QUIC probe of a session on the TCP fallback waits this long; each failed one doubles the wait.
 const FIRST_QUIC_PROBE: Duration = Duration::from_secs(15);

@@ -1694,7 +1694,7 @@ impl Plug {
         if quic {
             Self::udp(server).await
         } else {
-            Self::tcp(server).await
+            Self::tcp(server, [127, 0, 0, 1].into()).await
         }
     }
 
@@ -1730,8 +1730,9 @@ impl Plug {
     }
 
     /// Each connection is copied both ways until the plug is pulled; then its sockets are held open, unread.
-    async fn tcp(server: SocketAddr) -> Plug {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    /// It listens on `ip`, so the agent's connection to it is made from there.
+    async fn tcp(server: SocketAddr, ip: std::net::IpAddr) -> Plug {
+        let l = TcpListener::bind((ip, 0)).await.unwrap();
         let on = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let addr = l.local_addr().unwrap();
         let live = on.clone();
@@ -1801,14 +1802,15 @@ async fn plugged_rig(quic: bool) -> Option<(Rig, Plug)> {
     let mut o = opts();
     o.raw.tunnel_quic = Some(quic);
     let s = TestServer::start(o).await?;
+    let plug = Plug::start(s.running().tunnel_addr.unwrap(), quic).await;
+    Some((rig_dialing(s, plug.addr).await, plug))
+}
+
+/// A rig whose agent dials the server at `tunnel` (a relay in front of it).
+async fn rig_dialing(s: TestServer, tunnel: SocketAddr) -> Rig {
     let token = s.admin_token().await;
     let (device, state) = common::enrolled_device(&s, &token, "phone").await;
-    // The agent dials the server through the plug.
-    let plug = Plug::start(s.running().tunnel_addr.unwrap(), quic).await;
-    let file = state.path().join("agent.json");
-    let mut st: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
-    st["server"] = json!(plug.addr.to_string());
-    std::fs::write(&file, serde_json::to_vec(&st).unwrap()).unwrap();
+    set_agent_server(state.path(), tunnel);
     let agent = spawn_agent(state.path());
     let rig = Rig {
         s,
@@ -1818,7 +1820,15 @@ async fn plugged_rig(quic: bool) -> Option<(Rig, Plug)> {
         _state: state,
     };
     rig.wait_online(&rig.device).await;
-    Some((rig, plug))
+    rig
+}
+
+/// Point the agent in `state` at `tunnel`: it reads its state file again at every connection.
+fn set_agent_server(state: &std::path::Path, tunnel: SocketAddr) {
+    let file = state.join("agent.json");
+    let mut st: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    st["server"] = json!(tunnel.to_string());
+    std::fs::write(&file, serde_json::to_vec(&st).unwrap()).unwrap();
 }
 
 /// A server stopping while a flow waits for its device answers that flow "restarting", not "disabled".
@@ -2164,6 +2174,72 @@ async fn a_flow_from_an_address_the_device_lost_ends() {
         .expect("the flow from the lost address still hangs");
     assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
     held.abort();
+}
+
+/// A device on the TCP fallback loses the address its tunnel was made from (a phone moved to a new carrier
+/// address; TCP cannot migrate as QUIC does): the agent makes the tunnel again from the network it has now within
+/// seconds, instead of after the 20 s of silence that would otherwise tell, and the flow left on the dead tunnel
+/// ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_tunnel_from_an_address_the_device_lost_is_made_again_at_once() {
+    let Some(link) = DummyLink::create() else {
+        common::skip("cannot create a veth interface (needs root with CAP_NET_ADMIN)");
+        return;
+    };
+    let mut o = opts();
+    o.raw.tunnel_quic = Some(false);
+    let Some(s) = TestServer::start(o).await else {
+        return;
+    };
+    let tunnel = s.running().tunnel_addr.unwrap();
+    let plug = Plug::tcp(tunnel, link.ip.into()).await;
+    let rig = rig_dialing(s, plug.addr).await;
+    let session = |rig: &Rig| {
+        rig.s
+            .running()
+            .state
+            .registry
+            .get(&rig.device)
+            .map(|l| l.session)
+    };
+    let first = session(&rig).unwrap();
+    let c = rig
+        .create(json!({"name": "c", "device_id": rig.device}))
+        .await;
+    let (user, pass) = creds(&c);
+    let idle = stream_target(0).await;
+    let mut flow = socks_connect(rig.socks_addr(), idle, &user, &pass)
+        .await
+        .unwrap();
+    // The device's network changes: the address goes, and the server is reached another way.
+    set_agent_server(rig._state.path(), tunnel);
+    link.remove_address();
+    let gone = Instant::now();
+    let deadline = gone + Duration::from_secs(10);
+    while session(&rig).is_none_or(|s| s == first) {
+        assert!(
+            Instant::now() < deadline,
+            "the tunnel was not made again from the device's new network"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "tunnel made again {:?} after the address went",
+        gone.elapsed()
+    );
+    let mut b = [0u8; 16];
+    let end = tokio::time::timeout(Duration::from_secs(3), flow.read(&mut b))
+        .await
+        .expect("the flow on the dead tunnel still hangs");
+    assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+    // The new tunnel carries flows.
+    let target = http_target("127.0.0.1:0", 321).await;
+    let http = format!("http://{user}:{pass}@{}", rig.http_addr());
+    assert_eq!(
+        curl_via(&http, &format!("http://{target}/"), &[]).await,
+        (0, "200 321".into())
+    );
+    rig.agent.cancel();
 }
 
 /// One connection may have only so many flows open at once, so that one credential keeping its sockets open cannot

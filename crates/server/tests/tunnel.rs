@@ -544,6 +544,64 @@ async fn ip_rotation_runs_the_devices_command_and_reports_the_addresses() {
     assert_eq!(error_of(r).await, "device is offline");
 }
 
+/// On the TCP fallback a rotation cannot move the tunnel (a TCP connection keeps the address it was made from,
+/// whose carrier mapping the rotation ended), so the agent makes it again once the command succeeded: the server
+/// then reads the device's address from the new tunnel. A failed rotation keeps the tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_tcp_fallback_a_rotation_makes_the_tunnel_again() {
+    let Some(s) = server_with(false).await else {
+        return;
+    };
+    let token = s.admin_token().await;
+    let mut keep = Vec::new();
+    for (cmd, ok) in [("echo modem busy; exit 1", false), ("echo rotated", true)] {
+        let (id, dir) = enrolled(&s, &token, &format!("tcp-rot-{ok}")).await;
+        let agent = spawn_agent_opts(
+            dir.path(),
+            proxyfleet_agent::RunOptions {
+                rotate_command: Some(cmd.to_owned()),
+                ..agent_options(dir.path())
+            },
+        );
+        keep.push((agent, dir));
+        wait_for(&s, &token, &id, "online over tcp", |v| {
+            v["transport"] == "tcp"
+        })
+        .await;
+        let session = || {
+            s.running
+                .as_ref()
+                .unwrap()
+                .state
+                .registry
+                .get(&id)
+                .map(|l| l.session)
+        };
+        let before = session().unwrap();
+        let r = s
+            .post(&format!("/api/v1.0/devices/{id}/rotate"), &token, json!({}))
+            .await;
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["ok"], ok, "{v}");
+        assert_eq!(
+            v["message"],
+            if ok { "rotated" } else { "modem busy" },
+            "the command's own words reach the operator: {v}"
+        );
+        assert_eq!(v["ip_after"], "127.0.0.1", "{v}");
+        let now = session();
+        if ok {
+            assert!(
+                now.is_some_and(|n| n != before),
+                "the tunnel was not made again"
+            );
+        } else {
+            assert_eq!(now, Some(before), "a failed rotation keeps the tunnel");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_udp_the_agent_falls_back_to_tls_over_tcp() {
     use proxyfleet::tunnel::link::open_tcp;

@@ -336,6 +336,7 @@ async fn rotate_ip(
         .filter(|l| l.operator_id == s.operator_id)
         .ok_or_else(|| ApiError::Conflict("device is offline".into()))?;
     let ip_before = live.link.peer().ip().to_canonical();
+    let session_before = live.session;
     let (reply, outcome) = tokio::sync::oneshot::channel();
     live.commands
         .send(crate::tunnel::DeviceCommand::RotateIp { reply })
@@ -357,23 +358,35 @@ async fn rotate_ip(
             ))
         }
     };
-    // Read the address from whatever session the device has now (it may have reconnected), until it differs from
-    // the old one or the settle time is over.
+    // Read the address from whatever session the device has now. A new session (the device reconnected: a modem
+    // reconnect drops the tunnel, and a tunnel over TCP is made again after every rotation) tells at once; the
+    // same one (QUIC migrates) once its address differs or the settle time is over. A device between two sessions
+    // is waited for as long as one that dropped mid-rotation.
     let current = || {
         state
             .registry
             .get(&id)
-            .map(|l| l.link.peer().ip().to_canonical())
+            .map(|l| (l.session, l.link.peer().ip().to_canonical()))
     };
-    let deadline = tokio::time::Instant::now() + settle;
-    let mut ip_after = current();
-    while outcome.ok
-        && ip_after.is_none_or(|ip| ip == ip_before)
-        && tokio::time::Instant::now() < deadline
-    {
+    let since = tokio::time::Instant::now();
+    let mut now = current();
+    // A failed command changed nothing: its answer is the address as it is.
+    loop {
+        let waited = since.elapsed();
+        let done = !outcome.ok
+            || match now {
+                Some((session, ip)) => {
+                    session != session_before || ip != ip_before || waited >= settle
+                }
+                None => waited >= ROTATE_RECONNECT,
+            };
+        if done {
+            break;
+        }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        ip_after = current();
+        now = current();
     }
+    let ip_after = now.map(|(_, ip)| ip);
     let Some(ip_after) = ip_after else {
         return Err(ApiError::Conflict(
             "device went offline during the rotation and has not come back".into(),

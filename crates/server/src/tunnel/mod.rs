@@ -348,6 +348,11 @@ async fn tunnel(
         commands: &mut command_rx,
     };
     let result = control_loop(&*link, ctx, &device.id, session, (&kick, &ended), &mut io).await;
+    if result.is_ok() {
+        // However it ended (the agent hung up its control stream, or was told why it must go), the session is
+        // over: the tunnel goes with it, not when the agent gets round to closing it.
+        link.close(0, b"session ended");
+    }
     if ctx.registry.unregister(&device.id, session) {
         tracing::info!(device = %device.id, "device offline");
     } else {
@@ -413,6 +418,9 @@ async fn control_loop(
     let mut next_request = 0u64;
     loop {
         let next = tokio::select! {
+            // Frames the agent sent before it hung up are read before its hang-up is noticed (the result of a
+            // rotation over TCP arrives just before the agent makes its tunnel again).
+            biased;
             _ = kick.cancelled() => {
                 // The registry recorded why before it cancelled; anything else (the server's own shutdown) is
                 // "reconnect later", never a revocation by default.
@@ -425,7 +433,7 @@ async fn control_loop(
                 refuse(link, io.writer, code, close_code, why).await;
                 return Ok(());
             }
-            _ = link.closed() => return Ok(()),
+            f = io.reader.next() => f,
             Some(cmd) = io.commands.recv() => {
                 let DeviceCommand::RotateIp { reply } = cmd;
                 next_request += 1;
@@ -434,7 +442,7 @@ async fn control_loop(
                 send(io.writer, ControlFrame::RotateIp { request_id: next_request }).await?;
                 continue;
             }
-            f = io.reader.next() => f,
+            _ = link.closed() => return Ok(()),
         };
         match next {
             None => return Ok(()),
