@@ -30,8 +30,31 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Backoff bounds between reconnection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
-/// A session that lasted this long resets the backoff.
-const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// A session that was up this long resets the backoff: it worked, so the next attempt is not a retry of a
+/// failure. Shorter sessions (a server that takes the device and drops it at once) keep doubling it.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// The wait before the next connection attempt, before jitter.
+#[derive(Debug)]
+pub struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(BACKOFF_MIN)
+    }
+}
+
+impl Backoff {
+    /// The wait after an attempt whose tunnel was up for `up` (`None`: it never came up), and the next one doubled.
+    pub fn after(&mut self, up: Option<Duration>) -> Duration {
+        if up.is_some_and(|u| u >= STABLE_AFTER) {
+            self.0 = BACKOFF_MIN;
+        }
+        let wait = self.0;
+        self.0 = (self.0 * 2).min(BACKOFF_MAX);
+        wait
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -97,11 +120,11 @@ pub async fn run(
             "private targets allowed: customers can reach this device's loopback and LAN"
         );
     }
-    let mut delay = BACKOFF_MIN;
+    let mut backoff = Backoff::default();
     let mut order = conn::Order::QuicFirst;
     loop {
-        let started = Instant::now();
-        let end = try_run(state_dir, &opts, &cancel, order).await;
+        let mut up = None;
+        let end = try_run(state_dir, &opts, &cancel, order, &mut up).await;
         order = conn::Order::QuicFirst;
         match end {
             SessionEnd::Cancelled => return Ok(()),
@@ -117,13 +140,11 @@ pub async fn run(
                 order = conn::Order::TcpFirst;
             }
             SessionEnd::Lost(e) => {
-                if started.elapsed() >= STABLE_AFTER {
-                    delay = BACKOFF_MIN;
-                }
-                // Full jitter keeps a fleet that lost the server at once from reconnecting in lockstep.
-                let wait = delay.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+                // Jitter keeps a fleet that lost the server at once from reconnecting in lockstep.
+                let wait = backoff
+                    .after(up.map(|t: Instant| t.elapsed()))
+                    .mul_f64(0.5 + rand::random::<f64>() * 0.5);
                 tracing::warn!(error = %format!("{e:#}"), retry_in = ?wait, "tunnel lost");
-                delay = (delay * 2).min(BACKOFF_MAX);
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(wait) => {}
@@ -159,8 +180,9 @@ async fn try_run(
     opts: &RunOptions,
     cancel: &CancellationToken,
     order: conn::Order,
+    up: &mut Option<Instant>,
 ) -> SessionEnd {
-    match session(state_dir, opts, cancel, order).await {
+    match session(state_dir, opts, cancel, order, up).await {
         Ok(end) => end,
         Err(e) => match e.downcast_ref::<ConnectionError>().and_then(classify) {
             Some(why) => SessionEnd::Refused(why),
@@ -191,7 +213,7 @@ pub async fn try_run_on_tcp(
     let run = async {
         let (state, id) = load(state_dir)?;
         let conn = conn::connect_tcp(&state.server, id.tls()?).await?;
-        drive(conn, &id, &state, opts, cancel).await
+        drive(conn, &id, &state, opts, cancel, &mut None).await
     };
     match run.await {
         Ok(end) => end,
@@ -215,10 +237,11 @@ async fn session(
     opts: &RunOptions,
     cancel: &CancellationToken,
     order: conn::Order,
+    up: &mut Option<Instant>,
 ) -> anyhow::Result<SessionEnd> {
     let (state, id) = load(state_dir)?;
     let conn = conn::connect(&state.server, || id.tls(), order).await?;
-    drive(conn, &id, &state, opts, cancel).await
+    drive(conn, &id, &state, opts, cancel, up).await
 }
 
 async fn drive(
@@ -227,8 +250,9 @@ async fn drive(
     state: &crate::state::AgentState,
     opts: &RunOptions,
     cancel: &CancellationToken,
+    up: &mut Option<Instant>,
 ) -> anyhow::Result<SessionEnd> {
-    let result = drive_inner(&conn, id, state, opts, cancel).await;
+    let result = drive_inner(&conn, id, state, opts, cancel, up).await;
     // However the failure surfaced (a write, a read, the close itself), the server's close reason says why.
     let result = match (result, conn.close_reason()) {
         (Err(_), Some(reason)) => Err(reason.into()),
@@ -245,6 +269,7 @@ async fn drive_inner(
     state: &crate::state::AgentState,
     opts: &RunOptions,
     cancel: &CancellationToken,
+    up: &mut Option<Instant>,
 ) -> anyhow::Result<SessionEnd> {
     let (recv, send) = conn.open_bi().await?;
     let mut writer = FramedWrite::new(send, FrameCodec::<ControlFrame>::new(MAX_CONTROL_FRAME));
@@ -275,6 +300,7 @@ async fn drive_inner(
     };
     tracing::info!(device = %state.device_id, server = %state.server, transport = conn.transport(), "tunnel up");
     let started = Instant::now();
+    *up = Some(started);
     let mut tick = tokio::time::interval(interval);
     let on_tcp = matches!(conn, Conn::Tcp { .. });
     // While on TCP, QUIC is probed soon (a session that landed here because the server was restarting, not because
@@ -478,6 +504,28 @@ pub async fn run_rotation(cmd: &str) -> (bool, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Attempts that fail double the wait up to a minute; a session that was up 10 s starts it over; one that
+    /// dropped sooner counts as a failure (a server that takes the device and drops it at once is not hammered).
+    #[test]
+    fn the_backoff_doubles_on_failures_and_starts_over_after_a_working_session() {
+        let mut b = Backoff::default();
+        let s = |d: Duration| d.as_secs_f64();
+        let failed: Vec<f64> = (0..9).map(|_| s(b.after(None))).collect();
+        assert_eq!(failed, [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]);
+        assert_eq!(
+            s(b.after(Some(Duration::from_secs(30)))),
+            0.5,
+            "a 30 s session worked"
+        );
+        assert_eq!(
+            s(b.after(Some(Duration::from_secs(3)))),
+            1.0,
+            "a 3 s one did not"
+        );
+        assert_eq!(s(b.after(None)), 2.0);
+        assert_eq!(s(b.after(Some(STABLE_AFTER))), 0.5);
+    }
 
     #[test]
     fn quic_is_probed_soon_then_less_often_down_to_the_configured_interval() {
