@@ -37,6 +37,57 @@ fn split<S: AsyncRead + AsyncWrite + Send + 'static>(s: S) -> (BoxRead, BoxWrite
     (Box::new(r), Box::new(w))
 }
 
+/// The sending half of a QUIC stream, with the meaning a TCP socket's and a yamux stream's have: shut down, it
+/// ends the stream (FIN); dropped without, it resets it (quinn alone would finish it, so a flow whose target reset
+/// its connection would reach the customer as a complete answer).
+pub struct QuicSend {
+    inner: quinn::SendStream,
+    finished: bool,
+}
+
+impl QuicSend {
+    pub fn new(inner: quinn::SendStream) -> Self {
+        QuicSend {
+            inner,
+            finished: false,
+        }
+    }
+}
+
+impl Drop for QuicSend {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.inner.reset(0u32.into());
+        }
+    }
+}
+
+impl AsyncWrite for QuicSend {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        AsyncWrite::poll_write(std::pin::Pin::new(&mut self.get_mut().inner), cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        AsyncWrite::poll_flush(std::pin::Pin::new(&mut self.get_mut().inner), cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        this.finished = true;
+        AsyncWrite::poll_shutdown(std::pin::Pin::new(&mut this.inner), cx)
+    }
+}
+
 impl Conn {
     pub fn transport(&self) -> &'static str {
         match self {
@@ -49,7 +100,7 @@ impl Conn {
         match self {
             Conn::Quic { conn, .. } => {
                 let (send, recv) = conn.open_bi().await?;
-                Ok((Box::new(recv), Box::new(send)))
+                Ok((Box::new(recv), Box::new(QuicSend::new(send))))
             }
             Conn::Tcp { control, .. } => {
                 let stream = control
@@ -66,7 +117,7 @@ impl Conn {
         match self {
             Conn::Quic { conn, .. } => {
                 let (send, recv) = conn.accept_bi().await?;
-                Ok((Box::new(recv), Box::new(send)))
+                Ok((Box::new(recv), Box::new(QuicSend::new(send))))
             }
             Conn::Tcp { incoming, .. } => {
                 let stream = incoming

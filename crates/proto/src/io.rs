@@ -134,6 +134,21 @@ pub async fn close_delivered(s: &tokio::net::TcpStream, grace: Duration, discard
     .await;
 }
 
+/// End a TCP connection with a reset, after what was written to it has arrived (at most `grace`): how a relay
+/// tells its peer that the flow broke (a FIN would pass a cut-short answer off as complete). Sets a zero linger;
+/// the reset goes out when the caller drops the socket.
+pub async fn abort_delivered(s: &tokio::net::TcpStream, grace: Duration) {
+    let _ = tokio::time::timeout(grace, async {
+        let mut poll = DELIVERY_POLL;
+        while crate::net::unacked_bytes(s).is_some_and(|n| n > 0) {
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(DELIVERY_POLL_MAX);
+        }
+    })
+    .await;
+    let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
+
 /// Read and drop what the socket holds now: whether there was anything, or `None` once the peer closed or reset.
 fn discard_pending(s: &tokio::net::TcpStream) -> Option<bool> {
     let mut scratch = [0u8; 4096];

@@ -152,7 +152,7 @@ async fn tcp(
             return;
         }
     };
-    let (cr, cw) = relay::relay(
+    let ended = relay::relay(
         &ctx.dir,
         &flow,
         tokio::io::split(t.pipe),
@@ -161,10 +161,10 @@ async fn tcp(
         ctx.relay_options(false),
     )
     .await;
-    let pipe = cr.unsplit(cw);
+    let pipe = ended.cr.unsplit(ended.cw);
     // Through the box to the pipe inside (the box is a `Pipe` too, one that is no socket).
     if let Some(s) = (*pipe).tcp() {
-        relay::close_customer(s).await;
+        relay::close_customer(s, ended.broken).await;
     }
 }
 

@@ -144,9 +144,19 @@ impl Activity {
     }
 }
 
-/// Send `first` (bytes the front door already holds), then copy until EOF, an error, the cut-off or `stop`.
-/// Returns true when the source ended normally (EOF). A chunk counted before the stop is still written (within
-/// the grace) before it returns.
+/// How one direction of a relay ended, other than by failing to write.
+#[derive(Debug, PartialEq, Eq)]
+enum Pumped {
+    /// The source ended its stream normally.
+    Eof,
+    /// The cut-off, or `stop`.
+    Stopped,
+    /// Reading the source failed: a reset, or (for the tunnel side) the device's tunnel gone.
+    SourceFailed,
+}
+
+/// Send `first` (bytes the front door already holds), then copy until EOF, an error, the cut-off or `stop`. A
+/// chunk counted before the stop is still written (within the grace) before it returns.
 #[allow(clippy::too_many_arguments)]
 async fn pump<R, W>(
     dir: &Directory,
@@ -157,7 +167,7 @@ async fn pump<R, W>(
     r: &mut R,
     w: &mut W,
     first: &[u8],
-) -> std::io::Result<bool>
+) -> std::io::Result<Pumped>
 where
     R: AsyncRead + Unpin + ?Sized,
     W: AsyncWrite + Unpin + ?Sized,
@@ -169,10 +179,10 @@ where
             .charge(first.len(), d, &flow.device, dir.clock().now_ms());
         flow.counters.add(d, g);
         if g > 0 && !write_counted(stop, &mut w, &first[..g]).await? {
-            return Ok(false);
+            return Ok(Pumped::Stopped);
         }
         if g < first.len() {
-            return Ok(false);
+            return Ok(Pumped::Stopped);
         }
     }
     // 8 KiB while the flow is idle or interactive, growing to 64 KiB while it moves bulk data.
@@ -180,21 +190,24 @@ where
     loop {
         let n = tokio::select! {
             biased;
-            _ = stop.cancelled() => return Ok(false),
-            n = buf.read_from(r) => n?,
+            _ = stop.cancelled() => return Ok(Pumped::Stopped),
+            n = buf.read_from(r) => match n {
+                Ok(n) => n,
+                Err(_) => return Ok(Pumped::SourceFailed),
+            },
         };
         if n == 0 {
             let _ = w.shutdown().await;
-            return Ok(true);
+            return Ok(Pumped::Eof);
         }
         activity.touch();
         let g = flow.entry.charge(n, d, &flow.device, dir.clock().now_ms());
         flow.counters.add(d, g);
         if g > 0 && !write_counted(stop, &mut w, &buf.data()[..g]).await? {
-            return Ok(false);
+            return Ok(Pumped::Stopped);
         }
         if g < n || stop.is_cancelled() {
-            return Ok(false);
+            return Ok(Pumped::Stopped);
         }
     }
 }
@@ -210,9 +223,18 @@ pub struct RelayOptions {
     pub half_closed_timeout: Duration,
 }
 
+/// What a relay hands back: the customer's side, for [`close_customer`], and whether the device's side broke.
+pub struct Relayed<CR, CW> {
+    pub cr: CR,
+    pub cw: CW,
+    /// The tunnel stream failed instead of ending (the device went offline, or the target reset its
+    /// connection): the customer must not mistake what arrived for the whole answer, so the socket is reset
+    /// instead of closed once what was written to it has arrived. Otherwise it is already half-closed.
+    pub broken: bool,
+}
+
 /// Relay a customer flow through its tunnel stream until both directions end, either fails, or the flow is
-/// stopped. `first_up` is customer data the front door already read past its handshake. The customer's side is
-/// handed back half-closed, for [`close_customer`].
+/// stopped. `first_up` is customer data the front door already read past its handshake.
 pub async fn relay<CR, CW, DR, DW>(
     dir: &Directory,
     flow: &Flow,
@@ -220,13 +242,14 @@ pub async fn relay<CR, CW, DR, DW>(
     (mut dr, mut dw): (DR, DW),
     first_up: &[u8],
     opts: RelayOptions,
-) -> (CR, CW)
+) -> Relayed<CR, CW>
 where
     CR: AsyncRead + Unpin,
     CW: AsyncWrite + Unpin,
     DR: AsyncRead + Unpin,
     DW: AsyncWrite + Unpin,
 {
+    let mut broken = false;
     {
         // Stopped with the connection's flows, or by this relay when one direction ends it. Either way each
         // direction finishes writing the chunk it already counted, so what was charged is what was forwarded.
@@ -266,11 +289,12 @@ where
                 r = &mut up, if !up_done => {
                     up_done = true;
                     // An error or a stop ends the flow; a clean EOF leaves the other direction running (half-close).
-                    if !matches!(r, Ok(true)) { stop.cancel(); }
+                    if !matches!(r, Ok(Pumped::Eof)) { stop.cancel(); }
                 }
                 r = &mut down, if !down_done => {
                     down_done = true;
-                    if !matches!(r, Ok(true)) || opts.end_with_target { stop.cancel(); }
+                    broken = matches!(r, Ok(Pumped::SourceFailed));
+                    if !matches!(r, Ok(Pumped::Eof)) || opts.end_with_target { stop.cancel(); }
                 }
                 () = tokio::time::sleep_until(idle_by.unwrap_or(far)), if idle_by.is_some() => {
                     let by = activity.last() + opts.half_closed_timeout;
@@ -290,24 +314,31 @@ where
             }
         }
     }
-    // Tell the customer the flow is over (FIN) before the sockets are dropped.
-    let _ = tokio::time::timeout(Duration::from_millis(200), cw.shutdown()).await;
-    (cr, cw)
+    if !broken {
+        // Tell the customer the flow is over (FIN) before the sockets are dropped.
+        let _ = tokio::time::timeout(Duration::from_millis(200), cw.shutdown()).await;
+    }
+    Relayed { cr, cw, broken }
 }
 
-/// Close a customer's socket after a relay once what was written to it has arrived (within [`WRITE_GRACE`]),
-/// reading and dropping what the customer still sends: closing with its input unread would reset the connection
-/// and lose the end of what the customer was charged for ([`proxyfleet_proto::io::close_delivered`]).
-pub async fn close_customer(s: &tokio::net::TcpStream) {
-    proxyfleet_proto::io::close_delivered(s, WRITE_GRACE, true).await;
+/// End a customer's socket after a relay once what was written to it has arrived (within [`WRITE_GRACE`]). A
+/// flow that ended closes, reading and dropping what the customer still sends: closing with its input unread
+/// would reset the connection and lose the end of what the customer was charged for
+/// ([`proxyfleet_proto::io::close_delivered`]). A `broken` one is reset ([`proxyfleet_proto::io::abort_delivered`]),
+/// so that the customer's program reports a failure instead of a short answer.
+pub async fn close_customer(s: &tokio::net::TcpStream, broken: bool) {
+    if broken {
+        proxyfleet_proto::io::abort_delivered(s, WRITE_GRACE).await;
+    } else {
+        proxyfleet_proto::io::close_delivered(s, WRITE_GRACE, true).await;
+    }
 }
 
 /// [`close_customer`] for a customer socket the relay had as two halves.
 pub async fn close_customer_halves(
-    cr: tokio::net::tcp::OwnedReadHalf,
-    cw: tokio::net::tcp::OwnedWriteHalf,
+    ended: Relayed<tokio::net::tcp::OwnedReadHalf, tokio::net::tcp::OwnedWriteHalf>,
 ) {
-    if let Ok(s) = cr.reunite(cw) {
-        close_customer(&s).await;
+    if let Ok(s) = ended.cr.reunite(ended.cw) {
+        close_customer(&s, ended.broken).await;
     }
 }

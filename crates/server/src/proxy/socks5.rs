@@ -162,7 +162,7 @@ pub async fn serve(
                 Err(e) => return refuse(&mut stream, &e).await,
             };
             reply(&mut stream, Reply::Succeeded, UNSPECIFIED).await?;
-            let (cr, cw) = relay(
+            let ended = relay(
                 &ctx.dir,
                 &flow,
                 stream.into_split(),
@@ -171,7 +171,7 @@ pub async fn serve(
                 ctx.relay_options(false),
             )
             .await;
-            close_customer_halves(cr, cw).await;
+            close_customer_halves(ended).await;
             Ok(())
         }
         Command::UdpAssociate => udp_associate(ctx, stream, peer, n).await,

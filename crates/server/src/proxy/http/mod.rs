@@ -175,7 +175,7 @@ pub async fn serve(
             let up = forward::OneRequest::new(rest, cr, body);
             let down = forward::Answer::new(dr);
             let opts = ctx.relay_options(true);
-            let (up, cw) = relay(
+            let ended = relay(
                 &ctx.dir,
                 &flow,
                 (up, cw),
@@ -184,11 +184,16 @@ pub async fn serve(
                 opts,
             )
             .await;
-            close_customer_halves(up.into_inner(), cw).await;
+            close_customer_halves(crate::proxy::relay::Relayed {
+                cr: ended.cr.into_inner(),
+                cw: ended.cw,
+                broken: ended.broken,
+            })
+            .await;
             return Ok(());
         }
     };
-    let (cr, cw) = relay(&ctx.dir, &flow, stream.into_split(), (dr, dw), &first, opts).await;
-    close_customer_halves(cr, cw).await;
+    let ended = relay(&ctx.dir, &flow, stream.into_split(), (dr, dw), &first, opts).await;
+    close_customer_halves(ended).await;
     Ok(())
 }
