@@ -78,15 +78,16 @@ pub async fn serve_flow(
             None => std::future::pending().await,
         }
     };
-    let moved = tokio::select! {
-        () = relay(&mut recv, &mut send, &mut tr, &mut tw) => false,
-        () = gone => true,
+    let (moved, broken) = tokio::select! {
+        broken = relay(&mut recv, &mut send, &mut tr, &mut tw) => (false, broken),
+        () = gone => (true, false),
     };
     // The tunnel stream is done with; it does not wait for the target socket's close.
     drop((recv, send));
     if moved {
         // The device's address changed (a phone on a new carrier address): what went through the old one can
-        // neither arrive nor come back, so the flow ends now instead of hanging; the customer sees it closed.
+        // neither arrive nor come back, so the flow ends now instead of hanging; the customer sees it reset (the
+        // tunnel stream is dropped unfinished).
         tracing::debug!("a flow's address is gone from the device; flow ended");
         return Ok(());
     }
@@ -94,7 +95,12 @@ pub async fn serve_flow(
     // unread would reset the connection and drop the upload's end (counted and paid for). The answer is left
     // unread: fetching it over the device's link would cost data nobody uses.
     if let Ok(tcp) = tr.reunite(tw) {
-        proxyfleet_proto::io::close_delivered(&tcp, UP_GRACE, false).await;
+        if broken {
+            // The customer's side failed (the tunnel is gone): the target is reset, not told the upload is complete.
+            proxyfleet_proto::io::abort_delivered(&tcp, UP_GRACE).await;
+        } else {
+            proxyfleet_proto::io::close_delivered(&tcp, UP_GRACE, false).await;
+        }
     }
     Ok(())
 }
@@ -224,12 +230,13 @@ pub(crate) mod addresses {
 }
 
 /// Copy a flow both ways until both directions end, or the answer's fails (the server stopped taking it).
+/// Returns whether the customer's direction failed instead of ending (the tunnel is gone).
 async fn relay(
     recv: &mut BoxRead,
     send: &mut BoxWrite,
     tr: &mut tokio::net::tcp::OwnedReadHalf,
     tw: &mut tokio::net::tcp::OwnedWriteHalf,
-) {
+) -> bool {
     // 8 KiB per direction while the flow is idle or interactive, growing to 64 KiB (fewer, larger writes into the
     // tunnel and the socket) while it moves bulk data.
     let up = async {
@@ -241,6 +248,7 @@ async fn relay(
         send.shutdown().await
     };
     tokio::pin!(up, down);
+    // Whether the customer's direction failed instead of ending.
     tokio::select! {
         r = &mut up => {
             // The customer's side ended: cleanly (half-close), the answer may still be coming; on an error the
@@ -248,14 +256,16 @@ async fn relay(
             if r.is_ok() {
                 let _ = down.await;
             }
+            r.is_err()
         }
         r = &mut down => {
             if r.is_ok() {
-                let _ = up.await;
+                up.await.is_err()
             } else {
                 // The server stopped taking the answer (the flow was cut off or closed). What it already sent
                 // up was counted: deliver it to the target, within a grace, before the flow ends.
                 let _ = tokio::time::timeout(UP_GRACE, up).await;
+                false
             }
         }
     }

@@ -1798,15 +1798,35 @@ async fn a_device_that_goes_silent_on_the_tcp_fallback_fails_its_flows_within_th
 }
 
 /// A flow whose device goes away mid-answer (its agent stops, its tunnel closes) is reset, on both doors: a plain
-/// close would pass the bytes that arrived off as the whole answer. What arrived before is all there.
+/// close would pass the bytes that arrived off as the whole answer. What arrived before is all there. The target
+/// is reset too, not told the customer's upload is complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flow_cut_short_by_its_device_going_away_is_reset_not_closed() {
     let Some(rig) = Rig::start().await else {
         return;
     };
-    // Sends a first part at once, then holds the rest back (the gate never opens for it): the answer is unfinished
+    // Sends a first part at once and then waits, reporting how its connection ended: the answer is unfinished
     // when the device goes.
-    let target = stream_target(100_000).await;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = l.local_addr().unwrap();
+    let (ends_tx, mut ends) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let ends = ends_tx.clone();
+            tokio::spawn(async move {
+                s.write_all(&pattern(100_000)).await.unwrap();
+                let mut b = [0u8; 1024];
+                let end = loop {
+                    match s.read(&mut b).await {
+                        Ok(0) => break Ok(0),
+                        Ok(_) => {}
+                        Err(e) => break Err(e.kind()),
+                    }
+                };
+                let _ = ends.send(end);
+            });
+        }
+    });
     let c = rig
         .create(json!({"name": "c", "device_id": rig.device}))
         .await;
@@ -1843,6 +1863,16 @@ async fn a_flow_cut_short_by_its_device_going_away_is_reset_not_closed() {
         assert!(
             matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
             "{door}: {end:?}"
+        );
+    }
+    for _ in 0..2 {
+        let end = tokio::time::timeout(Duration::from_secs(10), ends.recv())
+            .await
+            .expect("the target's connection ended");
+        assert_eq!(
+            end,
+            Some(Err(std::io::ErrorKind::ConnectionReset)),
+            "the target's end"
         );
     }
 }
