@@ -45,11 +45,16 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    /// The wait after an attempt whose tunnel was up for `up` (`None`: it never came up), and the next one doubled.
-    pub fn after(&mut self, up: Option<Duration>) -> Duration {
+    /// Start over if a session was up for [`STABLE_AFTER`] (also when it ended without a wait: moved elsewhere).
+    pub fn settled(&mut self, up: Option<Duration>) {
         if up.is_some_and(|u| u >= STABLE_AFTER) {
             self.0 = BACKOFF_MIN;
         }
+    }
+
+    /// The wait after an attempt whose tunnel was up for `up` (`None`: it never came up), and the next one doubled.
+    pub fn after(&mut self, up: Option<Duration>) -> Duration {
+        self.settled(up);
         let wait = self.0;
         self.0 = (self.0 * 2).min(BACKOFF_MAX);
         wait
@@ -130,6 +135,7 @@ pub async fn run(
             SessionEnd::Cancelled => return Ok(()),
             SessionEnd::Refused(why) => return Err(Refused(why).into()),
             SessionEnd::UpgradeToQuic => {
+                backoff.settled(up.map(|t: Instant| t.elapsed()));
                 tracing::info!("UDP to the server works again; moving the tunnel to QUIC");
             }
             SessionEnd::Moved(why) => {
@@ -137,6 +143,7 @@ pub async fn run(
                 // before their device is back; the session's probe moves it to QUIC soon if the new network
                 // lets UDP through.
                 tracing::info!("{why}; making the TCP tunnel again");
+                backoff.settled(up.map(|t: Instant| t.elapsed()));
                 order = conn::Order::TcpFirst;
             }
             SessionEnd::Lost(e) => {
@@ -365,16 +372,23 @@ async fn drive_inner(
                     // sees the new path at once.
                     conn.rebind()?;
                 }
-                writer.send(ControlFrame::RotateIpResult { request_id, ok, message }).await?;
+                let sent = writer.send(ControlFrame::RotateIpResult { request_id, ok, message }).await;
                 if ok && on_tcp {
                     // A TCP connection cannot move: its carrier's NAT mapping went with the old address. The
                     // new tunnel comes from the new one, and the server reads the new address from it. Ending
                     // the control stream first lets the server read the result (if the old path still carries
                     // it) and close the tunnel itself.
-                    let _ = writer.close().await;
-                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                    // The old path is often dead already: a failed write changes nothing here.
+                    if sent.is_ok() {
+                        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                            let _ = writer.close().await;
+                            conn.closed().await
+                        })
+                        .await;
+                    }
                     return Ok(SessionEnd::Moved("the device rotated its IP"));
                 }
+                sent?;
             }
             _ = cancel.cancelled() => {
                 conn.close().await;

@@ -134,20 +134,31 @@ pub async fn close_delivered(s: &tokio::net::TcpStream, grace: Duration, discard
     .await;
 }
 
-/// End a TCP connection with a reset, after what was written to it has arrived (at most `grace`): how a relay
-/// tells its peer that the flow broke (a FIN would pass a cut-short answer off as complete). Sets a zero linger;
-/// the reset goes out when the caller drops the socket.
+/// End a TCP connection with a reset, after what was written to it has arrived: how a relay tells its peer that
+/// the flow broke (a FIN would pass a cut-short answer off as complete). It waits while the peer keeps
+/// acknowledging, for at most `grace` without progress and [`ABORT_MOST`] in all (a reset throws away what is still
+/// queued, and that was charged). Sets a zero linger; the reset goes out when the caller drops the socket.
 pub async fn abort_delivered(s: &tokio::net::TcpStream, grace: Duration) {
-    let _ = tokio::time::timeout(grace, async {
+    let _ = tokio::time::timeout(ABORT_MOST, async {
         let mut poll = DELIVERY_POLL;
-        while crate::net::unacked_bytes(s).is_some_and(|n| n > 0) {
+        let mut queued = crate::net::unacked_bytes(s);
+        let mut progress = tokio::time::Instant::now();
+        while queued.is_some_and(|n| n > 0) && progress.elapsed() < grace {
             tokio::time::sleep(poll).await;
             poll = (poll * 2).min(DELIVERY_POLL_MAX);
+            let now = crate::net::unacked_bytes(s);
+            if now < queued {
+                progress = tokio::time::Instant::now();
+            }
+            queued = now;
         }
     })
     .await;
     let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
 }
+
+/// The longest [`abort_delivered`] waits for a peer that keeps acknowledging slowly.
+pub const ABORT_MOST: Duration = Duration::from_secs(60);
 
 /// Read and drop what the socket holds now: whether there was anything, or `None` once the peer closed or reset.
 fn discard_pending(s: &tokio::net::TcpStream) -> Option<bool> {

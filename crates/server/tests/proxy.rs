@@ -1879,7 +1879,9 @@ async fn a_flow_cut_short_by_its_device_going_away_is_reset_not_closed() {
 
 /// A target that resets its connection mid-answer: the customer gets what it sent and then a reset, not a close
 /// that would pass the cut-short answer off as complete; over QUIC (the agent resets the stream) and over the TCP
-/// fallback (yamux resets a stream dropped unfinished).
+/// fallback (yamux resets a stream dropped unfinished). The customer keeps uploading meanwhile. (Whether the
+/// server's write to the broken stream fails before its read does is a race this test does not force; the relay
+/// takes either for a break.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_that_resets_mid_answer_reaches_the_customer_as_a_reset() {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1904,10 +1906,16 @@ async fn a_target_that_resets_mid_answer_reaches_the_customer_as_a_reset() {
             .create(json!({"name": "c", "device_id": rig.device}))
             .await;
         let (user, pass) = creds(&c);
-        let mut s = socks_connect(rig.socks_addr(), target, &user, &pass)
+        let (mut s, mut up) = socks_connect(rig.socks_addr(), target, &user, &pass)
             .await
             .unwrap()
-            .into_inner();
+            .into_inner()
+            .into_split();
+        let uploading = tokio::spawn(async move {
+            while up.write_all(&[1u8; 1024]).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
         let mut b = vec![0u8; 50_000];
         s.read_exact(&mut b).await.unwrap();
         assert_eq!(b, pattern(50_000), "quic: {quic}");
@@ -1918,6 +1926,7 @@ async fn a_target_that_resets_mid_answer_reaches_the_customer_as_a_reset() {
             matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
             "quic: {quic}: {end:?}"
         );
+        uploading.abort();
         rig.agent.cancel();
     }
 }

@@ -288,12 +288,15 @@ where
             tokio::select! {
                 r = &mut up, if !up_done => {
                     up_done = true;
+                    // The upload's only error is a failed write to the tunnel stream: the device's side broke (its
+                    // download, failing at the same moment, may then see the stop first).
+                    broken |= r.is_err();
                     // An error or a stop ends the flow; a clean EOF leaves the other direction running (half-close).
                     if !matches!(r, Ok(Pumped::Eof)) { stop.cancel(); }
                 }
                 r = &mut down, if !down_done => {
                     down_done = true;
-                    broken = matches!(r, Ok(Pumped::SourceFailed));
+                    broken |= matches!(r, Ok(Pumped::SourceFailed));
                     if !matches!(r, Ok(Pumped::Eof)) || opts.end_with_target { stop.cancel(); }
                 }
                 () = tokio::time::sleep_until(idle_by.unwrap_or(far)), if idle_by.is_some() => {
@@ -315,8 +318,10 @@ where
         }
     }
     if !broken {
-        // Tell the customer the flow is over (FIN) before the sockets are dropped.
+        // Tell the customer the flow is over (FIN) before the sockets are dropped, and the device too: a yamux
+        // stream dropped unfinished is reset, and the agent would reset the target as if the flow had broken.
         let _ = tokio::time::timeout(Duration::from_millis(200), cw.shutdown()).await;
+        let _ = tokio::time::timeout(Duration::from_millis(200), dw.shutdown()).await;
     }
     Relayed { cr, cw, broken }
 }
