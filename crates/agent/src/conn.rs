@@ -32,8 +32,9 @@ pub enum Conn {
     },
 }
 
-fn split<S: AsyncRead + AsyncWrite + Send + 'static>(s: S) -> (BoxRead, BoxWrite) {
-    let (r, w) = tokio::io::split(s);
+/// A yamux stream's halves, kept drained so that one stream never stalls the session ([`proxyfleet_proto::mux`]).
+fn split(s: tokio_yamux::StreamHandle) -> (BoxRead, BoxWrite) {
+    let (r, w) = proxyfleet_proto::mux::split(s);
     (Box::new(r), Box::new(w))
 }
 

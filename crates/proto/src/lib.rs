@@ -16,6 +16,7 @@ pub mod enroll;
 pub mod http_proxy;
 pub mod icmp;
 pub mod io;
+pub mod mux;
 pub mod net;
 pub mod openvpn_mgmt;
 pub mod socks5;

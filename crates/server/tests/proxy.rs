@@ -1931,6 +1931,70 @@ async fn a_target_that_resets_mid_answer_reaches_the_customer_as_a_reset() {
     }
 }
 
+/// On the TCP fallback a customer that stops reading holds back only its own flow: the device's other flows go on
+/// (yamux's per-stream queue is kept drained, so its session never stops reading for one full stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_tcp_fallback_a_customer_that_stops_reading_holds_back_only_its_own_flow() {
+    let mut o = opts();
+    o.raw.tunnel_quic = Some(false);
+    let Some(rig) = Rig::start_with(o).await else {
+        return;
+    };
+    let c = rig
+        .create(json!({"name": "c", "device_id": rig.device}))
+        .await;
+    let (user, pass) = creds(&c);
+    // Far more than every buffer on the way holds, written in small pieces (many yamux frames).
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let big = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let chunk = [7u8; 4096];
+                while s.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    // The stalled customer: connected, never reads.
+    let _stalled = socks_connect(rig.socks_addr(), big, &user, &pass)
+        .await
+        .unwrap();
+    // And the other way: a target that never reads, under a customer that keeps uploading (this stalls the agent's
+    // side of the tunnel).
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let deaf = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    let mut up = socks_connect(rig.socks_addr(), deaf, &user, &pass)
+        .await
+        .unwrap();
+    let uploading = tokio::spawn(async move {
+        let chunk = [9u8; 4096];
+        while up.write_all(&chunk).await.is_ok() {}
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let target = http_target("127.0.0.1:0", 5000).await;
+    let http = format!("http://{user}:{pass}@{}", rig.http_addr());
+    for _ in 0..5 {
+        let asked = Instant::now();
+        assert_eq!(
+            curl_via(&http, &format!("http://{target}/"), &[]).await,
+            (0, "200 5000".into())
+        );
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            asked.elapsed()
+        );
+    }
+    uploading.abort();
+    rig.agent.cancel();
+}
+
 /// A rig whose agent reaches the server through a [`Plug`], so that the test can make the device go silent.
 async fn plugged_rig(quic: bool) -> Option<(Rig, Plug)> {
     let mut o = opts();

@@ -144,7 +144,7 @@ impl Link for TcpLink {
                 .open_stream()
                 .await
                 .map_err(|e| FlowError::Tunnel(std::io::Error::other(format!("{e:?}"))))?;
-            let (r, w) = tokio::io::split(stream);
+            let (r, w) = proxyfleet_proto::mux::split(stream);
             let r = SessionRead {
                 inner: r,
                 done: self.done.clone(),
@@ -162,7 +162,7 @@ impl Link for TcpLink {
             };
             let stream =
                 stream.ok_or_else(|| FlowError::Tunnel(std::io::Error::other("tunnel closed")))?;
-            let (r, w) = tokio::io::split(stream);
+            let (r, w) = proxyfleet_proto::mux::split(stream);
             let r = SessionRead {
                 inner: r,
                 done: self.done.clone(),

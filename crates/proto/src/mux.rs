@@ -1,0 +1,164 @@
+//! A yamux stream split into a read and a write half that never lets its session stall.
+//!
+//! tokio-yamux (0.3) queues at most 8 frames per stream between the session and the stream, and a session with one
+//! full queue stops reading its socket, for every stream. A stream's frames only leave that queue while the stream
+//! is polled, so one flow whose reader is busy elsewhere (a customer that stopped reading: the relay waits on its
+//! socket, not on the stream) froze the device's whole tunnel. Here a small task per stream moves the frames on
+//! into the stream's own buffer whenever they arrive, without consuming them: yamux then grants the sender no more
+//! window, so what waits is bounded by the stream window ([`crate::STREAM_WINDOW`]).
+//!
+//! The stream keeps one waker for frame arrivals, the last one polled with; every poll here passes one that wakes
+//! all three parties (reader, writer, drainer), and each polls again what it waits for.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, Wake, Waker};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_yamux::StreamHandle;
+
+#[derive(Default)]
+struct Slot(Mutex<Option<Waker>>);
+
+impl Slot {
+    fn register(&self, w: &Waker) {
+        let mut s = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !s.as_ref().is_some_and(|old| old.will_wake(w)) {
+            *s = Some(w.clone());
+        }
+    }
+
+    fn wake(&self) {
+        let w = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+}
+
+struct Shared {
+    stream: Mutex<StreamHandle>,
+    reader: Slot,
+    writer: Slot,
+    drainer: Slot,
+    /// Both halves are gone: the drainer ends, dropping the stream.
+    closed: std::sync::atomic::AtomicBool,
+    /// Wakes all three.
+    all: Waker,
+}
+
+struct WakeAll(Weak<Shared>);
+
+impl Wake for WakeAll {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if let Some(s) = self.0.upgrade() {
+            s.reader.wake();
+            s.writer.wake();
+            s.drainer.wake();
+        }
+    }
+}
+
+impl Shared {
+    fn stream(&self) -> MutexGuard<'_, StreamHandle> {
+        self.stream
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The halves' common hold on the stream; the last one dropped lets the drainer end.
+struct Owner(Arc<Shared>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.0
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.0.drainer.wake();
+    }
+}
+
+pub struct MuxRead(Arc<Owner>);
+pub struct MuxWrite(Arc<Owner>);
+
+/// Split `stream` and start its drainer (on the current tokio runtime).
+pub fn split(stream: StreamHandle) -> (MuxRead, MuxWrite) {
+    let shared = Arc::new_cyclic(|weak: &Weak<Shared>| Shared {
+        stream: Mutex::new(stream),
+        reader: Slot::default(),
+        writer: Slot::default(),
+        drainer: Slot::default(),
+        closed: std::sync::atomic::AtomicBool::new(false),
+        all: Waker::from(Arc::new(WakeAll(weak.clone()))),
+    });
+    let drained = shared.clone();
+    tokio::spawn(std::future::poll_fn(move |cx| {
+        drained.drainer.register(cx.waker());
+        if drained.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        let mut none = ReadBuf::new(&mut []);
+        let mut all = Context::from_waker(&drained.all);
+        // Moves every queued frame into the stream's buffer (an empty buffer takes no bytes out of it).
+        match drained.stream().poll_peek(&mut all, &mut none) {
+            // Ended or failed: nothing more will arrive; the reader sees it for itself.
+            Poll::Ready(Err(_)) => Poll::Ready(()),
+            _ => Poll::Pending,
+        }
+    }));
+    let owner = Arc::new(Owner(shared));
+    (MuxRead(owner.clone()), MuxWrite(owner))
+}
+
+impl AsyncRead for MuxRead {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let s = &self.0 .0;
+        s.reader.register(cx.waker());
+        let mut all = Context::from_waker(&s.all);
+        Pin::new(&mut *s.stream()).poll_read(&mut all, buf)
+    }
+}
+
+impl AsyncWrite for MuxWrite {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let s = &self.0 .0;
+        s.writer.register(cx.waker());
+        let mut all = Context::from_waker(&s.all);
+        Pin::new(&mut *s.stream()).poll_write(&mut all, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let s = &self.0 .0;
+        s.writer.register(cx.waker());
+        let mut all = Context::from_waker(&s.all);
+        Pin::new(&mut *s.stream()).poll_flush(&mut all)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let s = &self.0 .0;
+        s.writer.register(cx.waker());
+        let mut all = Context::from_waker(&s.all);
+        Pin::new(&mut *s.stream()).poll_shutdown(&mut all)
+    }
+}
