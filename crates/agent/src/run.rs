@@ -34,6 +34,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// failure. Shorter sessions (a server that takes the device and drops it at once) keep doubling it.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 
+/// A session that came up: since when, and over which transport.
+#[derive(Debug, Clone, Copy)]
+pub struct Up {
+    since: Instant,
+    tcp: bool,
+}
+
 /// The wait before the next connection attempt, before jitter.
 #[derive(Debug)]
 pub struct Backoff(Duration);
@@ -127,15 +134,26 @@ pub async fn run(
     }
     let mut backoff = Backoff::default();
     let mut order = conn::Order::QuicFirst;
+    // The transport of the last session that came up: after losing a TCP tunnel, TCP is tried first again (a 4 s
+    // QUIC attempt would most likely fail as before; the next session's probe finds QUIC if it works again).
+    let mut last_on_tcp = false;
     loop {
-        let mut up = None;
+        let mut up: Option<Up> = None;
         let end = try_run(state_dir, &opts, &cancel, order, &mut up).await;
-        order = conn::Order::QuicFirst;
+        if let Some(u) = up {
+            last_on_tcp = u.tcp;
+        }
+        order = if last_on_tcp {
+            conn::Order::TcpFirst
+        } else {
+            conn::Order::QuicFirst
+        };
         match end {
             SessionEnd::Cancelled => return Ok(()),
             SessionEnd::Refused(why) => return Err(Refused(why).into()),
             SessionEnd::UpgradeToQuic => {
-                backoff.settled(up.map(|t: Instant| t.elapsed()));
+                backoff.settled(up.map(|u| u.since.elapsed()));
+                (last_on_tcp, order) = (false, conn::Order::QuicFirst);
                 tracing::info!("UDP to the server works again; moving the tunnel to QUIC");
             }
             SessionEnd::Moved(why) => {
@@ -143,13 +161,12 @@ pub async fn run(
                 // before their device is back; the session's probe moves it to QUIC soon if the new network
                 // lets UDP through.
                 tracing::info!("{why}; making the TCP tunnel again");
-                backoff.settled(up.map(|t: Instant| t.elapsed()));
-                order = conn::Order::TcpFirst;
+                backoff.settled(up.map(|u| u.since.elapsed()));
             }
             SessionEnd::Lost(e) => {
                 // Jitter keeps a fleet that lost the server at once from reconnecting in lockstep.
                 let wait = backoff
-                    .after(up.map(|t: Instant| t.elapsed()))
+                    .after(up.map(|u| u.since.elapsed()))
                     .mul_f64(0.5 + rand::random::<f64>() * 0.5);
                 tracing::warn!(error = %format!("{e:#}"), retry_in = ?wait, "tunnel lost");
                 tokio::select! {
@@ -187,7 +204,7 @@ async fn try_run(
     opts: &RunOptions,
     cancel: &CancellationToken,
     order: conn::Order,
-    up: &mut Option<Instant>,
+    up: &mut Option<Up>,
 ) -> SessionEnd {
     match session(state_dir, opts, cancel, order, up).await {
         Ok(end) => end,
@@ -244,7 +261,7 @@ async fn session(
     opts: &RunOptions,
     cancel: &CancellationToken,
     order: conn::Order,
-    up: &mut Option<Instant>,
+    up: &mut Option<Up>,
 ) -> anyhow::Result<SessionEnd> {
     let (state, id) = load(state_dir)?;
     let conn = conn::connect(&state.server, || id.tls(), order).await?;
@@ -257,7 +274,7 @@ async fn drive(
     state: &crate::state::AgentState,
     opts: &RunOptions,
     cancel: &CancellationToken,
-    up: &mut Option<Instant>,
+    up: &mut Option<Up>,
 ) -> anyhow::Result<SessionEnd> {
     let result = drive_inner(&conn, id, state, opts, cancel, up).await;
     // However the failure surfaced (a write, a read, the close itself), the server's close reason says why.
@@ -276,7 +293,7 @@ async fn drive_inner(
     state: &crate::state::AgentState,
     opts: &RunOptions,
     cancel: &CancellationToken,
-    up: &mut Option<Instant>,
+    up: &mut Option<Up>,
 ) -> anyhow::Result<SessionEnd> {
     let (recv, send) = conn.open_bi().await?;
     let mut writer = FramedWrite::new(send, FrameCodec::<ControlFrame>::new(MAX_CONTROL_FRAME));
@@ -307,9 +324,12 @@ async fn drive_inner(
     };
     tracing::info!(device = %state.device_id, server = %state.server, transport = conn.transport(), "tunnel up");
     let started = Instant::now();
-    *up = Some(started);
-    let mut tick = tokio::time::interval(interval);
     let on_tcp = matches!(conn, Conn::Tcp { .. });
+    *up = Some(Up {
+        since: started,
+        tcp: on_tcp,
+    });
+    let mut tick = tokio::time::interval(interval);
     // While on TCP, QUIC is probed soon (a session that landed here because the server was restarting, not because
     // UDP is blocked, moves back within seconds), then less and less often, down to once per `quic_retry`.
     let mut probes = 0;
@@ -318,6 +338,8 @@ async fn drive_inner(
     // A probe runs beside the loop: its handshake may take the whole QUIC timeout, and heartbeats and new flows
     // must not wait for it.
     let mut probe: Option<AbortOnDropHandle<anyhow::Result<Conn>>> = None;
+    // Streams the server opened that are still being served (flows, UDP associations, pings).
+    let open_flows = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let rebind = opts.rebind.clone();
     let policy = TargetPolicy {
         allow_private: opts.allow_private_targets,
@@ -343,8 +365,11 @@ async fn drive_inner(
         tokio::select! {
             _ = network_changed => {
                 conn.rebind()?;
-                if conn.tcp_local_ip().is_some_and(|ip| !crate::flow::addresses::have(ip)) {
-                    return Ok(SessionEnd::Moved(LOST_ADDRESS));
+                if let Some(ip) = conn.tcp_local_ip() {
+                    if !crate::flow::addresses::have(ip) {
+                        return Ok(SessionEnd::Moved(LOST_ADDRESS));
+                    }
+                    tracing::info!(address = %ip, "network changed; the TCP tunnel's address is still this device's, keeping it");
                 }
             }
             _ = address_gone => return Ok(SessionEnd::Moved(LOST_ADDRESS)),
@@ -358,9 +383,17 @@ async fn drive_inner(
                 probe = None;
                 // Only a completed QUIC handshake moves the tunnel; a failed probe leaves the TCP session alone.
                 if let Ok(Ok(quic)) = probed {
-                    quic.close().await;
-                    conn.close().await;
-                    return Ok(SessionEnd::UpgradeToQuic);
+                    if open_flows.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+                        quic.close().await;
+                        conn.close().await;
+                        return Ok(SessionEnd::UpgradeToQuic);
+                    }
+                    // Moving would end the customers' open flows: wait for a moment without any, asking again
+                    // soon (QUIC works) rather than after a longer wait.
+                    tokio::spawn(async move { quic.close().await });
+                    probes = 0;
+                    quic_check.as_mut().reset(tokio::time::Instant::now() + probe_delay(probes, opts.quic_retry));
+                    continue;
                 }
                 probes += 1;
                 quic_check.as_mut().reset(tokio::time::Instant::now() + probe_delay(probes, opts.quic_retry));
@@ -433,13 +466,31 @@ async fn drive_inner(
             },
             s = conn.accept_bi() => {
                 let (recv, send) = s?;
+                let open = FlowCount::new(&open_flows);
                 tokio::spawn(async move {
+                    let _open = open;
                     if let Err(e) = crate::flow::serve_flow(recv, send, policy).await {
                         tracing::debug!(error = %format!("{e:#}"), "flow ended with an error");
                     }
                 });
             }
         }
+    }
+}
+
+/// One stream being served, counted while it lives.
+struct FlowCount(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl FlowCount {
+    fn new(n: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        FlowCount(n.clone())
+    }
+}
+
+impl Drop for FlowCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -725,7 +725,8 @@ async fn probing_for_quic_never_holds_up_a_tcp_agents_flows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_agent_moves_to_quic_when_udp_works() {
-    // With both transports served, an agent that starts on TCP (as after a UDP outage) probes QUIC and moves.
+    // With both transports served, an agent that starts on TCP (as after a UDP outage) probes QUIC and moves, once
+    // no flow is open on the TCP tunnel.
     let Some(s) = server().await else { return };
     let token = s.admin_token().await;
     let (id, dir) = enrolled(&s, &token, "roamer").await;
@@ -737,12 +738,49 @@ async fn a_tcp_agent_moves_to_quic_when_udp_works() {
     let state = dir.path().to_owned();
     let cancel = CancellationToken::new();
     let c = cancel.clone();
-    let first =
+    // An idle target for a flow that stays open.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            held.push(sock);
+        }
+    });
+    // The flow is opened first thing: before the first probe (300 ms).
+    let link = {
+        let s = &s;
+        let id = id.clone();
+        async move {
+            loop {
+                if let Some(l) = s.running.as_ref().unwrap().state.registry.get(&id) {
+                    return l;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    let mut first =
         tokio::spawn(async move { proxyfleet_agent::run::try_run_on_tcp(&state, &opts, &c).await });
-    wait_for(&s, &token, &id, "online over tcp", |v| {
-        v["transport"] == "tcp"
-    })
-    .await;
+    let live = tokio::time::timeout(Duration::from_secs(15), link)
+        .await
+        .unwrap();
+    assert_eq!(live.link.transport(), "tcp");
+    let flow = proxyfleet::tunnel::link::open_tcp(
+        &*live.link,
+        proxyfleet_proto::Host::V4([127, 0, 0, 1].into()),
+        port,
+    )
+    .await
+    .unwrap();
+    // Probes succeed, but moving would end the open flow: the session stays while it is open.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), &mut first)
+            .await
+            .is_err(),
+        "the tunnel moved under an open flow"
+    );
+    drop(flow);
     let end = tokio::time::timeout(Duration::from_secs(10), first)
         .await
         .expect("probe ran")

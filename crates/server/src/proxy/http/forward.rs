@@ -235,7 +235,18 @@ impl<R: AsyncRead + Unpin> AsyncRead for Answer<R> {
                     }
                     let mut chunk = [0u8; 4096];
                     let mut rb = ReadBuf::new(&mut chunk);
-                    ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
+                    if let Err(e) = ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb)) {
+                        // Nothing went to the client yet: it can still be told, instead of being reset.
+                        tracing::debug!(error = %e, "the way to the origin failed before its answer");
+                        this.phase = Phase::Out {
+                            bytes: bad_gateway(
+                                "the connection to the site failed before its answer",
+                            ),
+                            at: 0,
+                            next: Box::new(Phase::End),
+                        };
+                        continue;
+                    }
                     if rb.filled().is_empty() {
                         let why = if buf.is_empty() {
                             "the site closed the connection without an answer"
@@ -364,5 +375,23 @@ mod tests {
         assert!(answer(b"\x16\x03\x01 not http\r\n\r\n")
             .await
             .contains("did not answer with HTTP"));
+        // The way to the origin fails (the site reset the connection, the device went) before any answer: the
+        // client is told, with a 502, instead of being reset.
+        struct Failing;
+        impl AsyncRead for Failing {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                _: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+            }
+        }
+        let got = String::from_utf8(read_all(Answer::new(Failing)).await).unwrap();
+        assert!(
+            got.starts_with("HTTP/1.1 502 Bad Gateway\r\n")
+                && got.contains("failed before its answer"),
+            "{got}"
+        );
     }
 }
