@@ -116,6 +116,21 @@ async fn wait_for(
     }
 }
 
+/// An echo server on loopback: its port.
+async fn echo_target() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = sock.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    port
+}
+
 fn spawn_agent(dir: &std::path::Path) -> Agent {
     spawn_agent_with(dir, None)
 }
@@ -413,16 +428,7 @@ async fn the_agent_opens_flows_from_its_own_network() {
     let live = s.running.as_ref().unwrap().state.registry.get(&id).unwrap();
 
     // A real target: an echo server.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = sock.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let port = echo_target().await;
     for host in [
         Host::V4([127, 0, 0, 1].into()),
         Host::Domain("localhost".into()),
@@ -627,16 +633,7 @@ async fn without_udp_the_agent_falls_back_to_tls_over_tcp() {
     assert_eq!(v["public_ip"], "127.0.0.1");
 
     // Flows work the same through the multiplexer.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = sock.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let port = echo_target().await;
     let live = s.running.as_ref().unwrap().state.registry.get(&id).unwrap();
     let mut flows = Vec::new();
     for i in 0..3 {
@@ -690,16 +687,7 @@ async fn probing_for_quic_never_holds_up_a_tcp_agents_flows() {
         v["transport"] == "tcp"
     })
     .await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = sock.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let port = echo_target().await;
     let live = s.running.as_ref().unwrap().state.registry.get(&id).unwrap();
     let mut slowest = Duration::ZERO;
     for i in 0..10u8 {
