@@ -32,9 +32,10 @@ pub enum Conn {
     },
 }
 
-/// A yamux stream's halves, kept drained so that one stream never stalls the session ([`proxyfleet_proto::mux`]).
-fn split(s: tokio_yamux::StreamHandle) -> (BoxRead, BoxWrite) {
-    let (r, w) = proxyfleet_proto::mux::split(s);
+/// A yamux stream's halves, drained so that one stream never stalls the session, and telling a dead session from
+/// an end ([`proxyfleet_proto::mux`]).
+fn split(s: tokio_yamux::StreamHandle, session_done: &CancellationToken) -> (BoxRead, BoxWrite) {
+    let (r, w) = proxyfleet_proto::mux::split(s, session_done.clone());
     (Box::new(r), Box::new(w))
 }
 
@@ -103,13 +104,13 @@ impl Conn {
                 let (send, recv) = conn.open_bi().await?;
                 Ok((Box::new(recv), Box::new(QuicSend::new(send))))
             }
-            Conn::Tcp { control, .. } => {
+            Conn::Tcp { control, done, .. } => {
                 let stream = control
                     .clone()
                     .open_stream()
                     .await
                     .map_err(|e| anyhow::anyhow!("yamux: {e:?}"))?;
-                Ok(split(stream))
+                Ok(split(stream, done))
             }
         }
     }
@@ -120,14 +121,14 @@ impl Conn {
                 let (send, recv) = conn.accept_bi().await?;
                 Ok((Box::new(recv), Box::new(QuicSend::new(send))))
             }
-            Conn::Tcp { incoming, .. } => {
+            Conn::Tcp { incoming, done, .. } => {
                 let stream = incoming
                     .lock()
                     .await
                     .recv()
                     .await
                     .context("tunnel closed")?;
-                Ok(split(stream))
+                Ok(split(stream, done))
             }
         }
     }

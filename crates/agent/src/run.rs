@@ -133,40 +133,40 @@ pub async fn run(
         );
     }
     let mut backoff = Backoff::default();
-    let mut order = conn::Order::QuicFirst;
-    // The transport of the last session that came up: after losing a TCP tunnel, TCP is tried first again (a 4 s
-    // QUIC attempt would most likely fail as before; the next session's probe finds QUIC if it works again).
+    // The transport of the last session that came up: after losing a TCP tunnel (or moving it), TCP is tried first
+    // again (a 4 s QUIC attempt would most likely fail as before; the next session's probe finds QUIC if it works
+    // again).
     let mut last_on_tcp = false;
     loop {
+        let order = if last_on_tcp {
+            conn::Order::TcpFirst
+        } else {
+            conn::Order::QuicFirst
+        };
         let mut up: Option<Up> = None;
         let end = try_run(state_dir, &opts, &cancel, order, &mut up).await;
         if let Some(u) = up {
             last_on_tcp = u.tcp;
         }
-        order = if last_on_tcp {
-            conn::Order::TcpFirst
-        } else {
-            conn::Order::QuicFirst
-        };
+        let lasted = up.map(|u| u.since.elapsed());
         match end {
             SessionEnd::Cancelled => return Ok(()),
             SessionEnd::Refused(why) => return Err(Refused(why).into()),
             SessionEnd::UpgradeToQuic => {
-                backoff.settled(up.map(|u| u.since.elapsed()));
-                (last_on_tcp, order) = (false, conn::Order::QuicFirst);
+                backoff.settled(lasted);
+                last_on_tcp = false;
                 tracing::info!("UDP to the server works again; moving the tunnel to QUIC");
             }
             SessionEnd::Moved(why) => {
-                // TCP first: UDP was blocked a moment ago, and customers should not wait out a QUIC attempt
-                // before their device is back; the session's probe moves it to QUIC soon if the new network
-                // lets UDP through.
+                // Over TCP first (the session was on TCP): customers should not wait out a QUIC attempt before
+                // their device is back.
                 tracing::info!("{why}; making the TCP tunnel again");
-                backoff.settled(up.map(|u| u.since.elapsed()));
+                backoff.settled(lasted);
             }
             SessionEnd::Lost(e) => {
                 // Jitter keeps a fleet that lost the server at once from reconnecting in lockstep.
                 let wait = backoff
-                    .after(up.map(|u| u.since.elapsed()))
+                    .after(lasted)
                     .mul_f64(0.5 + rand::random::<f64>() * 0.5);
                 tracing::warn!(error = %format!("{e:#}"), retry_in = ?wait, "tunnel lost");
                 tokio::select! {

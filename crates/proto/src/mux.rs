@@ -9,6 +9,11 @@
 //!
 //! The stream keeps one waker for frame arrivals, the last one polled with; every poll here passes one that wakes
 //! all three parties (reader, writer, drainer), and each polls again what it waits for.
+//!
+//! yamux also ends every stream of a session that died (a silent peer) the way a FIN ends one. The read half
+//! reports an end read after the session's driver stopped (`session_done`) as an error, so that a relay resets
+//! its flow instead of closing it as if it were complete. (A FIN that arrived just before the session died but is
+//! read after it is taken for a break too: that flow is reset after all its bytes.)
 
 use std::io;
 use std::pin::Pin;
@@ -16,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
 use tokio_yamux::StreamHandle;
 
 #[derive(Default)]
@@ -77,6 +83,18 @@ impl Shared {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+
+    /// Poll the stream for `party` (its waker registered in `slot`) with the waker that wakes all three.
+    fn poll<T>(
+        &self,
+        slot: &Slot,
+        cx: &Context<'_>,
+        f: impl FnOnce(Pin<&mut StreamHandle>, &mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        slot.register(cx.waker());
+        let mut all = Context::from_waker(&self.all);
+        f(Pin::new(&mut *self.stream()), &mut all)
+    }
 }
 
 /// The halves' common hold on the stream; the last one dropped lets the drainer end.
@@ -91,11 +109,15 @@ impl Drop for Owner {
     }
 }
 
-pub struct MuxRead(Arc<Owner>);
+pub struct MuxRead {
+    owner: Arc<Owner>,
+    session_done: CancellationToken,
+}
 pub struct MuxWrite(Arc<Owner>);
 
-/// Split `stream` and start its drainer (on the current tokio runtime).
-pub fn split(stream: StreamHandle) -> (MuxRead, MuxWrite) {
+/// Split `stream` of the session whose driver cancels `session_done` when it stops, and start the stream's drainer
+/// (on the current tokio runtime).
+pub fn split(stream: StreamHandle, session_done: CancellationToken) -> (MuxRead, MuxWrite) {
     let shared = Arc::new_cyclic(|weak: &Weak<Shared>| Shared {
         stream: Mutex::new(stream),
         reader: Slot::default(),
@@ -106,21 +128,27 @@ pub fn split(stream: StreamHandle) -> (MuxRead, MuxWrite) {
     });
     let drained = shared.clone();
     tokio::spawn(std::future::poll_fn(move |cx| {
-        drained.drainer.register(cx.waker());
         if drained.closed.load(std::sync::atomic::Ordering::Acquire) {
             return Poll::Ready(());
         }
         let mut none = ReadBuf::new(&mut []);
-        let mut all = Context::from_waker(&drained.all);
         // Moves every queued frame into the stream's buffer (an empty buffer takes no bytes out of it).
-        match drained.stream().poll_peek(&mut all, &mut none) {
+        match drained.poll(&drained.drainer, cx, |mut stream, all| {
+            stream.poll_peek(all, &mut none)
+        }) {
             // Ended or failed: nothing more will arrive; the reader sees it for itself.
             Poll::Ready(Err(_)) => Poll::Ready(()),
             _ => Poll::Pending,
         }
     }));
     let owner = Arc::new(Owner(shared));
-    (MuxRead(owner.clone()), MuxWrite(owner))
+    (
+        MuxRead {
+            owner: owner.clone(),
+            session_done,
+        },
+        MuxWrite(owner),
+    )
 }
 
 impl AsyncRead for MuxRead {
@@ -129,10 +157,21 @@ impl AsyncRead for MuxRead {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let s = &self.0 .0;
-        s.reader.register(cx.waker());
-        let mut all = Context::from_waker(&s.all);
-        Pin::new(&mut *s.stream()).poll_read(&mut all, buf)
+        let this = self.get_mut();
+        let s = &this.owner.0;
+        let before = buf.filled().len();
+        let read = s.poll(&s.reader, cx, |stream, all| stream.poll_read(all, buf));
+        if matches!(read, Poll::Ready(Ok(())))
+            && buf.filled().len() == before
+            && buf.remaining() > 0
+            && this.session_done.is_cancelled()
+        {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the tunnel is gone",
+            )));
+        }
+        read
     }
 }
 
@@ -143,22 +182,16 @@ impl AsyncWrite for MuxWrite {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let s = &self.0 .0;
-        s.writer.register(cx.waker());
-        let mut all = Context::from_waker(&s.all);
-        Pin::new(&mut *s.stream()).poll_write(&mut all, buf)
+        s.poll(&s.writer, cx, |stream, all| stream.poll_write(all, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let s = &self.0 .0;
-        s.writer.register(cx.waker());
-        let mut all = Context::from_waker(&s.all);
-        Pin::new(&mut *s.stream()).poll_flush(&mut all)
+        s.poll(&s.writer, cx, |stream, all| stream.poll_flush(all))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let s = &self.0 .0;
-        s.writer.register(cx.waker());
-        let mut all = Context::from_waker(&s.all);
-        Pin::new(&mut *s.stream()).poll_shutdown(&mut all)
+        s.poll(&s.writer, cx, |stream, all| stream.poll_shutdown(all))
     }
 }

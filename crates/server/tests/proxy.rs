@@ -1778,23 +1778,14 @@ impl Plug {
 /// offline" instead of each waiting out the open timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_goes_silent_fails_its_flows_within_the_idle_timeout() {
-    // QUIC's idle timeout, and a little for the close to reach the flow.
-    silent_device(
-        true,
-        proxyfleet_proto::TUNNEL_IDLE_TIMEOUT + Duration::from_secs(5),
-    )
-    .await;
+    silent_device(true).await;
 }
 
 /// The same over the TLS-over-TCP fallback, in the same time: both ends ping every 10 s, and a side that has heard
 /// nothing for QUIC's idle timeout closes the tunnel (before, only yamux's own 30 s ping timeout did, 40–50 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_goes_silent_on_the_tcp_fallback_fails_its_flows_within_the_idle_timeout() {
-    silent_device(
-        false,
-        proxyfleet_proto::TUNNEL_IDLE_TIMEOUT + Duration::from_secs(5),
-    )
-    .await;
+    silent_device(false).await;
 }
 
 /// A flow whose device goes away mid-answer (its agent stops, its tunnel closes) is reset, on both doors: a plain
@@ -2071,7 +2062,9 @@ async fn a_flow_waiting_for_its_device_at_shutdown_is_told_the_proxy_restarts() 
     );
 }
 
-async fn silent_device(quic: bool, limit: Duration) {
+async fn silent_device(quic: bool) {
+    // The tunnel's idle timeout (on either transport), and a little for the close to reach the flow.
+    let limit = proxyfleet_proto::TUNNEL_IDLE_TIMEOUT + Duration::from_secs(5);
     let Some((rig, plug)) = plugged_rig(quic).await else {
         return;
     };

@@ -98,37 +98,11 @@ pub struct TcpLink {
     pub peer: SocketAddr,
 }
 
-/// A yamux stream's read half. yamux ends every stream of a session that died (the agent went silent) the way a
-/// FIN ends one; read after the session's driver stopped, that end is the tunnel failing, and reads as an error,
-/// so that the relay resets the customer's flow instead of closing it as if it were complete. (A FIN that
-/// arrived just before the session died but is read after it also reads as an error: the flow is reset after
-/// all its bytes.)
-struct SessionRead<R> {
-    inner: R,
-    done: CancellationToken,
-}
-
-impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for SessionRead<R> {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
-            std::task::Poll::Ready(Ok(()))
-                if buf.filled().len() == before
-                    && buf.remaining() > 0
-                    && this.done.is_cancelled() =>
-            {
-                std::task::Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::ConnectionAborted,
-                    "the device's tunnel is gone",
-                )))
-            }
-            other => other,
-        }
+impl TcpLink {
+    /// A stream's halves, drained and telling a dead session from an end ([`proxyfleet_proto::mux`]).
+    fn halves(&self, stream: tokio_yamux::StreamHandle) -> (BoxRead, BoxWrite) {
+        let (r, w) = proxyfleet_proto::mux::split(stream, self.done.clone());
+        (Box::new(r), Box::new(w))
     }
 }
 
@@ -144,12 +118,7 @@ impl Link for TcpLink {
                 .open_stream()
                 .await
                 .map_err(|e| FlowError::Tunnel(std::io::Error::other(format!("{e:?}"))))?;
-            let (r, w) = proxyfleet_proto::mux::split(stream);
-            let r = SessionRead {
-                inner: r,
-                done: self.done.clone(),
-            };
-            Ok((Box::new(r) as BoxRead, Box::new(w) as BoxWrite))
+            Ok(self.halves(stream))
         })
     }
 
@@ -162,12 +131,7 @@ impl Link for TcpLink {
             };
             let stream =
                 stream.ok_or_else(|| FlowError::Tunnel(std::io::Error::other("tunnel closed")))?;
-            let (r, w) = proxyfleet_proto::mux::split(stream);
-            let r = SessionRead {
-                inner: r,
-                done: self.done.clone(),
-            };
-            Ok((Box::new(r) as BoxRead, Box::new(w) as BoxWrite))
+            Ok(self.halves(stream))
         })
     }
 
