@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
-/// How long the QUIC handshake may take before the agent tries TCP instead.
+/// How long a QUIC handshake may take (a probe's, or one racing TCP) before it counts as failed.
 pub const QUIC_TIMEOUT: Duration = Duration::from_secs(4);
 /// How long the TCP + TLS handshake may take.
 pub const TCP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -252,36 +252,50 @@ pub async fn connect_tcp(server: &str, tls: rustls::ClientConfig) -> anyhow::Res
     })
 }
 
-/// Which transport a connection attempt tries first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Order {
-    /// The usual: QUIC, and TLS over TCP when QUIC cannot connect within [`QUIC_TIMEOUT`].
-    QuicFirst,
-    /// Straight back to TCP after a TCP tunnel lost its path; QUIC only if TCP fails.
-    TcpFirst,
-}
+/// How long a QUIC attempt runs alone before TLS over TCP joins the race (RFC 8305's connection attempt delay).
+/// Where UDP works, QUIC's one-round-trip handshake wins even on a slow link, since TCP + TLS needs two round
+/// trips after this; where UDP is silently dropped, the agent is up over TCP after this instead of after
+/// [`QUIC_TIMEOUT`].
+pub const QUIC_HEAD_START: Duration = Duration::from_millis(300);
 
-/// Connect with both transports, in `order`.
+/// Connect over QUIC, racing TLS over TCP from [`QUIC_HEAD_START`] on (at once if QUIC fails sooner); the first
+/// transport up wins and the other attempt is dropped. A session that lands on TCP probes QUIC later and moves.
 pub async fn connect(
     server: &str,
     tls: impl Fn() -> anyhow::Result<rustls::ClientConfig>,
-    order: Order,
 ) -> anyhow::Result<Conn> {
-    if order == Order::TcpFirst {
-        return match connect_tcp(server, tls()?).await {
-            Ok(c) => Ok(c),
-            Err(tcp) => connect_quic(server, tls()?)
-                .await
-                .map_err(|quic| anyhow::anyhow!("TCP: {tcp:#}; QUIC: {quic:#}")),
-        };
-    }
-    match connect_quic(server, tls()?).await {
-        Ok(c) => Ok(c),
-        Err(quic) => {
-            tracing::info!(error = %format!("{quic:#}"), "QUIC failed; trying TLS over TCP");
-            connect_tcp(server, tls()?)
-                .await
-                .map_err(|tcp| anyhow::anyhow!("QUIC: {quic:#}; TCP: {tcp:#}"))
+    let quic = connect_quic(server, tls()?);
+    let tcp = connect_tcp(server, tls()?);
+    tokio::pin!(quic, tcp);
+    let head_start = tokio::time::sleep(QUIC_HEAD_START);
+    tokio::pin!(head_start);
+    let (mut quic_failed, mut tcp_failed, mut tcp_started) = (None, None, false);
+    loop {
+        tokio::select! {
+            // QUIC wins a tie.
+            biased;
+            r = &mut quic, if quic_failed.is_none() => match r {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    quic_failed = Some(e);
+                    tcp_started = true;
+                }
+            },
+            () = &mut head_start, if !tcp_started => tcp_started = true,
+            r = &mut tcp, if tcp_started && tcp_failed.is_none() => match r {
+                Ok(c) => {
+                    let quic = quic_failed.map_or_else(
+                        || format!("no answer within {QUIC_HEAD_START:?}"),
+                        |e| format!("{e:#}"),
+                    );
+                    tracing::info!(quic = %quic, "connected over TLS on TCP; QUIC will be probed again later");
+                    return Ok(c);
+                }
+                Err(e) => tcp_failed = Some(e),
+            },
+        }
+        if let (Some(quic), Some(tcp)) = (&quic_failed, &tcp_failed) {
+            anyhow::bail!("QUIC: {quic:#}; TCP: {tcp:#}");
         }
     }
 }

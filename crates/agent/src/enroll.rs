@@ -43,11 +43,7 @@ pub async fn enroll(server: &str, code: &str, state_dir: &Path) -> anyhow::Resul
         .serialize_request(&key)
         .context("making the certificate signing request")?;
 
-    let conn = crate::conn::connect(
-        server,
-        || tls::enroll_tls(pin.clone()),
-        crate::conn::Order::QuicFirst,
-    )
+    let conn = crate::conn::connect(server, || tls::enroll_tls(pin.clone()))
         .await
         .context("could not connect to the server (is the address its tunnel port, and the pairing code copied whole?)")?;
     let (recv, mut send) = conn.open_bi().await?;

@@ -34,13 +34,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// failure. Shorter sessions (a server that takes the device and drops it at once) keep doubling it.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 
-/// A session that came up: since when, and over which transport.
-#[derive(Debug, Clone, Copy)]
-pub struct Up {
-    since: Instant,
-    tcp: bool,
-}
-
 /// The wait before the next connection attempt, before jitter.
 #[derive(Debug)]
 pub struct Backoff(Duration);
@@ -133,33 +126,20 @@ pub async fn run(
         );
     }
     let mut backoff = Backoff::default();
-    // The transport of the last session that came up: after losing a TCP tunnel (or moving it), TCP is tried first
-    // again (a 4 s QUIC attempt would most likely fail as before; the next session's probe finds QUIC if it works
-    // again).
-    let mut last_on_tcp = false;
     loop {
-        let order = if last_on_tcp {
-            conn::Order::TcpFirst
-        } else {
-            conn::Order::QuicFirst
-        };
-        let mut up: Option<Up> = None;
-        let end = try_run(state_dir, &opts, &cancel, order, &mut up).await;
-        if let Some(u) = up {
-            last_on_tcp = u.tcp;
-        }
-        let lasted = up.map(|u| u.since.elapsed());
+        let mut up: Option<Instant> = None;
+        let end = try_run(state_dir, &opts, &cancel, &mut up).await;
+        let lasted = up.map(|since| since.elapsed());
         match end {
             SessionEnd::Cancelled => return Ok(()),
             SessionEnd::Refused(why) => return Err(Refused(why).into()),
             SessionEnd::UpgradeToQuic => {
                 backoff.settled(lasted);
-                last_on_tcp = false;
                 tracing::info!("UDP to the server works again; moving the tunnel to QUIC");
             }
             SessionEnd::Moved(why) => {
-                // Over TCP first (the session was on TCP): customers should not wait out a QUIC attempt before
-                // their device is back.
+                // At once: customers should not wait out a backoff before their device is back (if UDP is still
+                // blocked, TCP joins the race after `QUIC_HEAD_START`).
                 tracing::info!("{why}; making the TCP tunnel again");
                 backoff.settled(lasted);
             }
@@ -203,10 +183,9 @@ async fn try_run(
     state_dir: &Path,
     opts: &RunOptions,
     cancel: &CancellationToken,
-    order: conn::Order,
-    up: &mut Option<Up>,
+    up: &mut Option<Instant>,
 ) -> SessionEnd {
-    match session(state_dir, opts, cancel, order, up).await {
+    match session(state_dir, opts, cancel, up).await {
         Ok(end) => end,
         Err(e) => match e.downcast_ref::<ConnectionError>().and_then(classify) {
             Some(why) => SessionEnd::Refused(why),
@@ -260,11 +239,10 @@ async fn session(
     state_dir: &Path,
     opts: &RunOptions,
     cancel: &CancellationToken,
-    order: conn::Order,
-    up: &mut Option<Up>,
+    up: &mut Option<Instant>,
 ) -> anyhow::Result<SessionEnd> {
     let (state, id) = load(state_dir)?;
-    let conn = conn::connect(&state.server, || id.tls(), order).await?;
+    let conn = conn::connect(&state.server, || id.tls()).await?;
     drive(conn, &id, &state, opts, cancel, up).await
 }
 
@@ -274,7 +252,7 @@ async fn drive(
     state: &crate::state::AgentState,
     opts: &RunOptions,
     cancel: &CancellationToken,
-    up: &mut Option<Up>,
+    up: &mut Option<Instant>,
 ) -> anyhow::Result<SessionEnd> {
     let result = drive_inner(&conn, id, state, opts, cancel, up).await;
     // However the failure surfaced (a write, a read, the close itself), the server's close reason says why.
@@ -293,7 +271,7 @@ async fn drive_inner(
     state: &crate::state::AgentState,
     opts: &RunOptions,
     cancel: &CancellationToken,
-    up: &mut Option<Up>,
+    up: &mut Option<Instant>,
 ) -> anyhow::Result<SessionEnd> {
     let (recv, send) = conn.open_bi().await?;
     let mut writer = FramedWrite::new(send, FrameCodec::<ControlFrame>::new(MAX_CONTROL_FRAME));
@@ -325,10 +303,7 @@ async fn drive_inner(
     tracing::info!(device = %state.device_id, server = %state.server, transport = conn.transport(), "tunnel up");
     let started = Instant::now();
     let on_tcp = matches!(conn, Conn::Tcp { .. });
-    *up = Some(Up {
-        since: started,
-        tcp: on_tcp,
-    });
+    *up = Some(started);
     let mut tick = tokio::time::interval(interval);
     // While on TCP, QUIC is probed soon (a session that landed here because the server was restarting, not because
     // UDP is blocked, moves back within seconds), then less and less often, down to once per `quic_retry`.

@@ -620,15 +620,33 @@ async fn without_udp_the_agent_falls_back_to_tls_over_tcp() {
     let token = s.admin_token().await;
     let (id, code) = new_device(&s, &token, "udp-blocked").await;
     let dir = tempfile::tempdir().unwrap();
-    // Enrollment falls back too.
+    // Enrollment falls back too. Neither it nor the tunnel waits out the QUIC handshake's timeout: TCP joins the
+    // race after a short head start (until session 12 a device with UDP blocked spent 4 s on QUIC first, and on
+    // every reconnect after a QUIC session).
+    let (quic_timeout, head_start) = (
+        proxyfleet_agent::conn::QUIC_TIMEOUT,
+        proxyfleet_agent::conn::QUIC_HEAD_START,
+    );
+    let t = Instant::now();
     proxyfleet_agent::enroll(&s.tunnel(), &code, dir.path())
         .await
         .unwrap();
+    let enrolled_in = t.elapsed();
+    assert!(
+        enrolled_in >= head_start && enrolled_in < quic_timeout,
+        "enrolled in {enrolled_in:?}"
+    );
+    let t = Instant::now();
     let (_c, agent) = spawn_agent(dir.path());
     let v = wait_for(&s, &token, &id, "online", |v| {
         v["status"] == "online" && v["last_heartbeat_at"].is_string()
     })
     .await;
+    let online_in = t.elapsed();
+    assert!(
+        online_in < quic_timeout,
+        "online over TCP after {online_in:?}"
+    );
     assert_eq!(v["transport"], "tcp");
     assert_eq!(v["public_ip"], "127.0.0.1");
 

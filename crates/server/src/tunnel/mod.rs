@@ -155,6 +155,10 @@ pub(crate) async fn serve_link(conn: Handshaken, ctx: TunnelContext) {
         _ => Err(anyhow::anyhow!("no known ALPN")),
     };
     if let Err(e) = result {
+        if e.is::<ClosedBeforeStream>() {
+            tracing::debug!(%remote, transport = conn.link.transport(), "{e}");
+            return;
+        }
         // Whose fault: the device's (bad frames, bad certificate) unless the store failed.
         tracing::debug!(%remote, transport = conn.link.transport(), error = %format!("{e:#}"), source = "device",
             "tunnel connection ended");
@@ -162,12 +166,18 @@ pub(crate) async fn serve_link(conn: Handshaken, ctx: TunnelContext) {
     }
 }
 
+/// The agent hung up without opening a stream: what its QUIC probes do on success, and what the losing transport
+/// of its connection race does. Not a device fault.
+#[derive(Debug, thiserror::Error)]
+#[error("connection closed before its first stream (an agent's QUIC probe, or the attempt that lost its race)")]
+struct ClosedBeforeStream;
+
 async fn accept_first_stream(link: &dyn Link) -> anyhow::Result<(BoxRead, BoxWrite)> {
-    Ok(
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, link.accept_stream())
-            .await
-            .context("no stream opened in time")??,
-    )
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, link.accept_stream()).await {
+        Err(_) => anyhow::bail!("no stream opened in time"),
+        Ok(Ok(halves)) => Ok(halves),
+        Ok(Err(_)) => Err(ClosedBeforeStream.into()),
+    }
 }
 
 async fn enroll(link: &dyn Link, ctx: &TunnelContext) -> anyhow::Result<()> {
