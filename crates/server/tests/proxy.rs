@@ -171,6 +171,27 @@ async fn http_target(bind: &str, len: usize) -> SocketAddr {
     addr
 }
 
+/// An HTTP server whose answers end only by its closing the connection (no `Content-Length`, not chunked).
+async fn unframed_http_target(len: usize) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                if common::read_request_head(&mut s).await.is_none() {
+                    return;
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+                    .await;
+                let _ = s.write_all(&pattern(len)).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
 fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i % 251) as u8).collect()
 }
@@ -289,19 +310,25 @@ async fn socks_raw_reply(proxy: SocketAddr, user: &str, pass: &str, request: &[u
 
 /// Read until EOF or error; the number of bytes read. Panics if the stream stays open past `within`.
 async fn drain(s: &mut (impl AsyncReadExt + Unpin), within: Duration) -> usize {
+    drain_to_end(s, within).await.0
+}
+
+/// [`drain`], also telling whether the stream ended with a reset (rather than a close).
+async fn drain_to_end(s: &mut (impl AsyncReadExt + Unpin), within: Duration) -> (usize, bool) {
     let mut total = 0;
     let mut b = vec![0u8; 64 * 1024];
-    tokio::time::timeout(within, async {
+    let reset = tokio::time::timeout(within, async {
         loop {
             match s.read(&mut b).await {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break false,
+                Err(e) => break e.kind() == std::io::ErrorKind::ConnectionReset,
                 Ok(n) => total += n,
             }
         }
     })
     .await
     .expect("the flow was closed");
-    total
+    (total, reset)
 }
 
 // ---- tests --------------------------------------------------------------------------------------------------
@@ -720,18 +747,29 @@ async fn one_mib_limit_across_eight_flows_is_exact_then_reset_restores() {
     let started = Instant::now();
     let tasks: Vec<_> = flows
         .into_iter()
-        .map(|mut f| tokio::spawn(async move { drain(&mut f, Duration::from_secs(30)).await }))
+        .map(|mut f| {
+            tokio::spawn(async move { drain_to_end(&mut f, Duration::from_secs(30)).await })
+        })
         .collect();
     let mut total = 0;
     for t in tasks {
-        total += t.await.unwrap();
+        let (got, reset) = t.await.unwrap();
+        total += got;
+        // The target's stream has no end of its own: a close would pass the cut-short download off as whole.
+        assert!(
+            reset,
+            "a flow cut off after {got} bytes was closed, not reset"
+        );
     }
     assert_eq!(
         total, MIB,
         "exactly the limit was delivered, across all flows"
     );
-    // The idle flow was closed too, without sending or receiving anything.
-    assert_eq!(drain(&mut idle, Duration::from_secs(5)).await, 0);
+    // The idle flow was cut too, without sending or receiving anything.
+    assert_eq!(
+        drain_to_end(&mut idle, Duration::from_secs(5)).await,
+        (0, true)
+    );
     eprintln!("cut-off reached after {:?}", started.elapsed());
 
     let v = rig.connection(&id).await;
@@ -999,6 +1037,59 @@ async fn a_flow_cut_off_mid_upload_still_delivers_the_answer_it_charged() {
     );
 }
 
+/// An answer whose end is its connection's close, cut off by the limit: the customer's program sees a failure,
+/// not a complete answer (the flow is reset after the bytes it was charged for), on both doors. An answer that
+/// ends by itself still ends with a close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_cut_off_by_the_limit_is_reported_as_failed() {
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    let target = unframed_http_target(MIB).await;
+    let url = format!("http://{target}/");
+    let whole = rig
+        .create(json!({"name": "whole", "device_id": rig.device}))
+        .await;
+    let (user, pass) = creds(&whole);
+    let proxy = format!("http://{user}:{pass}@{}", rig.http_addr());
+    assert_eq!(
+        curl_via(&proxy, &url, &[]).await,
+        (0, format!("200 {MIB}")),
+        "a whole answer is a success"
+    );
+    let limit = 200_000;
+    let c = rig
+        .create(json!({"name": "cut", "device_id": rig.device, "bandwidth_limit_bytes": limit}))
+        .await;
+    let (user, pass) = creds(&c);
+    let id = c["id"].as_str().unwrap();
+    for proxy in [
+        format!("http://{user}:{pass}@{}", rig.http_addr()),
+        format!("socks5h://{user}:{pass}@{}", rig.socks_addr()),
+    ] {
+        let (code, out) = curl_via(&proxy, &url, &[]).await;
+        let got: usize = out
+            .split(' ')
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        // curl: 56, "failure when receiving data from the peer" (the reset); 18 would be a short framed body.
+        assert!(
+            code == 56 && got > 0 && got < limit,
+            "{proxy}: curl exit {code}, {out}"
+        );
+        let r = rig
+            .s
+            .post(
+                &format!("/api/v1.0/connections/{id}/reset-usage"),
+                &rig.token,
+                json!({}),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disable_delete_and_device_revocation_close_open_flows_at_once() {
     let Some(rig) = Rig::start().await else {
@@ -1020,7 +1111,10 @@ async fn disable_delete_and_device_revocation_close_open_flows_at_once() {
             .status(),
         200
     );
-    drain(&mut f, Duration::from_secs(2)).await;
+    assert_eq!(
+        drain_to_end(&mut f, Duration::from_secs(2)).await,
+        (0, true)
+    );
     assert!(matches!(
         open().await,
         Err(tokio_socks::Error::ConnectionNotAllowedByRuleset)
@@ -1035,7 +1129,10 @@ async fn disable_delete_and_device_revocation_close_open_flows_at_once() {
 
     let mut f = open().await.unwrap();
     assert_eq!(rig.s.delete(&path, &rig.token).await.status(), 204);
-    drain(&mut f, Duration::from_secs(2)).await;
+    assert_eq!(
+        drain_to_end(&mut f, Duration::from_secs(2)).await,
+        (0, true)
+    );
     assert!(open().await.is_err());
 
     let c = rig
@@ -1047,7 +1144,10 @@ async fn disable_delete_and_device_revocation_close_open_flows_at_once() {
         .unwrap();
     let r = rig.revoke(&rig.device).await;
     assert_eq!(r.status(), 200);
-    drain(&mut f, Duration::from_secs(2)).await;
+    assert_eq!(
+        drain_to_end(&mut f, Duration::from_secs(2)).await,
+        (0, true)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -227,9 +227,10 @@ pub struct RelayOptions {
 pub struct Relayed<CR, CW> {
     pub cr: CR,
     pub cw: CW,
-    /// The tunnel stream failed instead of ending (the device went offline, or the target reset its
-    /// connection): the customer must not mistake what arrived for the whole answer, so the socket is reset
-    /// instead of closed once what was written to it has arrived. Otherwise it is already half-closed.
+    /// The flow was cut short: the tunnel stream failed instead of ending (the device went offline, or the
+    /// target reset its connection), or the flow was stopped (cut-off, disabled, deleted, device changed or
+    /// revoked, server stopping). The customer must not mistake what arrived for the whole answer, so the socket
+    /// is reset instead of closed once what was written to it has arrived. Otherwise it is already half-closed.
     pub broken: bool,
 }
 
@@ -317,6 +318,10 @@ where
             }
         }
     }
+    // Stopped from outside (the cut-off, disabling, deleting, a device change or revocation, the server stopping):
+    // the flow was cut short, and the customer must be able to tell, as when its device's side broke. An answer
+    // whose end is its connection's close (a body without length, a raw stream) would otherwise look whole.
+    broken |= flow.stop.is_cancelled();
     if !broken {
         // Tell the customer the flow is over (FIN) before the sockets are dropped, and the device too: a yamux
         // stream dropped unfinished is reset, and the agent would reset the target as if the flow had broken.
