@@ -319,12 +319,119 @@ async fn connect(
         tracing::debug!(target_host = %host, addrs = ?resolved, "refused a TCP flow to a non-public target");
         return Err(OpenResult::NotAllowed);
     }
-    let mut last = OpenResult::Unreachable;
-    for ip in permitted {
-        match tokio::net::TcpStream::connect(SocketAddr::new(ip.to_canonical(), port)).await {
-            Ok(s) => return Ok(s),
-            Err(e) => last = OpenResult::from_io(&e),
+    connect_any(interleave(permitted), port).await
+}
+
+/// Between starting connection attempts to a target's next address while the earlier ones are still pending
+/// (RFC 8305's "Connection Attempt Delay", its recommended 250 ms).
+const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
+/// The addresses in the order to try them: the two families alternating, starting with the resolver's first
+/// (RFC 8305 §4), so that a family broken on the device's network (IPv6 on some carriers) costs one attempt delay.
+fn interleave(addrs: Vec<IpAddr>) -> Vec<IpAddr> {
+    let first_v6 = addrs.first().is_some_and(IpAddr::is_ipv6);
+    let (first, other): (Vec<IpAddr>, Vec<IpAddr>) =
+        addrs.into_iter().partition(|ip| ip.is_ipv6() == first_v6);
+    let (mut first, mut other) = (first.into_iter(), other.into_iter());
+    let mut out = Vec::with_capacity(first.len() + other.len());
+    loop {
+        match (first.next(), other.next()) {
+            (None, None) => return out,
+            (a, b) => out.extend(a.into_iter().chain(b)),
         }
     }
-    Err(last)
+}
+
+/// Connect to the first of `addrs` that answers: one attempt starts every [`ATTEMPT_DELAY`] (or as soon as the
+/// previous one fails) while earlier ones go on, and the first connection made wins (RFC 8305 §5). A host whose
+/// first address silently drops connections is then reached through its next one, instead of the flow waiting out
+/// the whole connect timeout on the first.
+async fn connect_any(addrs: Vec<IpAddr>, port: u16) -> Result<tokio::net::TcpStream, OpenResult> {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let mut waiting = addrs.into_iter();
+    let mut attempts = FuturesUnordered::new();
+    let mut last = OpenResult::Unreachable;
+    let next = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(next);
+    loop {
+        tokio::select! {
+            biased;
+            Some(r) = attempts.next() => match r {
+                Ok(s) => return Ok(s),
+                Err(e) => {
+                    last = OpenResult::from_io(&e);
+                    next.as_mut().reset(tokio::time::Instant::now());
+                }
+            },
+            () = &mut next, if waiting.len() > 0 => {
+                if let Some(ip) = waiting.next() {
+                    attempts.push(tokio::net::TcpStream::connect(SocketAddr::new(ip.to_canonical(), port)));
+                }
+                next.as_mut().reset(tokio::time::Instant::now() + ATTEMPT_DELAY);
+            }
+        }
+        if attempts.is_empty() && waiting.len() == 0 {
+            return Err(last);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn address_families_alternate_from_the_resolvers_first() {
+        assert_eq!(
+            interleave(ips(&["::1", "::2", "::3", "10.0.0.1", "10.0.0.2"])),
+            ips(&["::1", "10.0.0.1", "::2", "10.0.0.2", "::3"])
+        );
+        assert_eq!(
+            interleave(ips(&["10.0.0.1", "::1", "10.0.0.2"])),
+            ips(&["10.0.0.1", "::1", "10.0.0.2"])
+        );
+        assert_eq!(interleave(ips(&["::1"])), ips(&["::1"]));
+        assert_eq!(interleave(Vec::new()), Vec::<IpAddr>::new());
+    }
+
+    /// A host whose first address silently drops connections (here: a listener whose accept queue is full, so the
+    /// kernel drops the SYNs) is reached through its next address after one attempt delay, not after the connect
+    /// timeout; with every address refusing, the answer says so.
+    #[tokio::test]
+    async fn a_silent_first_address_costs_one_attempt_delay() {
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = good.local_addr().unwrap().port();
+        let silent = tokio::net::TcpSocket::new_v4().unwrap();
+        silent
+            .bind(SocketAddr::from(([127, 0, 0, 2], port)))
+            .unwrap();
+        let silent = silent.listen(0).unwrap();
+        // Fill its accept queue: the next SYN is dropped.
+        let _queued = tokio::net::TcpStream::connect(silent.local_addr().unwrap())
+            .await
+            .unwrap();
+        let t = std::time::Instant::now();
+        let s = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            connect_any(ips(&["127.0.0.2", "127.0.0.1"]), port),
+        )
+        .await
+        .expect("the second address was never tried")
+        .unwrap();
+        assert_eq!(s.peer_addr().unwrap(), good.local_addr().unwrap());
+        assert!(t.elapsed() >= ATTEMPT_DELAY, "{:?}", t.elapsed());
+
+        let closed = good.local_addr().unwrap();
+        drop(good);
+        assert_eq!(
+            connect_any(ips(&["127.0.0.1", "::1"]), closed.port())
+                .await
+                .err(),
+            Some(OpenResult::Refused)
+        );
+    }
 }
