@@ -291,16 +291,9 @@ pub enum BodyLength {
 /// the message differently (request smuggling): both `Transfer-Encoding` and `Content-Length`, a transfer coding
 /// that does not end in `chunked`, or `Content-Length` values that disagree.
 pub fn request_body(req: &ProxyRequest) -> Result<BodyLength, HeadError> {
-    let values = |name: &'static str| -> Vec<String> {
-        req.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .flat_map(|(_, v)| v.split(|&b| b == b','))
-            .map(|v| String::from_utf8_lossy(v).trim().to_ascii_lowercase())
-            .collect()
-    };
-    let codings = values("transfer-encoding");
-    let lengths = values("content-length");
+    let headers = || req.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice()));
+    let codings = list_values(headers(), "transfer-encoding");
+    let lengths = list_values(headers(), "content-length");
     if !codings.is_empty() {
         // HTTP/1.0 has no transfer codings (RFC 9112 section 6.1: such framing is faulty).
         if req.version == 0
@@ -311,17 +304,31 @@ pub fn request_body(req: &ProxyRequest) -> Result<BodyLength, HeadError> {
         }
         return Ok(BodyLength::Chunked);
     }
+    match content_length(&lengths)? {
+        None | Some(0) => Ok(BodyLength::None),
+        Some(n) => Ok(BodyLength::Length(n)),
+    }
+}
+
+/// The comma-separated elements of every `name` field among `headers`, trimmed and lower-cased.
+fn list_values<'a>(headers: impl Iterator<Item = (&'a str, &'a [u8])>, name: &str) -> Vec<String> {
+    headers
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .flat_map(|(_, v)| v.split(|&b| b == b','))
+        .map(|v| String::from_utf8_lossy(v).trim().to_ascii_lowercase())
+        .collect()
+}
+
+/// The one length that `Content-Length` elements give (RFC 9112 section 6.3: repeated equal values count once),
+/// `None` without any; values that disagree or are not a number are [`HeadError::Framing`].
+fn content_length(lengths: &[String]) -> Result<Option<u64>, HeadError> {
     let Some(first) = lengths.first() else {
-        return Ok(BodyLength::None);
+        return Ok(None);
     };
     if lengths.iter().any(|l| l != first) || !first.bytes().all(|b| b.is_ascii_digit()) {
         return Err(HeadError::Framing);
     }
-    match first.parse::<u64>() {
-        Ok(0) => Ok(BodyLength::None),
-        Ok(n) => Ok(BodyLength::Length(n)),
-        Err(_) => Err(HeadError::Framing),
-    }
+    first.parse().map(Some).map_err(|_| HeadError::Framing)
 }
 
 /// Parse an origin's response head and rewrite it for the client: `HTTP/1.1`, the status, the origin's headers
@@ -348,10 +355,20 @@ pub fn client_response_head(buf: &[u8]) -> Result<Option<(Vec<u8>, u16, usize)>,
         Err(e) => return Err(head_error(e)),
     };
     let code = resp.code.ok_or(HeadError::Malformed)?;
+    // RFC 9112 section 6.3: with a transfer coding, `Content-Length` is meaningless and a proxy that passes the
+    // answer on removes it; without one, a `Content-Length` that is not one number gets the client a 502 instead
+    // of an answer it would read with the wrong length.
+    let fields = || resp.headers.iter().map(|h| (h.name, h.value));
+    let coded = !list_values(fields(), "transfer-encoding").is_empty();
+    if !coded {
+        content_length(&list_values(fields(), "content-length"))?;
+    }
     let named = connection_named(resp.headers);
     let mut out = Vec::with_capacity(used + 24);
     out.extend_from_slice(format!("HTTP/1.1 {code} {}\r\n", resp.reason.unwrap_or("")).as_bytes());
-    for h in resp.headers.iter().filter(|h| forwarded(h.name, &named)) {
+    for h in resp.headers.iter().filter(|h| {
+        forwarded(h.name, &named) && !(coded && h.name.eq_ignore_ascii_case("content-length"))
+    }) {
         out.extend_from_slice(h.name.as_bytes());
         out.extend_from_slice(b": ");
         // A folded value's line breaks become spaces (RFC 9112 section 5.2).
@@ -572,6 +589,41 @@ mod tests {
         assert!(
             out.contains("Server: t\r\nX-Long: a   b\r\n") && out.contains("Set-Cookie: c99=v\r\n"),
             "{out}"
+        );
+    }
+
+    /// An answer whose length the client would read differently from the origin gets a 502; with a transfer
+    /// coding, its `Content-Length` is dropped.
+    #[test]
+    fn responses_with_a_bad_length_are_refused_or_mended() {
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+        ] {
+            assert_eq!(
+                client_response_head(bad),
+                Err(HeadError::Framing),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let (out, _, _) = client_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("Content-Length: 5, 5\r\n"));
+        let (out, _, _) = client_response_head(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nTransfer-Encoding: chunked\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
         );
     }
 

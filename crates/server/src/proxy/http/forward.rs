@@ -223,6 +223,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for Answer<R> {
                                 hp::HeadError::TooLarge | hp::HeadError::TooManyHeaders => {
                                     "the site's answer head is too large"
                                 }
+                                hp::HeadError::Framing => {
+                                    "the site's answer has an invalid Content-Length"
+                                }
                                 _ => "the site did not answer with HTTP",
                             };
                             this.phase = Phase::Out {
@@ -372,6 +375,11 @@ mod tests {
         assert!(answer(b"HTTP/1.1 200 OK\r\nContent-")
             .await
             .contains("ended inside its head"));
+        assert!(
+            answer(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab")
+                .await
+                .starts_with("HTTP/1.1 502 Bad Gateway\r\n")
+        );
         assert!(answer(b"\x16\x03\x01 not http\r\n\r\n")
             .await
             .contains("did not answer with HTTP"));
