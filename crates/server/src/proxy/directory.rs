@@ -58,12 +58,21 @@ struct Pending {
     down: u64,
 }
 
+/// How many wrong passwords per connection are remembered as such ([`State::refused`]): enough for the stale
+/// clients of one customer, too few to matter as memory.
+const REFUSED_KEPT: usize = 8;
+
 #[derive(Debug)]
 struct State {
     device_id: Option<Arc<str>>,
     password_hash: Option<Arc<str>>,
     /// Keyed digest of the password last verified against `password_hash` (never the password itself).
     verified: Option<[u8; 32]>,
+    /// Keyed digests of passwords already found wrong against `password_hash`, the newest last (at most
+    /// [`REFUSED_KEPT`]). A client that repeats one (a stale configuration, an old password after a regenerate) is
+    /// answered without bcrypt and without counting toward the username's lockout, which it would otherwise hold
+    /// shut for every client with the right password. A new guess still costs bcrypt and counts.
+    refused: Vec<[u8; 32]>,
     limit: Option<u64>,
     used: u64,
     enabled: bool,
@@ -184,6 +193,7 @@ impl Entry {
             device_id: row.device_id.as_deref().map(Arc::from),
             password_hash: row.password_hash.as_deref().map(Arc::from),
             verified: None,
+            refused: Vec::new(),
             limit: row.limit_bytes.and_then(|l| u64::try_from(l).ok()),
             used: u64::try_from(row.used_bytes).unwrap_or(0),
             enabled: row.disabled_at.is_none(),
@@ -559,6 +569,7 @@ impl Directory {
             let mut s = lock(&e.state);
             s.password_hash = Some(Arc::from(hash));
             s.verified = None;
+            s.refused.clear();
             s.credential.cancel();
             s.credential = CancellationToken::new();
         }
@@ -604,8 +615,15 @@ impl Directory {
         lock(&entry.state).verified == Some(d)
     }
 
+    /// True when this password was already found wrong for the entry's current hash.
+    fn known_wrong(&self, entry: &Entry, password: &str) -> bool {
+        let d = self.digest(entry, password);
+        lock(&entry.state).refused.contains(&d)
+    }
+
     /// Check a customer's credentials. A password verified before costs one keyed hash; otherwise bcrypt runs
-    /// (rate-limited per username and client address, one at a time per connection).
+    /// (rate-limited per username and client address, one at a time per connection). A password found wrong
+    /// before is refused after the time a check takes, without one and without counting as another failure.
     pub async fn authenticate(
         &self,
         username: &str,
@@ -616,6 +634,11 @@ impl Directory {
         if let Some(e) = &entry {
             if self.check_cached(e, password) {
                 return Ok(e.clone());
+            }
+            if self.known_wrong(e, password) {
+                // As slow as a check, so that a repeat tells nothing a first try did not.
+                self.hasher.pause_like_verify().await;
+                return Err(AuthFailure::Invalid);
             }
         }
         let keys = LimitKeys::namespaced("proxy", username, &client.to_canonical().to_string());
@@ -682,6 +705,16 @@ impl Directory {
                 Ok(entry)
             }
             Ok(false) => {
+                if let Some(h) = &hash {
+                    let d = self.digest(&entry, password);
+                    let mut s = lock(&entry.state);
+                    if s.password_hash.as_ref().map(|c| c.as_ptr()) == Some(h.as_ptr()) {
+                        if s.refused.len() >= REFUSED_KEPT {
+                            s.refused.remove(0);
+                        }
+                        s.refused.push(d);
+                    }
+                }
                 self.limiter.failed(&keys, attempt).await;
                 Err(AuthFailure::Invalid)
             }
@@ -966,6 +999,47 @@ mod tests {
             dir.hasher.runs(),
             runs + 2,
             "the verified password is cached"
+        );
+    }
+
+    /// A client repeating a wrong password (a stale configuration) costs one bcrypt and one failure, however often
+    /// it tries, so the right password still works from anywhere; new guesses still count and lock the username.
+    #[tokio::test]
+    async fn a_repeated_wrong_password_does_not_lock_out_the_right_one() {
+        let (dir, _store, conns, _tmp) = directory_with(&["real"]).await;
+        let stale: IpAddr = "192.0.2.7".parse().unwrap();
+        let other: IpAddr = "198.51.100.9".parse().unwrap();
+        let runs = dir.hasher.runs();
+        for _ in 0..25 {
+            let r = dir.authenticate("pfreal", "old-password", stale).await;
+            assert_eq!(r.err(), Some(AuthFailure::Invalid));
+        }
+        assert_eq!(
+            dir.hasher.runs(),
+            runs + 1,
+            "one bcrypt for one wrong password"
+        );
+        assert!(dir.authenticate("pfreal", "pw-real", other).await.is_ok());
+        // A new password forgets what was wrong for the old one.
+        dir.set_password(&conns[0].2, &dir.hasher.hash("old-password").await.unwrap());
+        assert!(dir
+            .authenticate("pfreal", "old-password", stale)
+            .await
+            .is_ok());
+        // Distinct guesses are each checked and counted: the username locks (10 failures for proxy logins).
+        let mut limited = false;
+        for i in 0..12 {
+            match dir
+                .authenticate("pfreal", &format!("guess-{i}"), stale)
+                .await
+            {
+                Err(AuthFailure::Limited(_)) => limited = true,
+                r => assert_eq!(r.err(), Some(AuthFailure::Invalid)),
+            }
+        }
+        assert!(
+            limited,
+            "twelve different wrong passwords never locked the username"
         );
     }
 
