@@ -138,6 +138,18 @@ impl Pki {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.server_key_der.clone()))
     }
 
+    /// A 32-byte secret for `purpose`, derived from the server's private key: the same across restarts (the key
+    /// is kept in the data directory) and useless to anyone who does not have the key.
+    pub fn derived_secret(&self, purpose: &str) -> [u8; 32] {
+        use hmac::Mac;
+        // HMAC takes any key length, so this cannot fail.
+        let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.server_key_der)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        mac.update(b"proxyfleet derived secret\0");
+        mac.update(purpose.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
     /// Sign a device's CSR. The certificate's subject is the device id; only its public key comes from the CSR.
     pub fn issue_device_cert(
         &self,

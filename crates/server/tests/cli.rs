@@ -464,3 +464,130 @@ async fn seed_db_variables_reach_postgresql() {
     assert!(op.password_hash.starts_with("$2b$12$"));
     store.close().await;
 }
+
+/// A UDP port whose TCP twin is free too (the tunnel serves both on one number), for a server that must come back
+/// on the same port.
+fn free_tunnel_port() -> u16 {
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// After a crash (SIGKILL, no goodbye to the devices) the restarted server answers a device's next packet on the
+/// dead QUIC connection with a stateless reset the device accepts (its key is derived from the server's key in
+/// the data directory), so the device is back within a heartbeat or two instead of after the 20 s idle timeout.
+#[test]
+fn after_a_crash_devices_are_back_without_waiting_out_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let made = create_operator(&data, "root_op", "Gr4nite-Lantern-Seven");
+    assert!(made.status.success(), "{made:?}");
+    let tunnel = format!("127.0.0.1:{}", free_tunnel_port());
+    let serve = || {
+        let mut s = Serve::spawn(
+            proxyfleet(&["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+                .env("PROXYFLEET_DATA_DIR", &data)
+                .env("PROXYFLEET_TUNNEL_LISTEN", &tunnel)
+                .env("PROXYFLEET_TUNNEL_HEARTBEAT_SECS", "1"),
+        );
+        let addr = s.addr();
+        (s, addr)
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let http = reqwest::Client::new();
+    let login = |addr: &str| {
+        rt.block_on(async {
+            let v: serde_json::Value = http
+                .post(format!("http://{addr}/api/v1.0/auth/login"))
+                .json(&serde_json::json!({"username": "root_op", "password": "Gr4nite-Lantern-Seven"}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["token"].as_str().unwrap().to_owned()
+        })
+    };
+    // The device's session as the API shows it: (status, connected_since).
+    let session = |addr: &str, token: &str, id: &str| -> (String, String) {
+        rt.block_on(async {
+            let v: serde_json::Value = http
+                .get(format!("http://{addr}/api/v1.0/devices/{id}"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            (
+                v["status"].as_str().unwrap_or_default().to_owned(),
+                v["connected_since"].to_string(),
+            )
+        })
+    };
+    let wait_online = |addr: &str, token: &str, id: &str, not: &str| {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            let (status, at) = session(addr, token, id);
+            if status == "online" && at != not && at != "null" {
+                return at;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the device never came back: {status} {at}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    let (mut s, addr) = serve();
+    let token = login(&addr);
+    let device: serde_json::Value = rt.block_on(async {
+        http.post(format!("http://{addr}/api/v1.0/devices"))
+            .bearer_auth(&token)
+            .json(&serde_json::json!({"name": "phone"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    let id = device["id"].as_str().unwrap().to_owned();
+    let code = device["pairing_code"].as_str().unwrap().to_owned();
+    let state = dir.path().join("agent");
+    rt.block_on(proxyfleet_agent::enroll(&tunnel, &code, &state))
+        .unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let opts = proxyfleet_agent::RunOptions {
+        power_supply_dir: dir.path().join("no-battery"),
+        ..Default::default()
+    };
+    let agent = rt.spawn({
+        let (state, cancel) = (state.clone(), cancel.clone());
+        async move { proxyfleet_agent::run(&state, opts, cancel).await }
+    });
+    let first = wait_online(&addr, &token, &id, "");
+
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+    let (mut s, addr) = serve();
+    let back = Instant::now();
+    let token = login(&addr);
+    wait_online(&addr, &token, &id, &first);
+    let took = back.elapsed();
+    assert!(
+        took < proxyfleet_proto::TUNNEL_IDLE_TIMEOUT / 2,
+        "the device came back {took:?} after the server did"
+    );
+    eprintln!("device back {took:?} after the restarted server");
+    cancel.cancel();
+    let _ = rt.block_on(agent);
+    s.terminate();
+}

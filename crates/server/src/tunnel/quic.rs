@@ -27,8 +27,22 @@ pub(super) fn start(
     transport.stream_receive_window(proxyfleet_proto::STREAM_WINDOW.into());
     transport.receive_window((16u32 * 1024 * 1024).into());
     config.transport_config(Arc::new(transport));
+    // Stateless resets are signed with a key that survives a restart, and connection IDs are made (and
+    // recognised) with one: after a crash the new process takes a device's next packet for the old connection as
+    // one of its own IDs and answers it with a reset the device accepts, so the device reconnects at once instead
+    // of after the idle timeout. (quinn's defaults are random per process: the packet was dropped as a stranger's.)
+    let reset_key = ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &ctx.pki.derived_secret("QUIC stateless reset"),
+    );
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    let cid_secret = ctx.pki.derived_secret("QUIC connection IDs");
+    let cid_key = u64::from_le_bytes(cid_secret[..8].try_into().unwrap_or_default());
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     let endpoint = Endpoint::new(
-        quinn::EndpointConfig::default(),
+        endpoint_config,
         Some(config),
         socket,
         Arc::new(quinn::TokioRuntime),
