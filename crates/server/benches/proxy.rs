@@ -726,9 +726,16 @@ async fn credential_check(checks: u32) {
         .unwrap();
     let limiter = LoginLimiter::new(LimitPolicy::default(), None, Arc::new(SystemClock));
     let token = tokio_util::sync::CancellationToken::new();
-    let dir_ = proxyfleet::proxy::Directory::load(store, hasher.clone(), limiter, clock, token)
-        .await
-        .unwrap();
+    let dir_ = proxyfleet::proxy::Directory::load(
+        store,
+        hasher.clone(),
+        limiter,
+        clock,
+        token,
+        (rand::random(), None),
+    )
+    .await
+    .unwrap();
     let ip = std::net::IpAddr::from([127, 0, 0, 1]);
     let t = Instant::now();
     assert!(hasher.verify(pw, &hash).await.unwrap());

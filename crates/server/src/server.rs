@@ -91,6 +91,7 @@ impl RunningServer {
         if let Err(e) = self.state.proxy.ctx.dir.flush().await {
             tracing::error!(error = %e, "could not write usage at shutdown");
         }
+        self.state.proxy.ctx.dir.save_verified().await;
         self.store.close().await;
         tracing::info!("shut down");
     }
@@ -188,6 +189,7 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
         redis.clone(),
         &clock,
         &registry,
+        &pki,
         &cancel,
         &tracker,
     )
@@ -341,6 +343,9 @@ pub struct Proxy {
     pub openvpn: Option<Arc<crate::openvpn::Door>>,
 }
 
+/// The data directory's file of verified proxy credentials ([`crate::proxy::verified`]).
+pub const VERIFIED_FILE: &str = "proxy-verified";
+
 #[allow(clippy::too_many_arguments)]
 async fn start_proxy(
     metrics: &Metrics,
@@ -350,6 +355,7 @@ async fn start_proxy(
     redis: Option<Redis>,
     clock: &Arc<dyn Clock>,
     registry: &Arc<crate::tunnel::Registry>,
+    pki: &crate::pki::Pki,
     cancel: &CancellationToken,
     tracker: &TaskTracker,
 ) -> anyhow::Result<Arc<Proxy>> {
@@ -370,6 +376,10 @@ async fn start_proxy(
         LoginLimiter::new(policy, redis, clock.clone()),
         clock.clone(),
         shutdown.clone(),
+        (
+            pki.derived_secret("proxy verified credentials"),
+            Some(config.data_dir.join(VERIFIED_FILE)),
+        ),
     )
     .await
     .context("loading proxy connections")?;

@@ -1238,6 +1238,20 @@ async fn usage_is_counted_per_hour_and_survives_a_graceful_restart() {
         .await;
     assert_eq!(r.status(), 400);
 
+    // The customer's password, verified before the restart, is not checked with bcrypt again: a fleet of
+    // customers coming back after a restart does not queue for the password hasher. (This harness's restarted
+    // server has a new tunnel port, so the device stays away: the proxy gets as far as telling it is offline.)
+    let hasher = &rig.s.running().state.auth.hasher;
+    let runs = hasher.runs();
+    let proxy = format!("http://{user}:{pass}@{}", rig.http_addr());
+    let (_, status) = curl_via(&proxy, &format!("http://{target}/"), &[]).await;
+    assert!(status.starts_with("502"), "{status}");
+    assert_eq!(hasher.runs(), runs, "bcrypt ran again after the restart");
+    let wrong = format!("http://{user}:wrong@{}", rig.http_addr());
+    let (_, status) = curl_via(&wrong, &format!("http://{target}/"), &[]).await;
+    assert!(status.starts_with("407"), "{status}");
+    assert_eq!(hasher.runs(), runs + 1, "a wrong password is still checked");
+
     // A deleted connection's history stays readable for billing, by its operator only.
     let path = format!("/api/v1.0/connections/{id}");
     assert_eq!(rig.s.delete(&path, &rig.token).await.status(), 204);

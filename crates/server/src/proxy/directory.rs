@@ -403,8 +403,12 @@ pub struct Directory {
     by_username: RwLock<HashMap<String, Arc<Entry>>>,
     /// Where entries report quota crossings.
     sink: QuotaSink,
-    /// Per-process key of the verified-credential digests.
+    /// Key of the verified-credential digests (the same across restarts, see [`super::verified`]).
     key: [u8; 32],
+    /// Where verified credentials are kept across restarts; `None`: not kept.
+    verified_file: Option<std::path::PathBuf>,
+    /// A password was verified since the file was last written.
+    verified_changed: std::sync::atomic::AtomicBool,
     hasher: Hasher,
     limiter: LoginLimiter,
     clock: Arc<dyn Clock>,
@@ -424,11 +428,14 @@ impl Directory {
         limiter: LoginLimiter,
         clock: Arc<dyn Clock>,
         shutdown: CancellationToken,
+        (key, verified_file): ([u8; 32], Option<std::path::PathBuf>),
     ) -> Result<Directory, StoreError> {
         let d = Directory {
             entries: RwLock::default(),
             by_username: RwLock::default(),
-            key: rand::random(),
+            key,
+            verified_file,
+            verified_changed: std::sync::atomic::AtomicBool::new(false),
             hasher,
             limiter,
             clock,
@@ -441,7 +448,70 @@ impl Directory {
         for row in d.store.all_connections().await? {
             d.upsert(&row);
         }
+        if let Some(path) = &d.verified_file {
+            let path = path.clone();
+            let records = tokio::task::spawn_blocking(move || super::verified::load(&path))
+                .await
+                .unwrap_or_default();
+            let restored = d.restore_verified(&records);
+            tracing::info!(restored, "verified proxy credentials restored");
+        }
         Ok(d)
+    }
+
+    /// Take back credentials verified before a restart: each only while its connection is enabled and still has
+    /// the hash it was verified against. The count taken.
+    fn restore_verified(&self, records: &[super::verified::Record]) -> usize {
+        let mut restored = 0;
+        for r in records {
+            let Some(e) = self.get(&r.connection_id) else {
+                continue;
+            };
+            let mut s = lock(&e.state);
+            let same = s
+                .password_hash
+                .as_deref()
+                .is_some_and(|h| super::verified::fingerprint(h) == r.hash_fingerprint);
+            if same && s.enabled && !s.deleted {
+                s.verified = Some(r.digest);
+                restored += 1;
+            }
+        }
+        restored
+    }
+
+    /// Write the verified credentials to their file if one was verified since the last write (a flush calls
+    /// this; a crash loses at most the verifications of one flush interval, which cost a bcrypt check again).
+    pub async fn save_verified(&self) {
+        use std::sync::atomic::Ordering::AcqRel;
+        let Some(path) = self.verified_file.clone() else {
+            return;
+        };
+        if !self.verified_changed.swap(false, AcqRel) {
+            return;
+        }
+        let entries: Vec<Arc<Entry>> = self
+            .entries
+            .read()
+            .map_or_else(|_| Vec::new(), |m| m.values().cloned().collect());
+        let records: Vec<super::verified::Record> = entries
+            .iter()
+            .filter_map(|e| {
+                let s = lock(&e.state);
+                Some(super::verified::Record {
+                    connection_id: e.id.clone(),
+                    hash_fingerprint: super::verified::fingerprint(s.password_hash.as_deref()?),
+                    digest: s.verified?,
+                })
+            })
+            .collect();
+        let saved =
+            tokio::task::spawn_blocking(move || super::verified::save(&path, &records)).await;
+        if !matches!(saved, Ok(Ok(()))) {
+            tracing::warn!(error = ?saved, "could not write the verified-credential file; will retry");
+            self.verified_changed
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
     }
 
     /// Send quota crossings (80 %, exhausted, reset) to `tx` from now on.
@@ -699,6 +769,8 @@ impl Directory {
                         == hash.as_ref().map(|h| h.as_ptr());
                     if same {
                         s.verified = Some(d);
+                        self.verified_changed
+                            .store(true, std::sync::atomic::Ordering::Release);
                     }
                 }
                 self.limiter.succeeded(&keys, attempt).await;
@@ -853,6 +925,7 @@ pub async fn flush_loop(
         if let Err(e) = dir.flush().await {
             tracing::warn!(error = %e, "could not flush usage; will retry");
         }
+        dir.save_verified().await;
     }
 }
 
@@ -939,6 +1012,7 @@ mod tests {
             LoginLimiter::new(Default::default(), None, Arc::new(clock.clone())),
             Arc::new(clock.clone()),
             CancellationToken::new(),
+            (rand::random(), None),
         )
         .await
         .unwrap();
@@ -1041,6 +1115,89 @@ mod tests {
             limited,
             "twelve different wrong passwords never locked the username"
         );
+    }
+
+    /// A password verified before a restart is taken back from the file (no bcrypt for it after the restart),
+    /// but only for the hash it was verified against and while its connection is enabled.
+    #[tokio::test]
+    async fn verified_credentials_are_kept_across_a_restart() {
+        let (first, store, conns, tmp) = directory_with(&["kept", "changed", "off"]).await;
+        let client: IpAddr = "192.0.2.7".parse().unwrap();
+        let key: [u8; 32] = rand::random();
+        let file = tmp.path().join("verified");
+        let restart = || async {
+            Directory::load(
+                store.clone(),
+                first.hasher.clone(),
+                LoginLimiter::new(Default::default(), None, first.clock.clone()),
+                first.clock.clone(),
+                CancellationToken::new(),
+                (key, Some(file.clone())),
+            )
+            .await
+            .unwrap()
+        };
+        let before = restart().await;
+        for name in ["kept", "changed", "off"] {
+            let pw = format!("pw-{name}");
+            assert!(before
+                .authenticate(&format!("pf{name}"), &pw, client)
+                .await
+                .is_ok());
+        }
+        before.save_verified().await;
+        // Meanwhile (another process, or while this one was down): a new password, a disabled connection.
+        let new_hash = before.hasher.hash("pw-new").await.unwrap();
+        let (op, _, id) = &conns[1];
+        assert!(store
+            .set_connection_password(op, id, &new_hash, 0)
+            .await
+            .unwrap());
+        let (op, dev, id) = &conns[2];
+        let off = crate::store::ConnectionSettings {
+            name: "c".into(),
+            device_id: Some(dev.clone()),
+            limit_bytes: None,
+            disabled_at: Some(1),
+            allow_cidrs: String::new(),
+            dedicated_port: None,
+        };
+        assert!(store.update_connection(op, id, &off, 0).await.unwrap());
+
+        let after = restart().await;
+        let runs = after.hasher.runs();
+        let e = after.by_username("pfkept").unwrap();
+        assert!(
+            after.check_cached(&e, "pw-kept"),
+            "the verified password came back"
+        );
+        assert!(after
+            .authenticate("pfkept", "pw-kept", client)
+            .await
+            .is_ok());
+        assert_eq!(after.hasher.runs(), runs, "no bcrypt for it");
+        let changed = after.by_username("pfchanged").unwrap();
+        assert!(
+            !after.check_cached(&changed, "pw-changed"),
+            "a password since replaced"
+        );
+        let off = after.by_username("pfoff").unwrap();
+        assert!(
+            !after.check_cached(&off, "pw-off"),
+            "a connection since disabled"
+        );
+        // Another key (another data directory) makes nothing of the file.
+        let other = Directory::load(
+            store.clone(),
+            first.hasher.clone(),
+            LoginLimiter::new(Default::default(), None, first.clock.clone()),
+            first.clock.clone(),
+            CancellationToken::new(),
+            (rand::random(), Some(file.clone())),
+        )
+        .await
+        .unwrap();
+        assert!(!other.check_cached(&other.by_username("pfkept").unwrap(), "pw-kept"));
     }
 
     #[test]

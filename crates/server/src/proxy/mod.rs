@@ -8,6 +8,7 @@ pub mod directory;
 mod http;
 pub mod relay;
 mod socks5;
+pub mod verified;
 
 pub use directory::{AuthFailure, Directory, Refusal};
 
