@@ -596,6 +596,25 @@ async fn live_stream_is_scoped_and_ends_with_the_session() {
         "Waiting for enrollment"
     );
 
+    // Later events carry only what changed: a new device, not the one already sent.
+    let r = s
+        .post("/api/v1.0/devices", &token, json!({ "name": "second" }))
+        .await;
+    let second = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (event, data) = next_event(&mut resp, &mut buf).await.unwrap();
+    assert_eq!(event, "snapshot");
+    let snap: Value = serde_json::from_str(&data).unwrap();
+    let keys: Vec<&str> = snap["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, [format!("device:{second}")], "only the change");
+
     // A page that shows only connections gets only connections.
     let mut conns_only = reqwest::Client::new()
         .get(s.url("/dashboard/events?kinds=conn"))
