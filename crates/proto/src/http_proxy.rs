@@ -185,7 +185,8 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(ProxyRequest, usize)>, HeadError
         if !lower.starts_with("http://") {
             return Err(HeadError::Target);
         }
-        let rest = &path[7..];
+        // A fragment is the client's own business (RFC 9110 section 4.2.5): it never goes to the origin.
+        let rest = path[7..].split('#').next().unwrap_or_default();
         let split = rest.find(['/', '?']).unwrap_or(rest.len());
         let (authority, tail) = rest.split_at(split);
         if authority.contains('@') {
@@ -464,6 +465,18 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(r.target, ProxyTarget::Forward { path: "/".into() });
+        for (url, want) in [
+            ("http://a.com/x?y=1#part", "/x?y=1"),
+            ("http://a.com#top", "/"),
+        ] {
+            let head = format!("GET {url} HTTP/1.1\r\n\r\n");
+            let (f, _) = parse_head(head.as_bytes()).unwrap().unwrap();
+            assert_eq!(
+                f.target,
+                ProxyTarget::Forward { path: want.into() },
+                "{url}"
+            );
+        }
         assert!(String::from_utf8(origin_head(&r, "/"))
             .unwrap()
             .contains("Host: example.org\r\n"));

@@ -687,10 +687,12 @@ async fn http_and_socks5_doors_carry_traffic_and_refuse_properly() {
     let http2 = format!("http://{user}:{pass2}@{}", rig.http_addr());
     assert_eq!(curl_via(&http2, &url, &[]).await, (0, "200 100000".into()));
 
-    // Wrong passwords are rate-limited (per username and per client address) with Retry-After.
+    // Wrong passwords are rate-limited (per username and per client address) with Retry-After; each different
+    // one counts (a repeated one counts once, see the directory's tests).
     let mut last = String::new();
-    for _ in 0..12 {
-        last = curl_via(&wrong, &url, &[]).await.1;
+    for i in 0..12 {
+        let guess = format!("http://{user}:guess{i}@{}", rig.http_addr());
+        last = curl_via(&guess, &url, &[]).await.1;
     }
     assert!(last.starts_with("429"), "{last}");
 
