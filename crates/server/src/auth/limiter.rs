@@ -53,6 +53,8 @@ const MAX_LOCAL_ENTRIES: usize = 100_000;
 const BUSY_TTL_MS: i64 = 60_000;
 /// `Retry-After` for an attempt refused because the allowance is taken by attempts still being verified.
 const BUSY_RETRY_MS: i64 = 1_000;
+/// How often [`LoginLimiter::begin_waiting`] asks again while the allowance is in use.
+const BUSY_POLL: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Entry {
@@ -201,16 +203,36 @@ impl LoginLimiter {
 
     /// Admit an attempt, or `Err(retry_after)` when the keys are locked out or their allowance is in use.
     pub async fn begin(&self, keys: &LimitKeys) -> Result<Attempt, Duration> {
+        self.begin_waiting(keys, Duration::ZERO).await
+    }
+
+    /// [`Self::begin`], but while the keys' allowance is only in use by attempts still being checked (not locked
+    /// out), wait up to `most` for one of them to end instead of refusing at once. Many right passwords arriving
+    /// together from one address (a customer's backend using its connections for the first time) are then checked
+    /// in turn; never more than the allowance are in flight, so guessing gains nothing.
+    pub async fn begin_waiting(
+        &self,
+        keys: &LimitKeys,
+        most: Duration,
+    ) -> Result<Attempt, Duration> {
         let p = &self.policy;
         let args = [i64::from(p.per_user), i64::from(p.per_ip), BUSY_TTL_MS];
-        let (verdict, on_redis) = match self.script(BEGIN_LUA, keys, &args).await {
-            Some(v) => (v, true),
-            None => (self.local_begin(keys), false),
-        };
-        match verdict {
-            0 => Ok(Attempt { on_redis }),
-            v if v < 0 => Err(ms(BUSY_RETRY_MS)),
-            v => Err(ms(v)),
+        let until = tokio::time::Instant::now() + most;
+        loop {
+            let (verdict, on_redis) = match self.script(BEGIN_LUA, keys, &args).await {
+                Some(v) => (v, true),
+                None => (self.local_begin(keys), false),
+            };
+            match verdict {
+                0 => return Ok(Attempt { on_redis }),
+                v if v < 0 && tokio::time::Instant::now() < until => {
+                    // Jittered, so that waiters do not all ask again at the same moment.
+                    let pause = BUSY_POLL.mul_f64(0.5 + rand::random::<f64>());
+                    tokio::time::sleep(pause).await;
+                }
+                v if v < 0 => return Err(ms(BUSY_RETRY_MS)),
+                v => return Err(ms(v)),
+            }
         }
     }
 
@@ -404,6 +426,46 @@ mod tests {
             lim.begin(&keys).await.err(),
             Some(Duration::from_secs(30)),
             "then the lockout"
+        );
+    }
+
+    /// Right passwords arriving together from one address wait for the allowance instead of being refused; a
+    /// lockout is still answered at once.
+    #[tokio::test]
+    async fn a_busy_allowance_is_waited_for_and_a_lockout_is_not() {
+        let lim = LoginLimiter::new(
+            LimitPolicy::default(),
+            None,
+            Arc::new(ManualClock::default()),
+        );
+        let keys = LimitKeys::new("shared", "192.0.2.9");
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            held.push(lim.begin(&keys).await.expect("admitted"));
+        }
+        assert!(lim.begin(&keys).await.is_err(), "the allowance is in use");
+        let (waited, ()) = tokio::join!(lim.begin_waiting(&keys, Duration::from_secs(5)), async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if let Some(a) = held.pop() {
+                lim.succeeded(&keys, a).await;
+            }
+        });
+        assert!(waited.is_ok(), "admitted once an attempt in flight ended");
+
+        let locked = LimitKeys::new("locked", "192.0.2.10");
+        for _ in 0..5 {
+            fail(&lim, &locked).await;
+        }
+        let t = std::time::Instant::now();
+        assert_eq!(
+            lim.begin_waiting(&locked, Duration::from_secs(5))
+                .await
+                .err(),
+            Some(Duration::from_secs(30))
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "a lockout is not waited out"
         );
     }
 

@@ -58,6 +58,10 @@ struct Pending {
     down: u64,
 }
 
+/// How long a password check waits for the client address's allowance while it is only in use by other checks
+/// (a customer's backend opening many connections' first flows at once), before the flow gets `429`.
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How many wrong passwords per connection are remembered as such ([`State::refused`]): enough for the stale
 /// clients of one customer, too few to matter as memory.
 const REFUSED_KEPT: usize = 8;
@@ -749,7 +753,7 @@ impl Directory {
         }
         let attempt = self
             .limiter
-            .begin(&keys)
+            .begin_waiting(&keys, BUSY_WAIT)
             .await
             .map_err(AuthFailure::Limited)?;
         let ok = match &hash {
