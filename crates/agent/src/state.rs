@@ -44,19 +44,8 @@ impl StateDir {
 
     /// Write a file readable by the owner only, replacing it atomically.
     pub fn write_private(&self, path: &Path, contents: &[u8]) -> anyhow::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let tmp = path.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+        proxyfleet_proto::file::write_private(path, contents)
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     pub fn read(&self, path: &Path) -> anyhow::Result<Vec<u8>> {

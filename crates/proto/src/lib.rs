@@ -13,6 +13,7 @@ pub mod chunked;
 pub mod codec;
 pub mod control;
 pub mod enroll;
+pub mod file;
 pub mod http_proxy;
 pub mod icmp;
 pub mod io;

@@ -499,37 +499,27 @@ fn after_a_crash_devices_are_back_without_waiting_out_the_idle_timeout() {
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let http = reqwest::Client::new();
+    // One API call's JSON answer.
+    let call = |req: reqwest::RequestBuilder| -> serde_json::Value {
+        rt.block_on(async { req.send().await.unwrap().json().await.unwrap() })
+    };
     let login = |addr: &str| {
-        rt.block_on(async {
-            let v: serde_json::Value = http
-                .post(format!("http://{addr}/api/v1.0/auth/login"))
-                .json(&serde_json::json!({"username": "root_op", "password": "Gr4nite-Lantern-Seven"}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            v["token"].as_str().unwrap().to_owned()
-        })
+        let v = call(
+            http.post(format!("http://{addr}/api/v1.0/auth/login"))
+                .json(&serde_json::json!({"username": "root_op", "password": "Gr4nite-Lantern-Seven"})),
+        );
+        v["token"].as_str().unwrap().to_owned()
     };
     // The device's session as the API shows it: (status, connected_since).
     let session = |addr: &str, token: &str, id: &str| -> (String, String) {
-        rt.block_on(async {
-            let v: serde_json::Value = http
-                .get(format!("http://{addr}/api/v1.0/devices/{id}"))
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            (
-                v["status"].as_str().unwrap_or_default().to_owned(),
-                v["connected_since"].to_string(),
-            )
-        })
+        let v = call(
+            http.get(format!("http://{addr}/api/v1.0/devices/{id}"))
+                .bearer_auth(token),
+        );
+        (
+            v["status"].as_str().unwrap_or_default().to_owned(),
+            v["connected_since"].to_string(),
+        )
     };
     let wait_online = |addr: &str, token: &str, id: &str, not: &str| {
         let deadline = Instant::now() + Duration::from_secs(40);
@@ -548,17 +538,11 @@ fn after_a_crash_devices_are_back_without_waiting_out_the_idle_timeout() {
 
     let (mut s, addr) = serve();
     let token = login(&addr);
-    let device: serde_json::Value = rt.block_on(async {
+    let device = call(
         http.post(format!("http://{addr}/api/v1.0/devices"))
             .bearer_auth(&token)
-            .json(&serde_json::json!({"name": "phone"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    });
+            .json(&serde_json::json!({"name": "phone"})),
+    );
     let id = device["id"].as_str().unwrap().to_owned();
     let code = device["pairing_code"].as_str().unwrap().to_owned();
     let state = dir.path().join("agent");

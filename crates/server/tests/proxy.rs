@@ -124,6 +124,20 @@ impl Rig {
             .await
     }
 
+    /// `POST …/{id}/reset-usage`, which must succeed: the connection after it.
+    async fn reset_usage(&self, id: &str) -> Value {
+        let r = self
+            .s
+            .post(
+                &format!("/api/v1.0/connections/{id}/reset-usage"),
+                &self.token,
+                json!({}),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    }
+
     async fn connection(&self, id: &str) -> Value {
         let r = self
             .s
@@ -799,16 +813,7 @@ async fn one_mib_limit_across_eight_flows_is_exact_then_reset_restores() {
     );
 
     // Reset: service is back, the meter starts from zero.
-    let r = rig
-        .s
-        .post(
-            &format!("/api/v1.0/connections/{id}/reset-usage"),
-            &rig.token,
-            json!({}),
-        )
-        .await;
-    assert_eq!(r.status(), 200);
-    let v: Value = r.json().await.unwrap();
+    let v = rig.reset_usage(&id).await;
     assert_eq!(
         (v["state"].as_str(), v["used_bytes"].as_u64()),
         (Some("active"), Some(0))
@@ -1080,15 +1085,7 @@ async fn a_download_cut_off_by_the_limit_is_reported_as_failed() {
             code == 56 && got > 0 && got < limit,
             "{proxy}: curl exit {code}, {out}"
         );
-        let r = rig
-            .s
-            .post(
-                &format!("/api/v1.0/connections/{id}/reset-usage"),
-                &rig.token,
-                json!({}),
-            )
-            .await;
-        assert_eq!(r.status(), 200);
+        rig.reset_usage(id).await;
     }
 }
 

@@ -8,8 +8,6 @@
 //! (`Pki::derived_secret`), so it is the same after a restart. Written whole to a temporary file (mode 0600) and
 //! renamed over the old one, so a crash leaves the previous file or the new one, never half of one.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// The file's first line: its format.
@@ -45,16 +43,7 @@ pub fn save(path: &Path, records: &[Record]) -> std::io::Result<()> {
         text.push_str(&crate::pki::hex(&r.digest));
         text.push('\n');
     }
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    proxyfleet_proto::file::write_private(path, text.as_bytes())
 }
 
 /// The records in the file at `path`: none when there is no file. Lines that are not a record are skipped (and

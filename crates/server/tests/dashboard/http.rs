@@ -516,6 +516,17 @@ async fn login(s: &TestServer, user: &str, pw: &str) -> (u16, String) {
 }
 
 /// The next server-sent event of `resp` (its `event:` name and `data:`), reading into `buf`; `None` at the end.
+/// The item keys of a `snapshot` event's data.
+fn snapshot_keys(data: &str) -> Vec<String> {
+    let snap: Value = serde_json::from_str(data).unwrap();
+    snap["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["key"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 async fn next_event(resp: &mut reqwest::Response, buf: &mut String) -> Option<(String, String)> {
     loop {
         if let Some(i) = buf.find("\n\n") {
@@ -580,14 +591,8 @@ async fn live_stream_is_scoped_and_ends_with_the_session() {
     let (event, data) = next_event(&mut resp, &mut buf).await.unwrap();
     assert_eq!(event, "snapshot");
     let snap: Value = serde_json::from_str(&data).unwrap();
-    let keys: Vec<&str> = snap["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["key"].as_str().unwrap())
-        .collect();
     assert_eq!(
-        keys,
+        snapshot_keys(&data),
         [format!("device:{}", ids[0])],
         "only the operator's own devices"
     );
@@ -606,14 +611,11 @@ async fn live_stream_is_scoped_and_ends_with_the_session() {
         .to_owned();
     let (event, data) = next_event(&mut resp, &mut buf).await.unwrap();
     assert_eq!(event, "snapshot");
-    let snap: Value = serde_json::from_str(&data).unwrap();
-    let keys: Vec<&str> = snap["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["key"].as_str().unwrap())
-        .collect();
-    assert_eq!(keys, [format!("device:{second}")], "only the change");
+    assert_eq!(
+        snapshot_keys(&data),
+        [format!("device:{second}")],
+        "only the change"
+    );
 
     // A page that shows only connections gets only connections.
     let mut conns_only = reqwest::Client::new()
