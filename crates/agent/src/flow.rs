@@ -428,7 +428,7 @@ mod tests {
         let closed = good.local_addr().unwrap();
         drop(good);
         assert_eq!(
-            connect_any(ips(&["127.0.0.1", "::1"]), closed.port())
+            connect_any(ips(&["127.0.0.1", "127.0.0.3"]), closed.port())
                 .await
                 .err(),
             Some(OpenResult::Refused)
