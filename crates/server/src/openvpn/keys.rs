@@ -136,10 +136,7 @@ pub fn parse_static_key(text: &str) -> Option<Vec<u8>> {
     if hex.len() != TLS_CRYPT_BYTES * 2 {
         return None;
     }
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-        .collect()
+    crate::pki::unhex(&hex)
 }
 
 /// What a profile needs besides the keys.

@@ -110,6 +110,11 @@ impl State {
         }
     }
 
+    /// Whether the connection still has `hash` (the same one, not an equal one: a new password is a new string).
+    fn has_hash(&self, hash: &Option<Arc<str>>) -> bool {
+        self.password_hash.as_ref().map(|h| h.as_ptr()) == hash.as_ref().map(|h| h.as_ptr())
+    }
+
     /// Close every open flow now; new flows get a fresh switch once the connection admits them again.
     fn close_flows(&mut self) {
         self.flows.cancel();
@@ -137,6 +142,19 @@ pub struct Entry {
     /// Flows of this connection open now (see `relay::FlowSlot`).
     pub(crate) open_flows: std::sync::atomic::AtomicUsize,
     sink: QuotaSink,
+}
+
+/// What the entry already knows of the password whose digest is `d`: `Some(true)` verified, `Some(false)` found
+/// wrong, `None` not checked yet.
+fn known(entry: &Entry, d: &[u8; 32]) -> Option<bool> {
+    let s = lock(&entry.state);
+    if s.verified.as_ref() == Some(d) {
+        Some(true)
+    } else if s.refused.contains(d) {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 /// What an admitted flow needs.
@@ -685,14 +703,7 @@ impl Directory {
 
     /// The cheap path: true when this password is the one last verified for the entry.
     pub fn check_cached(&self, entry: &Entry, password: &str) -> bool {
-        let d = self.digest(entry, password);
-        lock(&entry.state).verified == Some(d)
-    }
-
-    /// True when this password was already found wrong for the entry's current hash.
-    fn known_wrong(&self, entry: &Entry, password: &str) -> bool {
-        let d = self.digest(entry, password);
-        lock(&entry.state).refused.contains(&d)
+        known(entry, &self.digest(entry, password)) == Some(true)
     }
 
     /// Check a customer's credentials. A password verified before costs one keyed hash; otherwise bcrypt runs
@@ -705,14 +716,16 @@ impl Directory {
         client: IpAddr,
     ) -> Result<Arc<Entry>, AuthFailure> {
         let entry = self.by_username(username);
-        if let Some(e) = &entry {
-            if self.check_cached(e, password) {
-                return Ok(e.clone());
-            }
-            if self.known_wrong(e, password) {
-                // As slow as a check, so that a repeat tells nothing a first try did not.
-                self.hasher.pause_like_verify().await;
-                return Err(AuthFailure::Invalid);
+        let digest = entry.as_ref().map(|e| self.digest(e, password));
+        if let (Some(e), Some(d)) = (&entry, &digest) {
+            match known(e, d) {
+                Some(true) => return Ok(e.clone()),
+                Some(false) => {
+                    // As slow as a check, so that a repeat tells nothing a first try did not.
+                    self.hasher.pause_like_verify().await;
+                    return Err(AuthFailure::Invalid);
+                }
+                None => {}
             }
         }
         let keys = LimitKeys::namespaced("proxy", username, &client.to_canonical().to_string());
@@ -742,9 +755,10 @@ impl Directory {
                 }
             }
         };
+        let d = digest.unwrap_or_else(|| self.digest(&entry, password));
         let single = entry.clone();
         let _one = single.verify.lock().await;
-        if self.check_cached(&entry, password) {
+        if known(&entry, &d) == Some(true) {
             return Ok(entry);
         }
         let mut hash = lock(&entry.state).password_hash.clone();
@@ -765,13 +779,10 @@ impl Directory {
         };
         match ok {
             Ok(true) => {
-                let d = self.digest(&entry, password);
                 {
                     let mut s = lock(&entry.state);
                     // Only if the password did not change while bcrypt ran.
-                    let same = s.password_hash.as_ref().map(|h| h.as_ptr())
-                        == hash.as_ref().map(|h| h.as_ptr());
-                    if same {
+                    if s.has_hash(&hash) {
                         s.verified = Some(d);
                         self.verified_changed
                             .store(true, std::sync::atomic::Ordering::Release);
@@ -781,10 +792,10 @@ impl Directory {
                 Ok(entry)
             }
             Ok(false) => {
-                if let Some(h) = &hash {
-                    let d = self.digest(&entry, password);
+                {
                     let mut s = lock(&entry.state);
-                    if s.password_hash.as_ref().map(|c| c.as_ptr()) == Some(h.as_ptr()) {
+                    // Only a password checked against the connection's hash as it still is (not the dummy).
+                    if hash.is_some() && s.has_hash(&hash) {
                         if s.refused.len() >= REFUSED_KEPT {
                             s.refused.remove(0);
                         }

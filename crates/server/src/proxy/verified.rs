@@ -99,16 +99,7 @@ fn record(line: &str) -> Option<Record> {
     if id.is_empty() || parts.next().is_some() {
         return None;
     }
-    let decode = |s: &str| -> Option<[u8; 32]> {
-        if s.len() != 64 || !s.is_ascii() {
-            return None;
-        }
-        let mut out = [0u8; 32];
-        for (i, b) in out.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-        }
-        Some(out)
-    };
+    let decode = |s: &str| -> Option<[u8; 32]> { crate::pki::unhex(s)?.try_into().ok() };
     Some(Record {
         connection_id: id.to_owned(),
         hash_fingerprint: decode(fp)?,
