@@ -1688,6 +1688,48 @@ async fn uploads_through_absolute_form_arrive_whole() {
     }
 }
 
+/// A chunked upload that turns out malformed after its first chunk has gone to the site gets a `400` saying so,
+/// instead of an empty reply: the site (still waiting for the rest of the body) never answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_chunked_upload_is_answered_400() {
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    let target = upload_target().await;
+    let c = rig
+        .create(json!({"name": "c", "device_id": rig.device}))
+        .await;
+    let (user, pass) = creds(&c);
+    let basic = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    };
+    let mut client = TcpStream::connect(rig.http_addr()).await.unwrap();
+    client
+        .write_all(
+            format!(
+                "POST http://{target}/up HTTP/1.1\r\nProxy-Authorization: Basic {basic}\r\n\
+                 Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client.write_all(b"not-hex\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut answer))
+        .await
+        .expect("answered, and closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n")
+            && answer.contains("chunked body is malformed"),
+        "{answer}"
+    );
+}
+
 /// A connection whose device was revoked can still be edited with its device sent back unchanged (the dashboard's
 /// form does that) instead of a 422; `"device_id": null` detaches it from its device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

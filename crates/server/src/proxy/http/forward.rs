@@ -4,12 +4,18 @@
 //! the proxy for another request, possibly to another site with its credentials in it, must never have that
 //! request sent raw to the first site. [`Answer`] rewrites the origin's response head for the client, ending it
 //! with `Connection: close`, so the client sends its next request on a new connection instead.
+//!
+//! A chunked request body can turn out malformed after its first bytes have gone to the origin. The two halves
+//! share a [`BadBody`]: the request stops being read there, and the client gets a `400` in place of the origin's
+//! answer if none of that answer has reached it yet (a reset if some has, so that it cannot take the partial answer
+//! for a whole one).
 
 use std::io;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll, Waker};
 
-use proxyfleet_proto::chunked::ChunkedEnd;
+use proxyfleet_proto::chunked::{ChunkedEnd, ChunkedError};
 use proxyfleet_proto::http_proxy::{self as hp, BodyLength};
 use tokio::io::{AsyncRead, ReadBuf};
 
@@ -26,6 +32,8 @@ enum Body {
     Done {
         dropped: usize,
     },
+    /// The body was malformed ([`BadBody`]): nothing more is read or passed on.
+    Bad,
 }
 
 /// The client's side of a forwarded request: the bytes already read past the head, then the socket, cut at the
@@ -35,6 +43,33 @@ pub struct OneRequest<R> {
     at: usize,
     inner: R,
     body: Body,
+    bad: Arc<BadBody>,
+}
+
+/// Set by [`OneRequest`] when the client's body is malformed, read by [`Answer`] (whose read it wakes).
+#[derive(Default)]
+pub struct BadBody(Mutex<(Option<ChunkedError>, Option<Waker>)>);
+
+impl BadBody {
+    fn set(&self, e: ChunkedError) {
+        let waker = {
+            let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            g.0 = Some(e);
+            g.1.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// The body's fault, if it has one; otherwise `cx` is woken when it is found.
+    fn check(&self, cx: &Context<'_>) -> Option<ChunkedError> {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if g.0.is_none() && !g.1.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            g.1 = Some(cx.waker().clone());
+        }
+        g.0.clone()
+    }
 }
 
 impl<R> OneRequest<R> {
@@ -43,7 +78,7 @@ impl<R> OneRequest<R> {
         self.inner
     }
 
-    pub fn new(held: Vec<u8>, inner: R, length: BodyLength) -> Self {
+    pub fn new(held: Vec<u8>, inner: R, length: BodyLength, bad: Arc<BadBody>) -> Self {
         let body = match length {
             BodyLength::None => Body::Done { dropped: 0 },
             BodyLength::Length(n) => Body::Length(n),
@@ -54,14 +89,16 @@ impl<R> OneRequest<R> {
             at: 0,
             inner,
             body,
+            bad,
         }
     }
 }
 
 impl Body {
     /// How many of `bytes` (the next ones from the client) belong to the request.
-    fn take(&mut self, bytes: &[u8]) -> io::Result<usize> {
+    fn take(&mut self, bytes: &[u8]) -> Result<usize, ChunkedError> {
         let n = match self {
+            Body::Bad => 0,
             Body::Done { dropped } => {
                 *dropped += bytes.len();
                 0
@@ -77,9 +114,7 @@ impl Body {
                 n
             }
             Body::Chunked(c) => {
-                let n = c
-                    .feed(bytes)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                let n = c.feed(bytes)?;
                 if c.is_done() {
                     *self = Body::Done { dropped: 0 };
                 }
@@ -99,9 +134,11 @@ impl<R: AsyncRead + Unpin> AsyncRead for OneRequest<R> {
         let this = self.get_mut();
         if this.at < this.held.len() {
             let held = &this.held[this.at..];
-            let n = this.body.take(&held[..held.len().min(out.remaining())])?;
+            let n = this
+                .body
+                .take_or_report(&this.bad, &held[..held.len().min(out.remaining())]);
             out.put_slice(&held[..n]);
-            this.at = if matches!(this.body, Body::Done { .. }) {
+            this.at = if matches!(this.body, Body::Done { .. } | Body::Bad) {
                 this.held.len()
             } else {
                 this.at + n
@@ -111,9 +148,11 @@ impl<R: AsyncRead + Unpin> AsyncRead for OneRequest<R> {
             }
         }
         loop {
-            if matches!(this.body, Body::Done { dropped } if dropped >= DRAIN) {
+            match this.body {
                 // No longer read: the flow ends with the origin's answer (or a stop), never by this side.
-                return Poll::Pending;
+                Body::Done { dropped } if dropped >= DRAIN => return Poll::Pending,
+                Body::Bad => return Poll::Pending,
+                _ => {}
             }
             let before = out.filled().len();
             ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
@@ -122,12 +161,24 @@ impl<R: AsyncRead + Unpin> AsyncRead for OneRequest<R> {
                 // The client closed (or half-closed) its side: the relay passes that on.
                 return Poll::Ready(Ok(()));
             }
-            let n = this.body.take(&out.filled()[before..])?;
+            let n = this.body.take_or_report(&this.bad, &out.filled()[before..]);
             out.set_filled(before + n);
             if n > 0 {
                 return Poll::Ready(Ok(()));
             }
         }
+    }
+}
+
+impl Body {
+    /// [`Body::take`], a malformed body reported to the answer's side.
+    fn take_or_report(&mut self, bad: &BadBody, bytes: &[u8]) -> usize {
+        self.take(bytes).unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "the client's chunked request body is malformed");
+            *self = Body::Bad;
+            bad.set(e);
+            0
+        })
     }
 }
 
@@ -152,24 +203,47 @@ enum Phase {
 pub struct Answer<R> {
     inner: R,
     phase: Phase,
+    /// Whether the origin's final answer (not an interim one) has begun to go to the client.
+    final_begun: bool,
+    /// Whether the answer is one of ours instead of the origin's.
+    synthesized: bool,
+    bad: Arc<BadBody>,
 }
 
 impl<R> Answer<R> {
-    pub fn new(inner: R) -> Self {
+    pub fn new(inner: R, bad: Arc<BadBody>) -> Self {
         Answer {
             inner,
             phase: Phase::Head(Vec::new()),
+            final_begun: false,
+            synthesized: false,
+            bad,
         }
+    }
+
+    /// Hand out a synthesized answer, then end.
+    fn synthesize(&mut self, answer: Vec<u8>) {
+        self.synthesized = true;
+        self.phase = Phase::Out {
+            bytes: answer,
+            at: 0,
+            next: Box::new(Phase::End),
+        };
     }
 }
 
-fn bad_gateway(why: &str) -> Vec<u8> {
+/// A short plain-text answer (`status` is code and reason) that ends the connection.
+fn plain_answer(status: &str, why: &str) -> Vec<u8> {
     format!(
-        "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
          Connection: close\r\n\r\n{why}\n",
         why.len() + 1
     )
     .into_bytes()
+}
+
+fn bad_gateway(why: &str) -> Vec<u8> {
+    plain_answer("502 Bad Gateway", why)
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Answer<R> {
@@ -180,6 +254,21 @@ impl<R: AsyncRead + Unpin> AsyncRead for Answer<R> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
+            // The client's body is malformed: it is told so, unless the origin's answer is already on its way, which
+            // is then cut short. (Checked between messages only, so that an interim answer goes out whole first.)
+            let between = matches!(this.phase, Phase::Head(_));
+            if (between || this.final_begun) && !this.synthesized {
+                if let Some(e) = this.bad.check(cx) {
+                    if this.final_begun {
+                        return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
+                    }
+                    this.synthesize(plain_answer(
+                        "400 Bad Request",
+                        &format!("the request's chunked body is malformed: {e}"),
+                    ));
+                    continue;
+                }
+            }
             match &mut this.phase {
                 Phase::Body => return Pin::new(&mut this.inner).poll_read(cx, out),
                 Phase::End => return Poll::Ready(Ok(())),
@@ -196,9 +285,11 @@ impl<R: AsyncRead + Unpin> AsyncRead for Answer<R> {
                     match hp::client_response_head(buf) {
                         Ok(Some((head, code, used))) => {
                             let rest = buf.split_off(used);
+                            let interim = code < 200 && code != 101;
+                            this.final_begun |= !interim;
                             // An interim answer (100 Continue): the real one follows. (101 would switch
                             // protocols, but `Upgrade` never reaches the origin.)
-                            let after = if code < 200 && code != 101 {
+                            let after = if interim {
                                 Phase::Head(rest)
                             } else if rest.is_empty() {
                                 Phase::Body
@@ -228,11 +319,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for Answer<R> {
                                 }
                                 _ => "the site did not answer with HTTP",
                             };
-                            this.phase = Phase::Out {
-                                bytes: bad_gateway(why),
-                                at: 0,
-                                next: Box::new(Phase::End),
-                            };
+                            this.synthesize(bad_gateway(why));
                             continue;
                         }
                     }
@@ -241,13 +328,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for Answer<R> {
                     if let Err(e) = ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb)) {
                         // Nothing went to the client yet: it can still be told, instead of being reset.
                         tracing::debug!(error = %e, "the way to the origin failed before its answer");
-                        this.phase = Phase::Out {
-                            bytes: bad_gateway(
-                                "the connection to the site failed before its answer",
-                            ),
-                            at: 0,
-                            next: Box::new(Phase::End),
-                        };
+                        this.synthesize(bad_gateway(
+                            "the connection to the site failed before its answer",
+                        ));
                         continue;
                     }
                     if rb.filled().is_empty() {
@@ -256,11 +339,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for Answer<R> {
                         } else {
                             "the site's answer ended inside its head"
                         };
-                        this.phase = Phase::Out {
-                            bytes: bad_gateway(why),
-                            at: 0,
-                            next: Box::new(Phase::End),
-                        };
+                        this.synthesize(bad_gateway(why));
                         continue;
                     }
                     buf.extend_from_slice(rb.filled());
@@ -305,7 +384,13 @@ mod tests {
                     b.write_all(piece).await.unwrap();
                 }
             });
-            let got = read_all(OneRequest::new(held.to_vec(), a, length)).await;
+            let got = read_all(OneRequest::new(
+                held.to_vec(),
+                a,
+                length,
+                Default::default(),
+            ))
+            .await;
             assert_eq!(got, body, "{length:?}");
         }
     }
@@ -331,7 +416,12 @@ mod tests {
         let (a, mut b) = tokio::io::duplex(DRAIN * 4);
         b.write_all(&vec![b'x'; DRAIN * 3]).await.unwrap();
         let taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let mut r = OneRequest::new(Vec::new(), Counted(a, taken.clone()), BodyLength::None);
+        let mut r = OneRequest::new(
+            Vec::new(),
+            Counted(a, taken.clone()),
+            BodyLength::None,
+            Default::default(),
+        );
         let mut buf = [0u8; 1024];
         let more = tokio::time::timeout(std::time::Duration::from_millis(100), r.read(&mut buf));
         assert!(
@@ -345,13 +435,63 @@ mod tests {
         );
     }
 
+    /// A malformed chunked body stops being read where it goes wrong, and the client is answered `400` instead of
+    /// by the origin, which never answers such a request; once the origin's answer has begun, it is cut short.
     #[tokio::test]
-    async fn a_malformed_chunked_body_is_an_error() {
+    async fn a_malformed_chunked_body_is_answered_400_or_cuts_the_answer_short() {
         let (a, mut b) = tokio::io::duplex(64);
+        let bad = Arc::new(BadBody::default());
+        let mut r = OneRequest::new(Vec::new(), a, BodyLength::Chunked, bad.clone());
+        // The origin's far end stays open, silent.
+        let (origin, _origin_far) = tokio::io::duplex(64);
+        let answer = tokio::spawn(read_all(Answer::new(origin, bad)));
+        b.write_all(b"5\r\nhello\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = r.read(&mut buf).await.unwrap();
+        let mut passed = buf[..n].to_vec();
         b.write_all(b"zz\r\n").await.unwrap();
-        let mut r = OneRequest::new(Vec::new(), a, BodyLength::Chunked);
-        let err = r.read(&mut [0u8; 64]).await.unwrap_err();
+        let more = tokio::time::timeout(std::time::Duration::from_millis(200), async {
+            loop {
+                let n = r.read(&mut buf).await.unwrap();
+                passed.extend_from_slice(&buf[..n]);
+            }
+        });
+        assert!(
+            more.await.is_err(),
+            "after the fault the request is not read on"
+        );
+        assert_eq!(passed, b"5\r\nhello\r\n");
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), answer)
+            .await
+            .expect("the client is answered without the origin");
+        let got = String::from_utf8(got.unwrap()).unwrap();
+        assert!(
+            got.starts_with("HTTP/1.1 400 Bad Request\r\n") && got.contains("malformed chunk size"),
+            "{got}"
+        );
+
+        let (a, mut b) = tokio::io::duplex(64);
+        let bad = Arc::new(BadBody::default());
+        let mut r = OneRequest::new(Vec::new(), a, BodyLength::Chunked, bad.clone());
+        let (origin, _origin_far) = origin_answering().await;
+        let mut answer = Answer::new(origin, bad);
+        let mut head = [0u8; 19];
+        answer.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200 OK\r\nCo");
+        b.write_all(b"zz\r\n").await.unwrap();
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(100), r.read(&mut buf)).await;
+        let mut rest = Vec::new();
+        let err = answer.read_to_end(&mut rest).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    /// The way to an origin that has begun a long answer, and its far end (kept open: the rest is to come).
+    async fn origin_answering() -> (tokio::io::DuplexStream, tokio::io::DuplexStream) {
+        let (a, mut b) = tokio::io::duplex(1024);
+        b.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nsome")
+            .await
+            .unwrap();
+        (a, b)
     }
 
     async fn answer(from_origin: &[u8]) -> String {
@@ -360,7 +500,7 @@ mod tests {
         tokio::spawn(async move {
             b.write_all(&sent).await.unwrap();
         });
-        String::from_utf8(read_all(Answer::new(a)).await).unwrap()
+        String::from_utf8(read_all(Answer::new(a, Default::default())).await).unwrap()
     }
 
     #[tokio::test]
@@ -395,7 +535,8 @@ mod tests {
                 Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
             }
         }
-        let got = String::from_utf8(read_all(Answer::new(Failing)).await).unwrap();
+        let got =
+            String::from_utf8(read_all(Answer::new(Failing, Default::default())).await).unwrap();
         assert!(
             got.starts_with("HTTP/1.1 502 Bad Gateway\r\n")
                 && got.contains("failed before its answer"),

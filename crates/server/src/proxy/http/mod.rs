@@ -172,8 +172,9 @@ pub async fn serve(
             // One request per connection: the origin gets this request and its body, never what the client
             // sends after it, and the client is told (`Connection: close`) to send its next request anew.
             let (cr, cw) = stream.into_split();
-            let up = forward::OneRequest::new(rest, cr, body);
-            let down = forward::Answer::new(dr);
+            let bad = Arc::new(forward::BadBody::default());
+            let up = forward::OneRequest::new(rest, cr, body, bad.clone());
+            let down = forward::Answer::new(dr, bad);
             let opts = ctx.relay_options(true);
             let ended = relay(
                 &ctx.dir,
