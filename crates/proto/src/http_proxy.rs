@@ -35,6 +35,8 @@ pub enum HeadError {
         "the message's length is ambiguous or unsupported (Content-Length / Transfer-Encoding)"
     )]
     Framing,
+    #[error("this proxy speaks HTTP/1.x (HTTP/2 and later go through CONNECT)")]
+    Version,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +157,33 @@ fn head_error(e: httparse::Error) -> HeadError {
     }
 }
 
+/// The request line (or what has arrived of it), split at spaces, if it has the three parts of one.
+fn request_line(buf: &[u8]) -> Option<[&[u8]; 3]> {
+    let line = &buf[..buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len())];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut parts = line.split(|&b| b == b' ');
+    let three = [parts.next()?, parts.next()?, parts.next()?];
+    parts.next().is_none().then_some(three)
+}
+
+/// A request line's version that httparse refused: `Some(at)` for a later HTTP/1 minor version (`HTTP/1.2` to
+/// `HTTP/1.9`), where its minor digit is; `None` for another version (`HTTP/2.0`); `Err` when the line is simply
+/// malformed.
+fn other_version(buf: &[u8]) -> Result<Option<usize>, HeadError> {
+    let [method, target, version] = request_line(buf).ok_or(HeadError::Malformed)?;
+    match version {
+        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', b'2'..=b'9'] => {
+            Ok(Some(method.len() + target.len() + 2 + 7))
+        }
+        [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
+            if major.is_ascii_digit() && minor.is_ascii_digit() =>
+        {
+            Ok(None)
+        }
+        _ => Err(HeadError::Malformed),
+    }
+}
+
 /// Parse a request head. `Ok(None)`: incomplete (read more, up to [`MAX_HEAD`]).
 pub fn parse_head(buf: &[u8]) -> Result<Option<(ProxyRequest, usize)>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -163,6 +192,15 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(ProxyRequest, usize)>, HeadError
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) => return Ok(None),
+        // RFC 9112 section 2.3: a later HTTP/1 minor version is understood as the highest one we speak.
+        Err(httparse::Error::Version) => match other_version(buf)? {
+            Some(at) => {
+                let mut as_11 = buf.to_vec();
+                as_11[at] = b'1';
+                return parse_head(&as_11);
+            }
+            None => return Err(HeadError::Version),
+        },
         Err(e) => return Err(head_error(e)),
     };
     if used > MAX_HEAD {
@@ -263,6 +301,7 @@ pub fn origin_head(req: &ProxyRequest, path: &str) -> Vec<u8> {
         out.extend_from_slice(format!(":{}", req.port).as_bytes());
     }
     out.extend_from_slice(b"\r\n");
+    let hops = max_forwards(req);
     for (n, v) in req
         .headers
         .iter()
@@ -270,11 +309,76 @@ pub fn origin_head(req: &ProxyRequest, path: &str) -> Vec<u8> {
     {
         out.extend_from_slice(n.as_bytes());
         out.extend_from_slice(b": ");
-        out.extend_from_slice(v);
+        match hops {
+            // One hop fewer for the next recipient (RFC 9110 section 7.6.2).
+            Some(left) if left > 0 && n.eq_ignore_ascii_case("max-forwards") => {
+                out.extend_from_slice((left - 1).to_string().as_bytes());
+            }
+            _ => out.extend_from_slice(v),
+        }
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"Connection: close\r\n\r\n");
     out
+}
+
+/// A forwarded `OPTIONS` or `TRACE` request's `Max-Forwards` (RFC 9110 section 7.6.2; no other method has one),
+/// when it is one number.
+fn max_forwards(req: &ProxyRequest) -> Option<u64> {
+    if !["OPTIONS", "TRACE"]
+        .iter()
+        .any(|m| req.method.eq_ignore_ascii_case(m))
+    {
+        return None;
+    }
+    let values = list_values(
+        req.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
+        "max-forwards",
+    );
+    match values.as_slice() {
+        [one] if !one.is_empty() && one.bytes().all(|b| b.is_ascii_digit()) => one.parse().ok(),
+        _ => None,
+    }
+}
+
+/// The answer the proxy gives itself, as the request's final recipient, to an `OPTIONS` or `TRACE` whose
+/// `Max-Forwards` is 0 (RFC 9110 section 7.6.2): what it allows, or the request echoed back (`message/http`) without
+/// the fields that carry credentials (section 9.3.8). `None`: the request goes on.
+pub fn answer_here(req: &ProxyRequest) -> Option<Vec<u8>> {
+    let ProxyTarget::Forward { path } = &req.target else {
+        return None;
+    };
+    if max_forwards(req) != Some(0) {
+        return None;
+    }
+    if req.method.eq_ignore_ascii_case("OPTIONS") {
+        return Some(
+            b"HTTP/1.1 200 OK\r\nAllow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT\r\n\
+              Content-Length: 0\r\nConnection: close\r\n\r\n"
+                .to_vec(),
+        );
+    }
+    let mut echo = origin_head(req, path);
+    // As it would have gone on, but without the `Connection: close` that [`origin_head`] adds.
+    echo.truncate(echo.len() - b"Connection: close\r\n\r\n".len());
+    let echo = String::from_utf8_lossy(&echo)
+        .lines()
+        .filter(|l| {
+            let name = l.split(':').next().unwrap_or_default().trim();
+            !["authorization", "cookie"]
+                .iter()
+                .any(|s| name.eq_ignore_ascii_case(s))
+        })
+        .map(|l| format!("{l}\r\n"))
+        .collect::<String>()
+        + "\r\n";
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: message/http\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        echo.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(echo.as_bytes());
+    Some(out)
 }
 
 /// How a request's body is delimited (RFC 9112 section 6.3).
@@ -506,6 +610,68 @@ mod tests {
         }
         many.extend_from_slice(b"\r\n");
         assert_eq!(parse_head(&many), Err(HeadError::TooManyHeaders));
+    }
+
+    /// A later HTTP/1 minor version is read as HTTP/1.1 (RFC 9112 section 2.3), also while it arrives; other
+    /// versions are refused as such, not as malformed.
+    #[test]
+    fn later_http1_versions_are_read_as_11() {
+        let (r, used) = parse_head(b"GET http://a.b/ HTTP/1.2\r\nX: y\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.version, used), (1, 34));
+        assert_eq!(parse_head(b"GET http://a.b/ HTTP/1.7"), Ok(None));
+        assert_eq!(parse_head(b"GET http://a.b/ HTTP/1.7\r\nX"), Ok(None));
+        for other in [
+            &b"PRI * HTTP/2.0\r\n\r\n"[..],
+            b"GET http://a.b/ HTTP/3.1\r\n\r\n",
+        ] {
+            assert_eq!(parse_head(other), Err(HeadError::Version));
+        }
+        for malformed in [
+            &b"GET http://a.b/ HTTP/1.x\r\n\r\n"[..],
+            b"GET http://a.b/ HTTP/1.2 more\r\n\r\n",
+            b"GET http://a.b/ HTTP/1.\r\n\r\n",
+        ] {
+            assert_eq!(parse_head(malformed), Err(HeadError::Malformed));
+        }
+    }
+
+    /// `OPTIONS` and `TRACE` count `Max-Forwards` down, and at 0 the proxy answers them itself: a `TRACE` echo
+    /// never carries credentials. Other methods, and requests without the field, go on unchanged.
+    #[test]
+    fn max_forwards_is_counted_down_and_ends_at_the_proxy() {
+        let (r, out) = forward(b"OPTIONS http://a.b/ HTTP/1.1\r\nMax-Forwards: 3\r\n\r\n");
+        assert!(out.contains("\r\nMax-Forwards: 2\r\n"), "{out}");
+        assert_eq!(answer_here(&r), None);
+        let (r, out) = forward(b"GET http://a.b/ HTTP/1.1\r\nMax-Forwards: 0\r\n\r\n");
+        assert!(out.contains("\r\nMax-Forwards: 0\r\n"), "{out}");
+        assert_eq!(answer_here(&r), None);
+        let (r, _) = forward(b"options http://a.b/ HTTP/1.1\r\nMax-Forwards: 0\r\n\r\n");
+        let here = String::from_utf8(answer_here(&r).unwrap()).unwrap();
+        assert!(
+            here.starts_with("HTTP/1.1 200 OK\r\nAllow: ") && here.ends_with("\r\n\r\n"),
+            "{here}"
+        );
+        let (r, _) = forward(
+            b"TRACE http://a.b/t HTTP/1.1\r\nProxy-Authorization: Basic dTpw\r\nAuthorization: Basic c2VjcmV0\r\n\
+              Cookie: s=1\r\nMax-Forwards: 0\r\nX-Probe: 1\r\n\r\n",
+        );
+        let here = String::from_utf8(answer_here(&r).unwrap()).unwrap();
+        let (head, echo) = here.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains("Content-Type: message/http"), "{head}");
+        assert!(
+            head.contains(&format!("Content-Length: {}", echo.len())),
+            "{head}"
+        );
+        assert_eq!(
+            echo,
+            "TRACE /t HTTP/1.1\r\nHost: a.b\r\nMax-Forwards: 0\r\nX-Probe: 1\r\n\r\n"
+        );
+        for not_one in ["Max-Forwards: x\r\n", "Max-Forwards: 0, 1\r\n", ""] {
+            let head = format!("TRACE http://a.b/ HTTP/1.1\r\n{not_one}\r\n");
+            assert_eq!(answer_here(&forward(head.as_bytes()).0), None, "{not_one}");
+        }
     }
 
     fn forward(head: &[u8]) -> (ProxyRequest, String) {

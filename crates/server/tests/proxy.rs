@@ -680,6 +680,47 @@ async fn http_and_socks5_doors_carry_traffic_and_refuse_properly() {
         resp.starts_with("HTTP/1.1 400") && resp.contains("absolute http:// URL"),
         "{resp}"
     );
+    // A later HTTP/1 minor version is served as HTTP/1.1; HTTP/2's preface gets a 505 that says why.
+    let basic = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    };
+    for (request, want) in [
+        (
+            format!("GET {url} HTTP/1.2\r\nProxy-Authorization: Basic {basic}\r\n\r\n"),
+            "HTTP/1.1 200 ",
+        ),
+        (
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_owned(),
+            "HTTP/1.1 505 ",
+        ),
+    ] {
+        let mut raw = TcpStream::connect(rig.http_addr()).await.unwrap();
+        raw.write_all(request.as_bytes()).await.unwrap();
+        let mut resp = Vec::new();
+        raw.read_to_end(&mut resp).await.unwrap();
+        let resp = String::from_utf8_lossy(&resp);
+        assert!(resp.starts_with(want), "{request}: {resp}");
+    }
+    // An OPTIONS or TRACE that may go no further is answered by the proxy, without the customer's credentials.
+    let (_, echo) = curl(&[
+        "-x",
+        &http,
+        "-X",
+        "TRACE",
+        "-H",
+        "Max-Forwards: 0",
+        "-H",
+        "X-Probe: here",
+        &url,
+    ])
+    .await;
+    assert!(
+        echo.starts_with("TRACE /file HTTP/1.1\r\n")
+            && echo.contains("X-Probe: here")
+            && !echo.contains(&basic),
+        "{echo}"
+    );
 
     // Regenerating the password: the cached old one stops working for new flows at once.
     let r = rig

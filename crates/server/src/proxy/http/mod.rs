@@ -53,6 +53,7 @@ async fn respond(
         502 => "Bad Gateway",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
         _ => "Error",
     };
     let msg = format!(
@@ -106,6 +107,7 @@ pub async fn serve(
         Err(e) => {
             let status = match e {
                 HeadError::TooLarge | HeadError::TooManyHeaders => 431,
+                HeadError::Version => 505,
                 _ => 400,
             };
             respond(&mut stream, status, "", &e.to_string()).await?;
@@ -149,6 +151,12 @@ pub async fn serve(
             return Ok(());
         }
     };
+    // An OPTIONS or TRACE that may go no further: the proxy is its final recipient, and no flow is opened.
+    if let Some(answer) = hp::answer_here(&req) {
+        stream.write_all(&answer).await?;
+        let _ = stream.shutdown().await;
+        return Ok(());
+    }
     let target = Target::Tcp {
         host: req.host.clone(),
         port: req.port,
