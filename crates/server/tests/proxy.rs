@@ -1771,11 +1771,12 @@ async fn a_malformed_chunked_upload_is_answered_400() {
     );
 }
 
-/// A connection whose device was revoked can still be edited with its device sent back unchanged (the dashboard's
-/// form does that) instead of a 422; `"device_id": null` detaches it from its device.
+/// A connection whose device was revoked says so (`device_revoked`, and `403` with the reason at both doors, before
+/// and after a restart), and can still be edited with its device sent back unchanged (the dashboard's form does
+/// that) instead of a 422; `"device_id": null` detaches it from its device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_keeps_its_revoked_device_when_edited_and_null_detaches_it() {
-    let Some(rig) = Rig::start().await else {
+    let Some(mut rig) = Rig::start().await else {
         return;
     };
     let c = rig
@@ -1787,6 +1788,25 @@ async fn a_connection_keeps_its_revoked_device_when_edited_and_null_detaches_it(
     let other = rig.create(json!({"name": "o", "device_id": second})).await;
     let r = rig.revoke(&rig.device).await;
     assert!(r.status().is_success(), "{}", r.status());
+    // The connection says why it carries nothing, and so do both doors, instead of "device offline"; after a
+    // restart too (read from the store).
+    let url = format!("http://{}/", http_target("127.0.0.1:0", 10).await);
+    async fn refused_as_revoked(rig: &Rig, id: &str, (user, pass): &(String, String), url: &str) {
+        assert_eq!(rig.connection(id).await["state"], "device_revoked");
+        let h = head_via(
+            &format!("http://{user}:{pass}@{}", rig.http_addr()),
+            url,
+            &[],
+        )
+        .await;
+        assert!(h.starts_with("HTTP/1.1 403"), "{h}");
+        let request = [5, 1, 0, 1, 127, 0, 0, 1, 0, 80];
+        let reply = socks_raw_reply(rig.socks_addr(), user, pass, &request).await;
+        assert_eq!(reply, 2, "connection not allowed by ruleset");
+    }
+    refused_as_revoked(&rig, id, &creds(&c), &url).await;
+    rig.s.restart().await;
+    refused_as_revoked(&rig, id, &creds(&c), &url).await;
     let r = rig
         .s
         .patch(

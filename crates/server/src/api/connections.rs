@@ -54,7 +54,8 @@ pub struct ConnectionView {
     used_bytes: u64,
     /// Bytes left before the cut-off; null when unlimited.
     remaining_bytes: Option<u64>,
-    /// `active`, `exhausted` (limit reached; reset to restore), `disabled`, or `no_device`.
+    /// `active`, `exhausted` (limit reached; reset to restore), `disabled`, `no_device`, or `device_revoked` (give it
+    /// another device).
     state: &'static str,
     enabled: bool,
     /// Clients from these networks may use the dedicated port without credentials.
@@ -103,6 +104,7 @@ fn state_name(r: Option<Refusal>) -> &'static str {
         Some(Refusal::Exhausted) => "exhausted",
         Some(Refusal::Disabled | Refusal::Deleted) => "disabled",
         Some(Refusal::NoDevice) => "no_device",
+        Some(Refusal::DeviceRevoked) => "device_revoked",
     }
 }
 

@@ -28,6 +28,7 @@ pub fn live(c: &Value) -> (String, Option<u8>, Value) {
         "exhausted" => "Exhausted — limit reached",
         "disabled" => "Disabled",
         "no_device" => "No device",
+        "device_revoked" => "Device revoked",
         _ => "Active",
     };
     let cells = json!({"usage": line, "pct": pct.map_or_else(String::new, |p| format!("{p}%")), "state": label});

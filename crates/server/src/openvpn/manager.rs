@@ -199,6 +199,7 @@ fn deny_reason(r: Refusal) -> &'static str {
         Refusal::Exhausted => "bandwidth limit reached",
         Refusal::Disabled => "connection disabled",
         Refusal::NoDevice => "connection has no device",
+        Refusal::DeviceRevoked => "the connection's device was revoked",
         // A deleted connection's username is simply unknown now.
         Refusal::Deleted => "invalid credentials",
     }

@@ -26,6 +26,8 @@ pub enum Refusal {
     Exhausted,
     Disabled,
     NoDevice,
+    /// Its device was revoked: it will not carry traffic again until the connection is given another device.
+    DeviceRevoked,
     Deleted,
 }
 
@@ -36,6 +38,7 @@ impl Refusal {
             Refusal::Exhausted => "bandwidth limit reached",
             Refusal::Disabled => "connection disabled",
             Refusal::NoDevice => "connection has no device",
+            Refusal::DeviceRevoked => "the connection's device was revoked",
             Refusal::Deleted => "connection deleted",
         }
     }
@@ -69,6 +72,8 @@ const REFUSED_KEPT: usize = 8;
 #[derive(Debug)]
 struct State {
     device_id: Option<Arc<str>>,
+    /// `device_id` names a revoked device.
+    device_revoked: bool,
     password_hash: Option<Arc<str>>,
     /// Keyed digest of the password last verified against `password_hash` (never the password itself).
     verified: Option<[u8; 32]>,
@@ -105,6 +110,8 @@ impl State {
             Some(Refusal::Exhausted)
         } else if self.device_id.is_none() {
             Some(Refusal::NoDevice)
+        } else if self.device_revoked {
+            Some(Refusal::DeviceRevoked)
         } else {
             None
         }
@@ -213,6 +220,7 @@ impl Entry {
     fn from_row(row: &ConnectionRow, sink: QuotaSink, shutdown: &CancellationToken) -> Entry {
         let mut state = State {
             device_id: row.device_id.as_deref().map(Arc::from),
+            device_revoked: row.device_revoked_at.is_some(),
             password_hash: row.password_hash.as_deref().map(Arc::from),
             verified: None,
             refused: Vec::new(),
@@ -376,6 +384,7 @@ impl Entry {
             s.close_flows();
             s.device_id = device;
         }
+        s.device_revoked = row.device_revoked_at.is_some();
         s.limit = row.limit_bytes.and_then(|l| u64::try_from(l).ok());
         s.enabled = row.disabled_at.is_none();
         if !s.enabled {
@@ -649,6 +658,8 @@ impl Directory {
                 s.close_flows();
                 if deleted {
                     s.device_id = None;
+                } else {
+                    s.device_revoked = true;
                 }
                 s.settle();
             }
@@ -961,6 +972,7 @@ mod tests {
             disabled_at: None,
             allow_cidrs: "10.0.0.0/8,::1/128".into(),
             dedicated_port: None,
+            device_revoked_at: None,
             created_at: 0,
             updated_at: 0,
         }

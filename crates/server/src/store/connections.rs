@@ -22,11 +22,14 @@ pub struct ConnectionRow {
     /// Unix milliseconds, UTC.
     pub created_at: i64,
     pub updated_at: i64,
+    /// When the connection's device was revoked, if it was (read from the device; revocation is final).
+    pub device_revoked_at: Option<i64>,
 }
 
 const COLUMNS: &str =
     "id, operator_id, device_id, name, username, password_hash, limit_bytes, used_bytes, \
-                       disabled_at, allow_cidrs, dedicated_port, created_at, updated_at";
+                       disabled_at, allow_cidrs, dedicated_port, created_at, updated_at, \
+                       (SELECT d.revoked_at FROM devices d WHERE d.id = connections.device_id) AS device_revoked_at";
 
 /// The settings an operator chooses for a connection (everything but the credentials and the meter).
 #[derive(Debug, Clone)]
