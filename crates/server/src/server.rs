@@ -185,7 +185,8 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
         &metrics,
         &config,
         &store,
-        hasher,
+        // Customers' checks queue apart from operators' logins (`Hasher::own_lane`).
+        hasher.own_lane(),
         redis.clone(),
         &clock,
         &registry,

@@ -136,6 +136,8 @@ pub enum HashError {
 #[derive(Clone)]
 pub struct Hasher {
     permits: Arc<Semaphore>,
+    /// How many permits each lane has ([`Hasher::own_lane`]).
+    lane_size: usize,
     dummy_hash: Arc<str>,
     cost: u32,
     /// bcrypt computations run, by this hasher and its clones.
@@ -153,7 +155,8 @@ impl Hasher {
     /// A hasher making hashes of another cost. Only tests and benchmarks use anything but [`BCRYPT_COST`]
     /// (verification reads the cost from the hash, so it is unaffected).
     pub async fn with_cost(permits: usize, cost: u32) -> Result<Self, HashError> {
-        let permits = Arc::new(Semaphore::new(permits.max(1)));
+        let lane_size = permits.max(1);
+        let permits = Arc::new(Semaphore::new(lane_size));
         let seed: [u8; 16] = rand::random();
         let started = std::time::Instant::now();
         let dummy = tokio::task::spawn_blocking(move || bcrypt::non_truncating_hash(seed, cost))
@@ -163,11 +166,23 @@ impl Hasher {
         let typical = started.elapsed();
         Ok(Hasher {
             permits,
+            lane_size,
             dummy_hash: dummy.into(),
             cost,
             runs: Arc::default(),
             typical,
         })
+    }
+
+    /// A hasher with its own queue and as many permits, sharing everything else: checks queued on one never wait
+    /// behind the other's. Customers' proxy checks run on their own lane, so that hundreds of first uses at once
+    /// (a deploy, a customer's backend starting) do not hold an operator's login for as long as they take; when
+    /// both are busy, the cores are shared between them.
+    pub fn own_lane(&self) -> Hasher {
+        Hasher {
+            permits: Arc::new(Semaphore::new(self.lane_size)),
+            ..self.clone()
+        }
     }
 
     pub async fn hash(&self, password: &str) -> Result<String, HashError> {
@@ -237,6 +252,36 @@ impl Hasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A check on one lane does not queue behind the other's: with one permit each and eight checks waiting on
+    /// the customers' lane, an operator's check ends before most of them (on one lane it would end after all).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_operator_check_does_not_wait_behind_the_customers_lane() {
+        let operators = Hasher::with_cost(1, 10).await.unwrap();
+        let customers = operators.own_lane();
+        let hash: Arc<str> = operators.hash("pw").await.unwrap().into();
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut queued = Vec::new();
+        for _ in 0..8 {
+            let (customers, hash, done) = (customers.clone(), hash.clone(), done.clone());
+            queued.push(tokio::spawn(async move {
+                assert!(customers.verify("pw", &hash).await.unwrap());
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }));
+        }
+        // The first customer check runs, and the others have had time to queue behind it.
+        while operators.runs() < 2 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(operators.verify("pw", &hash).await.unwrap());
+        let before = done.load(std::sync::atomic::Ordering::SeqCst);
+        for q in queued {
+            q.await.unwrap();
+        }
+        assert!(before <= 3, "{before} of 8 customer checks ran before the operator's");
+        assert_eq!(operators.runs(), 1 + 1 + 8, "runs are counted across lanes");
+    }
 
     #[test]
     fn each_rule_says_what_failed() {
