@@ -10,9 +10,11 @@
 //! The stream keeps one waker for frame arrivals, the last one polled with; every poll here passes one that wakes
 //! all three parties (reader, writer, drainer), and each polls again what it waits for.
 //!
-//! yamux also ends every stream of a session that died (a silent peer) the way a FIN ends one. The read half
-//! reports an end read after the session's driver stopped (`session_done`) as an error, so that a relay resets
-//! its flow instead of closing it as if it were complete. (A FIN that arrived just before the session died but is
+//! yamux also ends every stream of a session that died (a silent peer) the way a FIN ends one, or leaves it
+//! waiting for ever (a writer whose window is full, a reader with nothing buffered). Once the session's driver has
+//! stopped (`session_done`), both halves are woken, the read half reports an end or a wait as an error and the
+//! write half fails, so that a relay resets its flow at once instead of closing it as if it were complete or
+//! holding it open. (A FIN that arrived just before the session died but is
 //! read after it is taken for a break too: that flow is reset after all its bytes.)
 
 use std::io;
@@ -113,7 +115,10 @@ pub struct MuxRead {
     owner: Arc<Owner>,
     session_done: CancellationToken,
 }
-pub struct MuxWrite(Arc<Owner>);
+pub struct MuxWrite {
+    owner: Arc<Owner>,
+    session_done: CancellationToken,
+}
 
 /// Split `stream` of the session whose driver cancels `session_done` when it stops, and start the stream's drainer
 /// (on the current tokio runtime).
@@ -126,28 +131,42 @@ pub fn split(stream: StreamHandle, session_done: CancellationToken) -> (MuxRead,
         closed: std::sync::atomic::AtomicBool::new(false),
         all: Waker::from(Arc::new(WakeAll(weak.clone()))),
     });
-    let drained = shared.clone();
-    tokio::spawn(std::future::poll_fn(move |cx| {
-        if drained.closed.load(std::sync::atomic::Ordering::Acquire) {
-            return Poll::Ready(());
+    let (drained, done) = (shared.clone(), session_done.clone());
+    tokio::spawn(async move {
+        let drain = std::future::poll_fn(|cx| {
+            if drained.closed.load(std::sync::atomic::Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            let mut none = ReadBuf::new(&mut []);
+            // Moves every queued frame into the stream's buffer (an empty buffer takes no bytes out of it).
+            match drained.poll(&drained.drainer, cx, |mut stream, all| {
+                stream.poll_peek(all, &mut none)
+            }) {
+                // Ended or failed: nothing more will arrive; the reader sees it for itself.
+                Poll::Ready(Err(_)) => Poll::Ready(()),
+                _ => Poll::Pending,
+            }
+        });
+        tokio::select! {
+            () = drain => {}
+            // The session died: a stream waiting on it would wait for ever (its window never opens again, and
+            // nothing wakes its reader), so both halves are woken to find it out.
+            () = done.cancelled() => {
+                drained.reader.wake();
+                drained.writer.wake();
+            }
         }
-        let mut none = ReadBuf::new(&mut []);
-        // Moves every queued frame into the stream's buffer (an empty buffer takes no bytes out of it).
-        match drained.poll(&drained.drainer, cx, |mut stream, all| {
-            stream.poll_peek(all, &mut none)
-        }) {
-            // Ended or failed: nothing more will arrive; the reader sees it for itself.
-            Poll::Ready(Err(_)) => Poll::Ready(()),
-            _ => Poll::Pending,
-        }
-    }));
+    });
     let owner = Arc::new(Owner(shared));
     (
         MuxRead {
             owner: owner.clone(),
+            session_done: session_done.clone(),
+        },
+        MuxWrite {
+            owner,
             session_done,
         },
-        MuxWrite(owner),
     )
 }
 
@@ -161,17 +180,35 @@ impl AsyncRead for MuxRead {
         let s = &this.owner.0;
         let before = buf.filled().len();
         let read = s.poll(&s.reader, cx, |stream, all| stream.poll_read(all, buf));
-        if matches!(read, Poll::Ready(Ok(())))
-            && buf.filled().len() == before
-            && buf.remaining() > 0
-            && this.session_done.is_cancelled()
-        {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "the tunnel is gone",
-            )));
+        // What arrived before the session died is still read; an end or a wait after it is the tunnel gone.
+        let nothing = match read {
+            Poll::Ready(Ok(())) => buf.filled().len() == before && buf.remaining() > 0,
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+        };
+        if nothing && this.session_done.is_cancelled() {
+            return Poll::Ready(Err(gone()));
         }
         read
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionAborted, "the tunnel is gone")
+}
+
+impl MuxWrite {
+    /// Poll the stream for the writer, unless the session died: nothing written now could arrive.
+    fn poll_writer<T>(
+        &self,
+        cx: &Context<'_>,
+        f: impl FnOnce(Pin<&mut StreamHandle>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if self.session_done.is_cancelled() {
+            return Poll::Ready(Err(gone()));
+        }
+        let s = &self.owner.0;
+        s.poll(&s.writer, cx, f)
     }
 }
 
@@ -181,17 +218,14 @@ impl AsyncWrite for MuxWrite {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let s = &self.0 .0;
-        s.poll(&s.writer, cx, |stream, all| stream.poll_write(all, buf))
+        self.poll_writer(cx, |stream, all| stream.poll_write(all, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let s = &self.0 .0;
-        s.poll(&s.writer, cx, |stream, all| stream.poll_flush(all))
+        self.poll_writer(cx, |stream, all| stream.poll_flush(all))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let s = &self.0 .0;
-        s.poll(&s.writer, cx, |stream, all| stream.poll_shutdown(all))
+        self.poll_writer(cx, |stream, all| stream.poll_shutdown(all))
     }
 }

@@ -2307,8 +2307,32 @@ async fn silent_device(quic: bool) {
         String::from_utf8_lossy(&b[..n])
     );
 
+    // Two busy flows beside it, an upload whose window is full and a download: they end with the tunnel too.
+    let busy = {
+        let (down, (up, _, _)) = (stream_target(1 << 30).await, sink_target(false).await);
+        let mut d = socks_connect(rig.socks_addr(), down, &user, &pass)
+            .await
+            .unwrap();
+        let mut u = socks_connect(rig.socks_addr(), up, &user, &pass)
+            .await
+            .unwrap();
+        let mut b = vec![0u8; 64 * 1024];
+        for _ in 0..8 {
+            d.read(&mut b).await.unwrap();
+            u.write_all(&b).await.unwrap();
+        }
+        (d, u)
+    };
     plug.pull();
     let pulled = Instant::now();
+    let (mut d, mut u) = busy;
+    let busy = tokio::spawn(async move {
+        let mut b = vec![0u8; 64 * 1024];
+        let down = async { while d.read(&mut b).await.is_ok_and(|n| n > 0) {} };
+        let up = async { while u.write_all(&[1u8; 64 * 1024]).await.is_ok() {} };
+        tokio::join!(down, up);
+        pulled.elapsed()
+    });
     // A flow asked for now waits for an answer that never comes: 504 once the open timeout (15 s) is up, counted as
     // the device's failure, not the target's.
     let http = format!("http://{user}:{pass}@{}", rig.http_addr());
@@ -2324,6 +2348,12 @@ async fn silent_device(quic: bool) {
     println!(
         "the flow ended {:?} after the device went silent",
         pulled.elapsed()
+    );
+    // (On the TCP fallback the busy upload waited for a window that never opened, for over 60 s.)
+    let busy = tokio::time::timeout(limit.saturating_sub(pulled.elapsed()), busy).await;
+    assert!(
+        busy.is_ok(),
+        "a busy flow is still open {limit:?} after the device went silent"
     );
     // The registry drops the session in its own task, woken by the same close.
     let deadline = Instant::now() + Duration::from_secs(3);

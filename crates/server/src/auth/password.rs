@@ -279,7 +279,10 @@ mod tests {
         for q in queued {
             q.await.unwrap();
         }
-        assert!(before <= 3, "{before} of 8 customer checks ran before the operator's");
+        assert!(
+            before <= 3,
+            "{before} of 8 customer checks ran before the operator's"
+        );
         assert_eq!(operators.runs(), 1 + 1 + 8, "runs are counted across lanes");
     }
 
