@@ -2318,7 +2318,7 @@ async fn silent_device(quic: bool) {
             .unwrap();
         let mut b = vec![0u8; 64 * 1024];
         for _ in 0..8 {
-            d.read(&mut b).await.unwrap();
+            assert!(d.read(&mut b).await.unwrap() > 0);
             u.write_all(&b).await.unwrap();
         }
         (d, u)
