@@ -170,10 +170,15 @@ fn request_line(buf: &[u8]) -> Option<[&[u8]; 3]> {
 /// `HTTP/1.9`), where its minor digit is; `None` for another version (`HTTP/2.0`); `Err` when the line is simply
 /// malformed.
 fn other_version(buf: &[u8]) -> Result<Option<usize>, HeadError> {
-    let [method, target, version] = request_line(buf).ok_or(HeadError::Malformed)?;
+    // Empty lines before the request line are skipped (RFC 9112 section 2.2), as httparse does.
+    let skipped = buf
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    let [method, target, version] = request_line(&buf[skipped..]).ok_or(HeadError::Malformed)?;
     match version {
         [b'H', b'T', b'T', b'P', b'/', b'1', b'.', b'2'..=b'9'] => {
-            Ok(Some(method.len() + target.len() + 2 + 7))
+            Ok(Some(skipped + method.len() + target.len() + 2 + 7))
         }
         [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
             if major.is_ascii_digit() && minor.is_ascii_digit() =>
@@ -286,6 +291,13 @@ pub fn basic_credentials(value: &str) -> Option<(String, String)> {
 /// gone, `Host` set to the URL's authority (RFC 9112 section 3.2.2: a client's own `Host` is replaced), and
 /// `Connection: close` (one request per proxied connection).
 pub fn origin_head(req: &ProxyRequest, path: &str) -> Vec<u8> {
+    let mut out = origin_request(req, path);
+    out.extend_from_slice(b"Connection: close\r\n\r\n");
+    out
+}
+
+/// [`origin_head`] without its `Connection: close` and the empty line that ends it.
+fn origin_request(req: &ProxyRequest, path: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
@@ -318,17 +330,14 @@ pub fn origin_head(req: &ProxyRequest, path: &str) -> Vec<u8> {
         }
         out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(b"Connection: close\r\n\r\n");
     out
 }
 
 /// A forwarded `OPTIONS` or `TRACE` request's `Max-Forwards` (RFC 9110 section 7.6.2; no other method has one),
 /// when it is one number.
 fn max_forwards(req: &ProxyRequest) -> Option<u64> {
-    if !["OPTIONS", "TRACE"]
-        .iter()
-        .any(|m| req.method.eq_ignore_ascii_case(m))
-    {
+    // Methods are case-sensitive (RFC 9110 section 9.1): `trace` is another method.
+    if !["OPTIONS", "TRACE"].contains(&req.method.as_str()) {
         return None;
     }
     let values = list_values(
@@ -351,17 +360,15 @@ pub fn answer_here(req: &ProxyRequest) -> Option<Vec<u8>> {
     if max_forwards(req) != Some(0) {
         return None;
     }
-    if req.method.eq_ignore_ascii_case("OPTIONS") {
+    if req.method == "OPTIONS" {
         return Some(
             b"HTTP/1.1 200 OK\r\nAllow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT\r\n\
               Content-Length: 0\r\nConnection: close\r\n\r\n"
                 .to_vec(),
         );
     }
-    let mut echo = origin_head(req, path);
     // As it would have gone on, but without the `Connection: close` that [`origin_head`] adds.
-    echo.truncate(echo.len() - b"Connection: close\r\n\r\n".len());
-    let echo = String::from_utf8_lossy(&echo)
+    let echo = String::from_utf8_lossy(&origin_request(req, path))
         .lines()
         .filter(|l| {
             let name = l.split(':').next().unwrap_or_default().trim();
@@ -621,6 +628,10 @@ mod tests {
             .unwrap();
         assert_eq!((r.version, used), (1, 34));
         assert_eq!(parse_head(b"GET http://a.b/ HTTP/1.7"), Ok(None));
+        let (r, used) = parse_head(b"\r\nGET http://a.b/ HTTP/1.3\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.version, used), (1, 30));
         assert_eq!(parse_head(b"GET http://a.b/ HTTP/1.7\r\nX"), Ok(None));
         for other in [
             &b"PRI * HTTP/2.0\r\n\r\n"[..],
@@ -647,7 +658,13 @@ mod tests {
         let (r, out) = forward(b"GET http://a.b/ HTTP/1.1\r\nMax-Forwards: 0\r\n\r\n");
         assert!(out.contains("\r\nMax-Forwards: 0\r\n"), "{out}");
         assert_eq!(answer_here(&r), None);
-        let (r, _) = forward(b"options http://a.b/ HTTP/1.1\r\nMax-Forwards: 0\r\n\r\n");
+        let (r, _) = forward(b"trace http://a.b/ HTTP/1.1\r\nMax-Forwards: 0\r\n\r\n");
+        assert_eq!(
+            answer_here(&r),
+            None,
+            "another method: methods are case-sensitive"
+        );
+        let (r, _) = forward(b"OPTIONS http://a.b/ HTTP/1.1\r\nMax-Forwards: 0\r\n\r\n");
         let here = String::from_utf8(answer_here(&r).unwrap()).unwrap();
         assert!(
             here.starts_with("HTTP/1.1 200 OK\r\nAllow: ") && here.ends_with("\r\n\r\n"),

@@ -208,7 +208,12 @@ impl MuxWrite {
             return Poll::Ready(Err(gone()));
         }
         let s = &self.owner.0;
-        s.poll(&s.writer, cx, f)
+        let polled = s.poll(&s.writer, cx, f);
+        // The session may have died between the check and the waker's registration, its wake-up missed.
+        if polled.is_pending() && self.session_done.is_cancelled() {
+            return Poll::Ready(Err(gone()));
+        }
+        polled
     }
 }
 
@@ -227,5 +232,70 @@ impl AsyncWrite for MuxWrite {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.poll_writer(cx, |stream, all| stream.poll_shutdown(all))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A stream whose peer stops reading waits for window, and its reader for data; when the session's driver
+    /// stops, both fail at once instead of waiting for ever.
+    #[tokio::test]
+    async fn both_halves_fail_when_the_session_dies() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut ours = tokio_yamux::Session::new_client(a, crate::yamux_config());
+        let mut theirs = tokio_yamux::Session::new_server(b, crate::yamux_config());
+        let mut control = ours.control();
+        let done = CancellationToken::new();
+        let stop = done.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                _ = async { while ours.next().await.is_some() {} } => {}
+            }
+        });
+        // The peer takes the stream and never reads it.
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some(Ok(s)) = theirs.next().await {
+                held.push(s);
+            }
+        });
+        let (mut r, mut w) = split(control.open_stream().await.unwrap(), done.clone());
+        let chunk = vec![7u8; 64 * 1024];
+        let mut sent = 0;
+        while tokio::time::timeout(std::time::Duration::from_millis(300), w.write_all(&chunk))
+            .await
+            .is_ok()
+        {
+            sent += chunk.len();
+            assert!(
+                sent <= 2 * crate::STREAM_WINDOW as usize,
+                "no window ever ran out"
+            );
+        }
+        // Both wait now, for window and for data.
+        let writing = tokio::spawn(async move { w.write_all(&chunk).await });
+        let reading = tokio::spawn(async move { r.read(&mut [0u8; 16]).await });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!writing.is_finished() && !reading.is_finished());
+        done.cancel();
+        let write = tokio::time::timeout(std::time::Duration::from_secs(5), writing);
+        let err = write
+            .await
+            .expect("the writer is not left waiting")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
+        let read = tokio::time::timeout(std::time::Duration::from_secs(5), reading);
+        let err = read
+            .await
+            .expect("the reader is not left waiting")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
     }
 }

@@ -571,7 +571,7 @@ fn vpn_sessions_end_on_newer_login_new_password_disable_and_revocation() {
             .await;
         assert_eq!(r.status(), 200);
 
-        // The device revoked: killed, and refused as offline.
+        // The device revoked: killed, and refused, saying why.
         let mut c4 = Client::start(&topo.cust, &newer);
         assert!(c4.connected(CONNECT).await, "{}", c4.log_text());
         let r =
@@ -588,7 +588,8 @@ fn vpn_sessions_end_on_newer_login_new_password_disable_and_revocation() {
         );
         let c = Client::start(&topo.cust, &newer);
         assert!(
-            c.wait_log("AUTH_FAILED,device offline", CONNECT).await,
+            c.wait_log("AUTH_FAILED,the connection's device was revoked", CONNECT)
+                .await,
             "{}",
             c.log_text()
         );

@@ -196,12 +196,9 @@ fn client(
 /// Why a login is denied, as the customer reads it (`AUTH_FAILED,<reason>`).
 fn deny_reason(r: Refusal) -> &'static str {
     match r {
-        Refusal::Exhausted => "bandwidth limit reached",
-        Refusal::Disabled => "connection disabled",
-        Refusal::NoDevice => "connection has no device",
-        Refusal::DeviceRevoked => "the connection's device was revoked",
         // A deleted connection's username is simply unknown now.
         Refusal::Deleted => "invalid credentials",
+        r => r.reason(),
     }
 }
 

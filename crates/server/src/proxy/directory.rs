@@ -380,11 +380,15 @@ impl Entry {
     fn apply(&self, row: &ConnectionRow) {
         let mut s = lock(&self.state);
         let device: Option<Arc<str>> = row.device_id.as_deref().map(Arc::from);
+        // Revocation is final: a row read before the device was revoked must not clear it.
+        let revoked = row.device_revoked_at.is_some();
         if s.device_id.as_deref() != device.as_deref() {
             s.close_flows();
             s.device_id = device;
+            s.device_revoked = revoked;
+        } else {
+            s.device_revoked |= revoked;
         }
-        s.device_revoked = row.device_revoked_at.is_some();
         s.limit = row.limit_bytes.and_then(|l| u64::try_from(l).ok());
         s.enabled = row.disabled_at.is_none();
         if !s.enabled {
@@ -1263,6 +1267,22 @@ mod tests {
         assert_eq!(e.usage().used, 70);
         assert!(e.charge_whole(30, Dir::Up, &dev, 0));
         assert_eq!(e.usage().refusal, Some(Refusal::Exhausted));
+    }
+
+    /// Revocation is final: a row read before it (an edit racing the revoke) does not clear it; only another
+    /// device does.
+    #[test]
+    fn a_revoked_device_stays_revoked_until_the_connection_moves() {
+        let mut revoked = row(None);
+        revoked.device_revoked_at = Some(1);
+        let e = Entry::from_row(&revoked, QuotaSink::default(), &CancellationToken::new());
+        assert_eq!(e.admit().unwrap_err(), Refusal::DeviceRevoked);
+        e.apply(&row(None));
+        assert_eq!(e.admit().unwrap_err(), Refusal::DeviceRevoked);
+        let mut moved = row(None);
+        moved.device_id = Some("d2".into());
+        e.apply(&moved);
+        assert_eq!(&*e.admit().unwrap().device_id, "d2");
     }
 
     #[test]

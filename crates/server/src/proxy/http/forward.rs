@@ -232,18 +232,8 @@ impl<R> Answer<R> {
     }
 }
 
-/// A short plain-text answer (`status` is code and reason) that ends the connection.
-fn plain_answer(status: &str, why: &str) -> Vec<u8> {
-    format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{why}\n",
-        why.len() + 1
-    )
-    .into_bytes()
-}
-
 fn bad_gateway(why: &str) -> Vec<u8> {
-    plain_answer("502 Bad Gateway", why)
+    super::plain_answer(502, "", why)
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Answer<R> {
@@ -262,8 +252,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for Answer<R> {
                     if this.final_begun {
                         return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
                     }
-                    this.synthesize(plain_answer(
-                        "400 Bad Request",
+                    this.synthesize(super::plain_answer(
+                        400,
+                        "",
                         &format!("the request's chunked body is malformed: {e}"),
                     ));
                     continue;

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::directory::Entry;
-use super::relay::{close_customer_halves, relay};
+use super::relay::{close_customer, close_customer_halves, relay};
 use super::{AuthFailure, Door, ProxyContext};
 
 mod forward;
@@ -36,13 +36,8 @@ async fn read_head(
     }
 }
 
-/// A short plain-text answer that ends the connection.
-async fn respond(
-    stream: &mut TcpStream,
-    status: u16,
-    extra: &str,
-    body: &str,
-) -> std::io::Result<()> {
+/// A short plain-text answer that ends the connection: `status`, `extra` header lines, then `body`.
+fn plain_answer(status: u16, extra: &str, body: &str) -> Vec<u8> {
     let reason = match status {
         400 => "Bad Request",
         403 => "Forbidden",
@@ -56,12 +51,22 @@ async fn respond(
         505 => "HTTP Version Not Supported",
         _ => "Error",
     };
-    let msg = format!(
+    format!(
         "HTTP/1.1 {status} {reason}\r\n{extra}Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
          Connection: close\r\n\r\n{body}\n",
         body.len() + 1
-    );
-    stream.write_all(msg.as_bytes()).await?;
+    )
+    .into_bytes()
+}
+
+/// Send [`plain_answer`] and end the connection.
+async fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    extra: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    stream.write_all(&plain_answer(status, extra, body)).await?;
     let _ = stream.shutdown().await;
     Ok(())
 }
@@ -151,10 +156,15 @@ pub async fn serve(
             return Ok(());
         }
     };
-    // An OPTIONS or TRACE that may go no further: the proxy is its final recipient, and no flow is opened.
+    // An OPTIONS or TRACE that may go no further: the proxy is its final recipient, and no flow is opened (but a
+    // connection that may not be used says so, as for any request).
     if let Some(answer) = hp::answer_here(&req) {
+        if let Err(r) = entry.admit() {
+            respond(&mut stream, 403, "", r.reason()).await?;
+            return Ok(());
+        }
         stream.write_all(&answer).await?;
-        let _ = stream.shutdown().await;
+        close_customer(&stream, false).await;
         return Ok(());
     }
     let target = Target::Tcp {
