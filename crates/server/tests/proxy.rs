@@ -1729,6 +1729,49 @@ async fn uploads_through_absolute_form_arrive_whole() {
     }
 }
 
+/// A burst of customers' first password checks (a bcrypt each) does not hold an operator's login: customers' checks
+/// have their own lane, so the login ends while most of them still wait. On one shared queue it would end behind
+/// all that were queued before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_customer_checks_does_not_hold_an_operator_login() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let Some(rig) = Rig::start().await else {
+        return;
+    };
+    let url = format!("http://{}/", http_target("127.0.0.1:0", 10).await);
+    let mut proxies = Vec::new();
+    for i in 0..16 {
+        let c = rig
+            .create(json!({"name": format!("c{i}"), "device_id": rig.device}))
+            .await;
+        let (user, pass) = creds(&c);
+        proxies.push(format!("http://{user}:{pass}@{}", rig.http_addr()));
+    }
+    let done = std::sync::Arc::new(AtomicUsize::new(0));
+    let burst: Vec<_> = proxies
+        .into_iter()
+        .map(|proxy| {
+            let (done, url) = (done.clone(), url.clone());
+            tokio::spawn(async move {
+                let out = curl_via(&proxy, &url, &[]).await;
+                done.fetch_add(1, Ordering::SeqCst);
+                out
+            })
+        })
+        .collect();
+    // The checks are under way (curl has connected and asked).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rig.s.login("admin", common::ADMIN_PASSWORD).await;
+    let before = done.load(Ordering::SeqCst);
+    for b in burst {
+        assert_eq!(b.await.unwrap(), (0, "200 10".to_owned()));
+    }
+    assert!(
+        before <= 8,
+        "{before} of 16 customer checks ended before the operator's login"
+    );
+}
+
 /// A chunked upload that turns out malformed after its first chunk has gone to the site gets a `400` saying so,
 /// instead of an empty reply: the site (still waiting for the rest of the body) never answers it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
