@@ -285,6 +285,12 @@ async fn head_via(proxy: &str, url: &str, extra: &[&str]) -> String {
     curl(&args).await.1
 }
 
+/// The `Proxy-Authorization: Basic` value of `user` and `pass`.
+fn basic(user: &str, pass: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+}
+
 fn creds(c: &Value) -> (String, String) {
     (
         c["username"].as_str().unwrap().to_owned(),
@@ -681,10 +687,7 @@ async fn http_and_socks5_doors_carry_traffic_and_refuse_properly() {
         "{resp}"
     );
     // A later HTTP/1 minor version is served as HTTP/1.1; HTTP/2's preface gets a 505 that says why.
-    let basic = {
-        use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
-    };
+    let basic = basic(&user, &pass);
     for (request, want) in [
         (
             format!("GET {url} HTTP/1.2\r\nProxy-Authorization: Basic {basic}\r\n\r\n"),
@@ -1555,10 +1558,7 @@ async fn absolute_form_requests_never_leak_into_the_previous_site() {
     );
 
     // A client that pipelines a second request behind the first, in one write: only the first reaches the site.
-    let basic = {
-        use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
-    };
+    let basic = basic(&user, &pass);
     let one = format!(
         "POST http://{keeper}/p HTTP/1.1\r\nProxy-Authorization: Basic {basic}\r\nContent-Length: 5\r\n\r\nhello"
     );
@@ -1784,10 +1784,7 @@ async fn a_malformed_chunked_upload_is_answered_400() {
         .create(json!({"name": "c", "device_id": rig.device}))
         .await;
     let (user, pass) = creds(&c);
-    let basic = {
-        use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
-    };
+    let basic = basic(&user, &pass);
     let mut client = TcpStream::connect(rig.http_addr()).await.unwrap();
     client
         .write_all(
@@ -2083,10 +2080,7 @@ async fn a_flow_cut_short_by_its_device_going_away_is_reset_not_closed() {
     let mut socks = socks_connect(rig.socks_addr(), target, &user, &pass)
         .await
         .unwrap();
-    let basic = {
-        use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
-    };
+    let basic = basic(&user, &pass);
     let mut http = TcpStream::connect(rig.http_addr()).await.unwrap();
     http.write_all(
         format!("CONNECT {target} HTTP/1.1\r\nProxy-Authorization: Basic {basic}\r\n\r\n")
@@ -2294,10 +2288,7 @@ async fn a_flow_waiting_for_its_device_at_shutdown_is_told_the_proxy_restarts() 
     let http = rig.http_addr();
     let ask = tokio::spawn(async move {
         let mut s = TcpStream::connect(http).await.unwrap();
-        let basic = {
-            use base64::Engine as _;
-            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
-        };
+        let basic = basic(&user, &pass);
         s.write_all(
             format!("CONNECT {idle} HTTP/1.1\r\nProxy-Authorization: Basic {basic}\r\n\r\n")
                 .as_bytes(),
@@ -2331,10 +2322,7 @@ async fn silent_device(quic: bool) {
         .await;
     let (user, pass) = creds(&c);
     let idle = stream_target(0).await;
-    let basic = {
-        use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
-    };
+    let basic = basic(&user, &pass);
     let mut flow = TcpStream::connect(rig.http_addr()).await.unwrap();
     flow.write_all(
         format!("CONNECT {idle} HTTP/1.1\r\nProxy-Authorization: Basic {basic}\r\n\r\n").as_bytes(),
