@@ -345,7 +345,7 @@ fn max_forwards(req: &ProxyRequest) -> Option<u64> {
         "max-forwards",
     );
     match values.as_slice() {
-        [one] if !one.is_empty() && one.bytes().all(|b| b.is_ascii_digit()) => one.parse().ok(),
+        [one] => decimal(one),
         _ => None,
     }
 }
@@ -437,10 +437,18 @@ fn content_length(lengths: &[String]) -> Result<Option<u64>, HeadError> {
     let Some(first) = lengths.first() else {
         return Ok(None);
     };
-    if lengths.iter().any(|l| l != first) || !first.bytes().all(|b| b.is_ascii_digit()) {
+    if lengths.iter().any(|l| l != first) {
         return Err(HeadError::Framing);
     }
-    first.parse().map(Some).map_err(|_| HeadError::Framing)
+    decimal(first).map(Some).ok_or(HeadError::Framing)
+}
+
+/// A field value that is one decimal number: digits only (Rust's parser would also take a leading `+`).
+fn decimal(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 /// Parse an origin's response head and rewrite it for the client: `HTTP/1.1`, the status, the origin's headers

@@ -59,6 +59,8 @@ struct Shared {
     drainer: Slot,
     /// Both halves are gone: the drainer ends, dropping the stream.
     closed: std::sync::atomic::AtomicBool,
+    /// Cancelled by the session's driver when it stops.
+    session_done: CancellationToken,
     /// Wakes all three.
     all: Waker,
 }
@@ -111,14 +113,8 @@ impl Drop for Owner {
     }
 }
 
-pub struct MuxRead {
-    owner: Arc<Owner>,
-    session_done: CancellationToken,
-}
-pub struct MuxWrite {
-    owner: Arc<Owner>,
-    session_done: CancellationToken,
-}
+pub struct MuxRead(Arc<Owner>);
+pub struct MuxWrite(Arc<Owner>);
 
 /// Split `stream` of the session whose driver cancels `session_done` when it stops, and start the stream's drainer
 /// (on the current tokio runtime).
@@ -129,9 +125,10 @@ pub fn split(stream: StreamHandle, session_done: CancellationToken) -> (MuxRead,
         writer: Slot::default(),
         drainer: Slot::default(),
         closed: std::sync::atomic::AtomicBool::new(false),
+        session_done: session_done.clone(),
         all: Waker::from(Arc::new(WakeAll(weak.clone()))),
     });
-    let (drained, done) = (shared.clone(), session_done.clone());
+    let (drained, done) = (shared.clone(), session_done);
     tokio::spawn(async move {
         let drain = std::future::poll_fn(|cx| {
             if drained.closed.load(std::sync::atomic::Ordering::Acquire) {
@@ -158,16 +155,7 @@ pub fn split(stream: StreamHandle, session_done: CancellationToken) -> (MuxRead,
         }
     });
     let owner = Arc::new(Owner(shared));
-    (
-        MuxRead {
-            owner: owner.clone(),
-            session_done: session_done.clone(),
-        },
-        MuxWrite {
-            owner,
-            session_done,
-        },
-    )
+    (MuxRead(owner.clone()), MuxWrite(owner))
 }
 
 impl AsyncRead for MuxRead {
@@ -176,8 +164,7 @@ impl AsyncRead for MuxRead {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let s = &this.owner.0;
+        let s = &self.0 .0;
         let before = buf.filled().len();
         let read = s.poll(&s.reader, cx, |stream, all| stream.poll_read(all, buf));
         // What arrived before the session died is still read; an end or a wait after it is the tunnel gone.
@@ -186,7 +173,7 @@ impl AsyncRead for MuxRead {
             Poll::Pending => true,
             Poll::Ready(Err(_)) => false,
         };
-        if nothing && this.session_done.is_cancelled() {
+        if nothing && s.session_done.is_cancelled() {
             return Poll::Ready(Err(gone()));
         }
         read
@@ -204,13 +191,13 @@ impl MuxWrite {
         cx: &Context<'_>,
         f: impl FnOnce(Pin<&mut StreamHandle>, &mut Context<'_>) -> Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
-        if self.session_done.is_cancelled() {
+        let s = &self.0 .0;
+        if s.session_done.is_cancelled() {
             return Poll::Ready(Err(gone()));
         }
-        let s = &self.owner.0;
         let polled = s.poll(&s.writer, cx, f);
         // The session may have died between the check and the waker's registration, its wake-up missed.
-        if polled.is_pending() && self.session_done.is_cancelled() {
+        if polled.is_pending() && s.session_done.is_cancelled() {
             return Poll::Ready(Err(gone()));
         }
         polled
@@ -283,19 +270,19 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!writing.is_finished() && !reading.is_finished());
         done.cancel();
-        let write = tokio::time::timeout(std::time::Duration::from_secs(5), writing);
-        let err = write
-            .await
-            .expect("the writer is not left waiting")
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
-        let read = tokio::time::timeout(std::time::Duration::from_secs(5), reading);
-        let err = read
-            .await
-            .expect("the reader is not left waiting")
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
+        async fn aborted<T: std::fmt::Debug>(
+            half: tokio::task::JoinHandle<io::Result<T>>,
+            what: &str,
+        ) {
+            let ended = tokio::time::timeout(std::time::Duration::from_secs(5), half).await;
+            let err = ended.unwrap_or_else(|_| panic!("the {what} is left waiting"));
+            assert_eq!(
+                err.unwrap().unwrap_err().kind(),
+                io::ErrorKind::ConnectionAborted,
+                "{what}"
+            );
+        }
+        aborted(writing, "writer").await;
+        aborted(reading, "reader").await;
     }
 }

@@ -12,8 +12,10 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{ready, Context, Poll, Waker};
+use std::sync::{Arc, OnceLock};
+use std::task::{ready, Context, Poll};
+
+use futures_util::task::AtomicWaker;
 
 use proxyfleet_proto::chunked::{ChunkedEnd, ChunkedError};
 use proxyfleet_proto::http_proxy::{self as hp, BodyLength};
@@ -46,29 +48,25 @@ pub struct OneRequest<R> {
     bad: Arc<BadBody>,
 }
 
-/// Set by [`OneRequest`] when the client's body is malformed, read by [`Answer`] (whose read it wakes).
+/// Set by [`OneRequest`] when the client's body is malformed, read by [`Answer`] (whose read it wakes). Reading it
+/// is an atomic load and a waker registration, on every read of the answer.
 #[derive(Default)]
-pub struct BadBody(Mutex<(Option<ChunkedError>, Option<Waker>)>);
+pub struct BadBody {
+    fault: OnceLock<ChunkedError>,
+    answer: AtomicWaker,
+}
 
 impl BadBody {
     fn set(&self, e: ChunkedError) {
-        let waker = {
-            let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            g.0 = Some(e);
-            g.1.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
-        }
+        let _ = self.fault.set(e);
+        self.answer.wake();
     }
 
     /// The body's fault, if it has one; otherwise `cx` is woken when it is found.
     fn check(&self, cx: &Context<'_>) -> Option<ChunkedError> {
-        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if g.0.is_none() && !g.1.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            g.1 = Some(cx.waker().clone());
-        }
-        g.0.clone()
+        // Registered before looking, so that a fault set in between still wakes it.
+        self.answer.register(cx.waker());
+        self.fault.get().cloned()
     }
 }
 
@@ -203,11 +201,15 @@ enum Phase {
 pub struct Answer<R> {
     inner: R,
     phase: Phase,
-    /// Whether the origin's final answer (not an interim one) has begun to go to the client.
-    final_begun: bool,
-    /// Whether the answer is one of ours instead of the origin's.
-    synthesized: bool,
+    /// Whose final answer (not an interim one) goes to the client, once one has begun.
+    final_answer: Option<Whose>,
     bad: Arc<BadBody>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Whose {
+    Origin,
+    Ours,
 }
 
 impl<R> Answer<R> {
@@ -215,15 +217,14 @@ impl<R> Answer<R> {
         Answer {
             inner,
             phase: Phase::Head(Vec::new()),
-            final_begun: false,
-            synthesized: false,
+            final_answer: None,
             bad,
         }
     }
 
     /// Hand out a synthesized answer, then end.
     fn synthesize(&mut self, answer: Vec<u8>) {
-        self.synthesized = true;
+        self.final_answer = Some(Whose::Ours);
         self.phase = Phase::Out {
             bytes: answer,
             at: 0,
@@ -246,10 +247,13 @@ impl<R: AsyncRead + Unpin> AsyncRead for Answer<R> {
         loop {
             // The client's body is malformed: it is told so, unless the origin's answer is already on its way, which
             // is then cut short. (Checked between messages only, so that an interim answer goes out whole first.)
-            let between = matches!(this.phase, Phase::Head(_));
-            if (between || this.final_begun) && !this.synthesized {
+            let watch = match this.final_answer {
+                Some(whose) => whose == Whose::Origin,
+                None => matches!(this.phase, Phase::Head(_)),
+            };
+            if watch {
                 if let Some(e) = this.bad.check(cx) {
-                    if this.final_begun {
+                    if this.final_answer.is_some() {
                         return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
                     }
                     this.synthesize(super::plain_answer(
@@ -277,7 +281,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for Answer<R> {
                         Ok(Some((head, code, used))) => {
                             let rest = buf.split_off(used);
                             let interim = code < 200 && code != 101;
-                            this.final_begun |= !interim;
+                            if !interim {
+                                this.final_answer = Some(Whose::Origin);
+                            }
                             // An interim answer (100 Continue): the real one follows. (101 would switch
                             // protocols, but `Upgrade` never reaches the origin.)
                             let after = if interim {
