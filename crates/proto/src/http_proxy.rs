@@ -63,6 +63,10 @@ pub struct ProxyRequest {
     pub headers: Vec<(String, Vec<u8>)>,
     /// The HTTP minor version (0 or 1).
     pub version: u8,
+    /// The client may send another request on this connection after this one (RFC 9112 section 9.3): HTTP/1.1
+    /// without `close` in its `Connection` or `Proxy-Connection` header. HTTP/1.0 clients get one request per
+    /// connection.
+    pub persistent: bool,
 }
 
 impl std::fmt::Debug for ProxyRequest {
@@ -246,6 +250,13 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(ProxyRequest, usize)>, HeadError
     let mut proxy_authorization = None;
     let mut kept = Vec::with_capacity(req.headers.len());
     let named = connection_named(req.headers);
+    let closing = named.iter().any(|n| n == "close")
+        || list_values(
+            req.headers.iter().map(|h| (h.name, h.value)),
+            "proxy-connection",
+        )
+        .iter()
+        .any(|v| v == "close");
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("proxy-authorization") {
             // Two credentials are ambiguous (which one authenticated?): refused, not the last one taken.
@@ -267,6 +278,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(ProxyRequest, usize)>, HeadError
             proxy_authorization,
             headers: kept,
             version,
+            persistent: version == 1 && !closing,
         },
         used,
     )))
@@ -388,15 +400,18 @@ pub fn answer_here(req: &ProxyRequest) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// How a request's body is delimited (RFC 9112 section 6.3).
+/// How a message's body is delimited (RFC 9112 section 6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyLength {
-    /// No body: the request ends with its head.
+    /// No body: the message ends with its head.
     None,
     /// `Content-Length` bytes.
     Length(u64),
     /// `Transfer-Encoding: chunked`, ending with the last chunk and its trailers.
     Chunked,
+    /// Until the sender closes the connection (a response only: one without a length, or with a transfer coding
+    /// that does not end in `chunked`).
+    UntilClose,
 }
 
 /// The framing of a request's body. Ambiguous framing is refused rather than guessed, since the origin might read
@@ -451,13 +466,45 @@ fn decimal(s: &str) -> Option<u64> {
     s.parse().ok()
 }
 
+/// An origin's response head, rewritten for the client ([`client_response_head`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    /// The head as the client gets it.
+    pub head: Vec<u8>,
+    pub code: u16,
+    /// How many bytes of the origin's answer the head took.
+    pub used: usize,
+    /// Where the body that follows ends (for an interim 1xx answer: [`BodyLength::None`], another head follows).
+    pub body: BodyLength,
+    /// The client's connection may carry its next request once this answer's body has ended.
+    pub persistent: bool,
+}
+
+impl ResponseHead {
+    /// An interim answer (`100 Continue`, `103 Early Hints`): the final one follows. `101` is final: it would switch
+    /// protocols (but `Upgrade` never reaches the origin).
+    pub fn interim(&self) -> bool {
+        interim(self.code)
+    }
+}
+
+fn interim(code: u16) -> bool {
+    code < 200 && code != 101
+}
+
 /// Parse an origin's response head and rewrite it for the client: `HTTP/1.1`, the status, the origin's headers
-/// without hop-by-hop ones, and — on a final (non-1xx) answer — `Connection: close`, so that the client sends its
-/// next request on a new connection. Returns the rewritten head, the status code and the bytes the head took;
-/// `Ok(None)`: incomplete (read more, up to [`MAX_HEAD`]).
+/// without hop-by-hop ones, and — on a final (non-1xx) answer that ends the client's connection — `Connection:
+/// close`. The connection stays (`persistent`) when the client asked for that (`client_persistent`, see
+/// [`ProxyRequest::persistent`]) and the body's end can be told without a close; `head_request`: the request was
+/// `HEAD`, whose answer has no body whatever its headers say. `Ok(None)`: incomplete (read more, up to
+/// [`MAX_RESPONSE_HEAD`]).
 /// Origins are parsed leniently where that is safe (a space before a header's colon, folded header lines, extra
 /// spaces in the status line), since the client would have accepted the answer from them directly.
-pub fn client_response_head(buf: &[u8]) -> Result<Option<(Vec<u8>, u16, usize)>, HeadError> {
+pub fn client_response_head(
+    buf: &[u8],
+    head_request: bool,
+    client_persistent: bool,
+) -> Result<Option<ResponseHead>, HeadError> {
     let mut headers = vec![httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     let parsed = httparse::ParserConfig::default()
@@ -479,10 +526,32 @@ pub fn client_response_head(buf: &[u8]) -> Result<Option<(Vec<u8>, u16, usize)>,
     // answer on removes it; without one, a `Content-Length` that is not one number gets the client a 502 instead
     // of an answer it would read with the wrong length.
     let fields = || resp.headers.iter().map(|h| (h.name, h.value));
-    let coded = !list_values(fields(), "transfer-encoding").is_empty();
-    if !coded {
-        content_length(&list_values(fields(), "content-length"))?;
-    }
+    let codings = list_values(fields(), "transfer-encoding");
+    let coded = !codings.is_empty();
+    let length = if coded {
+        None
+    } else {
+        content_length(&list_values(fields(), "content-length"))?
+    };
+    let interim = interim(code);
+    let body = if interim || head_request || code == 204 || code == 304 {
+        BodyLength::None
+    } else if code == 101 {
+        BodyLength::UntilClose
+    } else if coded {
+        if codings.last().map(String::as_str) == Some("chunked") {
+            BodyLength::Chunked
+        } else {
+            BodyLength::UntilClose
+        }
+    } else {
+        match length {
+            Some(0) => BodyLength::None,
+            Some(n) => BodyLength::Length(n),
+            None => BodyLength::UntilClose,
+        }
+    };
+    let persistent = client_persistent && body != BodyLength::UntilClose;
     let named = connection_named(resp.headers);
     let mut out = Vec::with_capacity(used + 24);
     out.extend_from_slice(format!("HTTP/1.1 {code} {}\r\n", resp.reason.unwrap_or("")).as_bytes());
@@ -499,11 +568,17 @@ pub fn client_response_head(buf: &[u8]) -> Result<Option<(Vec<u8>, u16, usize)>,
         );
         out.extend_from_slice(b"\r\n");
     }
-    if code >= 200 {
+    if !interim && !persistent {
         out.extend_from_slice(b"Connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    Ok(Some((out, code, used)))
+    Ok(Some(ResponseHead {
+        head: out,
+        code,
+        used,
+        body,
+        persistent,
+    }))
 }
 
 #[cfg(test)]
@@ -757,27 +832,41 @@ mod tests {
         assert_eq!(request_body(&forward(head).0), Err(HeadError::Framing));
     }
 
-    /// The client is told the connection ends with this answer, and the origin's hop headers stay behind.
+    /// `client_response_head` for a `GET` whose client keeps its connection (`persistent`) or not.
+    fn response(raw: &[u8], persistent: bool) -> Result<Option<ResponseHead>, HeadError> {
+        client_response_head(raw, false, persistent)
+    }
+
+    /// The origin's hop headers stay behind; the client is told the connection ends with this answer unless it
+    /// asked to keep it.
     #[test]
-    fn responses_reach_the_client_with_connection_close() {
+    fn responses_reach_the_client_without_the_origins_hop_headers() {
         let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\n\
                     X-Hop: 1\r\nServer: t\r\n\r\nbody";
-        let (out, code, used) = client_response_head(raw).unwrap().unwrap();
-        assert_eq!((code, &raw[used..]), (200, &b"body"[..]));
+        let h = response(raw, false).unwrap().unwrap();
+        assert_eq!((h.code, &raw[h.used..]), (200, &b"body"[..]));
+        assert_eq!((h.body, h.persistent), (BodyLength::Length(4), false));
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            String::from_utf8(h.head).unwrap(),
             "HTTP/1.1 200 OK\r\nContent-Length: 4\r\nServer: t\r\nConnection: close\r\n\r\n"
         );
-        let (out, code, _) = client_response_head(b"HTTP/1.1 100 Continue\r\n\r\n")
+        let h = response(raw, true).unwrap().unwrap();
+        assert!(h.persistent);
+        assert_eq!(
+            String::from_utf8(h.head).unwrap(),
+            "HTTP/1.1 200 OK\r\nContent-Length: 4\r\nServer: t\r\n\r\n"
+        );
+        let h = response(b"HTTP/1.1 100 Continue\r\n\r\n", false)
             .unwrap()
             .unwrap();
+        assert!(h.interim());
         assert_eq!(
-            (out, code),
+            (h.head, h.code),
             (b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), 100)
         );
-        assert_eq!(client_response_head(b"HTTP/1.1 200 OK\r\nA: b"), Ok(None));
+        assert_eq!(response(b"HTTP/1.1 200 OK\r\nA: b", true), Ok(None));
         assert_eq!(
-            client_response_head(b"SSH-2.0-OpenSSH\r\n\r\n"),
+            response(b"SSH-2.0-OpenSSH\r\n\r\n", true),
             Err(HeadError::Malformed)
         );
         // What browsers accept from sites passes: many cookies, a space before a colon, a folded line, a double
@@ -787,13 +876,112 @@ mod tests {
             many.extend_from_slice(format!("Set-Cookie: c{i}=v\r\n").as_bytes());
         }
         many.extend_from_slice(b"\r\n");
-        let (out, code, used) = client_response_head(&many).unwrap().unwrap();
-        let out = String::from_utf8(out).unwrap();
-        assert_eq!((code, used), (200, many.len()));
+        let h = response(&many, false).unwrap().unwrap();
+        let out = String::from_utf8(h.head).unwrap();
+        assert_eq!((h.code, h.used), (200, many.len()));
         assert!(
             out.contains("Server: t\r\nX-Long: a   b\r\n") && out.contains("Set-Cookie: c99=v\r\n"),
             "{out}"
         );
+    }
+
+    /// Where an answer's body ends (RFC 9112 section 6.3), and so whether the client's connection can carry another
+    /// request after it: not when only the origin's close ends the body.
+    #[test]
+    fn a_response_says_where_its_body_ends() {
+        for (raw, head_request, body) in [
+            (
+                &b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n"[..],
+                false,
+                BodyLength::Length(9),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n",
+                true,
+                BodyLength::None,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+                false,
+                BodyLength::None,
+            ),
+            (b"HTTP/1.1 204 No Content\r\n\r\n", false, BodyLength::None),
+            (
+                b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+                false,
+                BodyLength::None,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                false,
+                BodyLength::Chunked,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                true,
+                BodyLength::None,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+                false,
+                BodyLength::UntilClose,
+            ),
+            (b"HTTP/1.1 200 OK\r\n\r\n", false, BodyLength::UntilClose),
+            (
+                b"HTTP/1.0 200 OK\r\nServer: old\r\n\r\n",
+                false,
+                BodyLength::UntilClose,
+            ),
+            (
+                b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+                false,
+                BodyLength::UntilClose,
+            ),
+        ] {
+            let what = String::from_utf8_lossy(raw).into_owned();
+            let h = client_response_head(raw, head_request, true)
+                .unwrap()
+                .unwrap();
+            assert_eq!(h.body, body, "{what}");
+            let stays = body != BodyLength::UntilClose;
+            assert_eq!(h.persistent, stays, "{what}");
+            let says_close = String::from_utf8(h.head)
+                .unwrap()
+                .ends_with("Connection: close\r\n\r\n");
+            assert_eq!(says_close, !stays, "{what}");
+        }
+    }
+
+    /// A client keeps its connection for another request unless it is HTTP/1.0 or says `close`.
+    #[test]
+    fn a_request_says_whether_its_connection_stays() {
+        for (head, persistent) in [
+            (&b"GET http://a.example/ HTTP/1.1\r\n\r\n"[..], true),
+            (
+                b"GET http://a.example/ HTTP/1.1\r\nProxy-Connection: Keep-Alive\r\n\r\n",
+                true,
+            ),
+            (
+                b"GET http://a.example/ HTTP/1.1\r\nConnection: TE, Close\r\n\r\n",
+                false,
+            ),
+            (
+                b"GET http://a.example/ HTTP/1.1\r\nProxy-Connection: close\r\n\r\n",
+                false,
+            ),
+            (
+                b"GET http://a.example/ HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+                false,
+            ),
+        ] {
+            let (req, _) = parse_head(head).unwrap().unwrap();
+            assert_eq!(
+                req.persistent,
+                persistent,
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+        }
     }
 
     /// An answer whose length the client would read differently from the origin gets a 502; with a transfer
@@ -808,25 +996,27 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n",
         ] {
             assert_eq!(
-                client_response_head(bad),
+                response(bad, true),
                 Err(HeadError::Framing),
                 "{}",
                 String::from_utf8_lossy(bad)
             );
         }
-        let (out, _, _) = client_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n")
+        let h = response(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n", true)
             .unwrap()
             .unwrap();
-        assert!(String::from_utf8(out)
+        assert_eq!(h.body, BodyLength::Length(5));
+        assert!(String::from_utf8(h.head)
             .unwrap()
             .contains("Content-Length: 5, 5\r\n"));
-        let (out, _, _) = client_response_head(
+        let h = response(
             b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
         )
         .unwrap()
         .unwrap();
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            String::from_utf8(h.head).unwrap(),
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
         );
     }
@@ -850,8 +1040,8 @@ mod tests {
                 let _ = origin_head(&r, "/");
                 let _ = request_body(&r);
             }
-            if let Ok(Some((_, _, used))) = client_response_head(&buf) {
-                prop_assert!(used <= buf.len());
+            if let Ok(Some(h)) = client_response_head(&buf, false, true) {
+                prop_assert!(h.used <= buf.len());
             }
         }
     }

@@ -177,6 +177,9 @@ pub struct ServeArgs {
     /// Seconds a flow one side has closed may stay silent on the other before it ends. Default 60.
     #[arg(long, env = "PROXYFLEET_PROXY_HALF_CLOSED_TIMEOUT_SECS")]
     pub proxy_half_closed_timeout_secs: Option<u64>,
+    /// Seconds an HTTP proxy client's kept-alive connection may wait for its next request. Default 60.
+    #[arg(long, env = "PROXYFLEET_PROXY_KEEP_ALIVE_TIMEOUT_SECS")]
+    pub proxy_keep_alive_timeout_secs: Option<u64>,
     /// Most flows one connection may have open at once. Default 1024.
     #[arg(long, env = "PROXYFLEET_PROXY_MAX_FLOWS_PER_CONNECTION")]
     pub proxy_max_flows_per_connection: Option<u64>,
@@ -245,6 +248,7 @@ impl ServeArgs {
             usage_flush_secs: self.usage_flush_secs,
             proxy_handshake_timeout_secs: self.proxy_handshake_timeout_secs,
             proxy_half_closed_timeout_secs: self.proxy_half_closed_timeout_secs,
+            proxy_keep_alive_timeout_secs: self.proxy_keep_alive_timeout_secs,
             proxy_max_flows_per_connection: self.proxy_max_flows_per_connection,
             offline_after_secs: self.offline_after_secs,
             alert_cooldown_secs: self.alert_cooldown_secs,

@@ -97,6 +97,7 @@ pub struct RawConfig {
     pub usage_flush_secs: Option<u64>,
     pub proxy_handshake_timeout_secs: Option<u64>,
     pub proxy_half_closed_timeout_secs: Option<u64>,
+    pub proxy_keep_alive_timeout_secs: Option<u64>,
     pub proxy_max_flows_per_connection: Option<u64>,
     pub offline_after_secs: Option<u64>,
     pub alert_cooldown_secs: Option<u64>,
@@ -156,6 +157,7 @@ impl RawConfig {
             usage_flush_secs,
             proxy_handshake_timeout_secs,
             proxy_half_closed_timeout_secs,
+            proxy_keep_alive_timeout_secs,
             proxy_max_flows_per_connection,
             offline_after_secs,
             alert_cooldown_secs,
@@ -307,6 +309,8 @@ pub struct ServeConfig {
     pub proxy_handshake_timeout: Duration,
     /// A flow one side has closed ends when the other side sends nothing for this long.
     pub proxy_half_closed_timeout: Duration,
+    /// An HTTP proxy client's persistent connection closes when no next request begins within this.
+    pub proxy_keep_alive_timeout: Duration,
     /// At most this many flows of one connection open at once (a device carries 4096).
     pub proxy_max_flows_per_connection: usize,
     /// A device is offline after this long without a heartbeat (also the grace after startup).
@@ -488,6 +492,13 @@ impl ServeConfig {
                 60,
                 1,
                 86_400,
+            )?),
+            proxy_keep_alive_timeout: Duration::from_secs(secs_in(
+                "proxy_keep_alive_timeout_secs",
+                raw.proxy_keep_alive_timeout_secs,
+                60,
+                1,
+                3_600,
             )?),
             proxy_max_flows_per_connection: {
                 let v = raw.proxy_max_flows_per_connection.unwrap_or(1024);

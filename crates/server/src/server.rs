@@ -388,6 +388,7 @@ async fn start_proxy(
         dir: Arc::new(dir),
         handshake_timeout: config.proxy_handshake_timeout,
         half_closed_timeout: config.proxy_half_closed_timeout,
+        keep_alive_timeout: config.proxy_keep_alive_timeout,
         max_flows_per_connection: config.proxy_max_flows_per_connection,
         metrics: metrics.clone(),
         registry: registry.clone(),

@@ -28,8 +28,11 @@ fuzz_target!(|data: &[u8]| {
         let _ = http_proxy::origin_head(&r, "/");
         let _ = http_proxy::request_body(&r);
     }
-    if let Ok(Some((_, _, used))) = http_proxy::client_response_head(data) {
-        assert!(used <= data.len());
+    for (head_request, persistent) in [(false, true), (true, false)] {
+        if let Ok(Some(h)) = http_proxy::client_response_head(data, head_request, persistent) {
+            assert!(h.used <= data.len());
+            assert!(!h.persistent || h.body != http_proxy::BodyLength::UntilClose);
+        }
     }
     let mut chunked = proxyfleet_proto::chunked::ChunkedEnd::default();
     for part in data.chunks(7) {

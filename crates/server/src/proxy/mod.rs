@@ -35,6 +35,8 @@ pub struct ProxyContext {
     pub handshake_timeout: Duration,
     /// A flow one side has closed ends when the other side sends nothing for this long.
     pub half_closed_timeout: Duration,
+    /// An HTTP proxy client's persistent connection closes when it sends no next request for this long.
+    pub keep_alive_timeout: Duration,
     /// At most this many flows of one connection open at once.
     pub max_flows_per_connection: usize,
     pub metrics: crate::metrics::Metrics,

@@ -156,7 +156,8 @@ enum Pumped {
 }
 
 /// Send `first` (bytes the front door already holds), then copy until EOF, an error, the cut-off or `stop`. A
-/// chunk counted before the stop is still written (within the grace) before it returns.
+/// chunk counted before the stop is still written (within the grace) before it returns. At EOF `w` is closed,
+/// unless `keep_open` (its owner decides).
 #[allow(clippy::too_many_arguments)]
 async fn pump<R, W>(
     dir: &Directory,
@@ -167,6 +168,7 @@ async fn pump<R, W>(
     r: &mut R,
     w: &mut W,
     first: &[u8],
+    keep_open: bool,
 ) -> std::io::Result<Pumped>
 where
     R: AsyncRead + Unpin + ?Sized,
@@ -197,7 +199,9 @@ where
             },
         };
         if n == 0 {
-            let _ = w.shutdown().await;
+            if !keep_open {
+                let _ = w.shutdown().await;
+            }
             return Ok(Pumped::Eof);
         }
         activity.touch();
@@ -215,7 +219,8 @@ where
 /// How a relay ends besides both sides closing ([`super::ProxyContext::relay_options`]).
 #[derive(Debug, Clone, Copy)]
 pub struct RelayOptions {
-    /// End the whole flow when the target's side ends (one forwarded HTTP request: the answer is complete).
+    /// End the whole flow when the target's side ends (one forwarded HTTP request: the answer is complete), and
+    /// leave the customer's connection open: the door closes it or reads the customer's next request from it.
     pub end_with_target: bool,
     /// Once one side has closed its direction, the flow ends when the other sends nothing for this long. Without
     /// it a client that closes (or half-closes) in front of a target that never does, or the reverse, holds a
@@ -269,6 +274,7 @@ where
             &mut cr,
             &mut dw,
             first_up,
+            false,
         );
         let down = pump(
             dir,
@@ -279,6 +285,7 @@ where
             &mut dr,
             &mut cw,
             &[],
+            opts.end_with_target,
         );
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
@@ -325,7 +332,9 @@ where
     if !broken {
         // Tell the customer the flow is over (FIN) before the sockets are dropped, and the device too: a yamux
         // stream dropped unfinished is reset, and the agent would reset the target as if the flow had broken.
-        let _ = tokio::time::timeout(Duration::from_millis(200), cw.shutdown()).await;
+        if !opts.end_with_target {
+            let _ = tokio::time::timeout(Duration::from_millis(200), cw.shutdown()).await;
+        }
         let _ = tokio::time::timeout(Duration::from_millis(200), dw.shutdown()).await;
     }
     Relayed { cr, cw, broken }

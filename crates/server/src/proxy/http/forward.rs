@@ -1,17 +1,20 @@
 //! The two directions of a forwarded absolute-form request (`GET http://…`), as readers the relay copies from.
 //!
-//! [`OneRequest`] passes the client's request body and nothing after it: a client that reuses its connection to
-//! the proxy for another request, possibly to another site with its credentials in it, must never have that
-//! request sent raw to the first site. [`Answer`] rewrites the origin's response head for the client, ending it
-//! with `Connection: close`, so the client sends its next request on a new connection instead.
+//! [`OneRequest`] passes the client's request body and nothing after it: a client that sends its next request on
+//! the same connection, possibly to another site with its credentials in it, must never have that request sent
+//! raw to the first site. What follows the body is kept (up to [`DRAIN`] bytes) for the door to read as the next
+//! request. [`Answer`] rewrites the origin's response head for the client and ends where the response's body ends
+//! (its `Content-Length`, its last chunk), so that the client's connection can carry its next request; an answer
+//! that only its close can end is passed on with `Connection: close`.
 //!
 //! A chunked request body can turn out malformed after its first bytes have gone to the origin. The two halves
-//! share a [`BadBody`]: the request stops being read there, and the client gets a `400` in place of the origin's
+//! share an [`Exchange`]: the request stops being read there, and the client gets a `400` in place of the origin's
 //! answer if none of that answer has reached it yet (a reset if some has, so that it cannot take the partial answer
 //! for a whole one).
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 
@@ -21,43 +24,73 @@ use proxyfleet_proto::chunked::{ChunkedEnd, ChunkedError};
 use proxyfleet_proto::http_proxy::{self as hp, BodyLength};
 use tokio::io::{AsyncRead, ReadBuf};
 
-/// After its request, how much more a client may send to be read and dropped, bytes: enough for a pipelined
-/// request or two. Reading on sees the client's close (passed on to the origin as a half-close) and keeps unread
-/// bytes from turning our close into a reset; past this the client is no longer read at all, so it cannot make the
-/// server take unlimited (and uncharged) bytes.
+/// After its request, how much more a client may send before its next request is answered, bytes: enough for a
+/// few pipelined requests. Reading on sees the client's close (passed on to the origin as a half-close); past this
+/// the client is no longer read until its answer is out, so it cannot make the server hold unlimited bytes.
 const DRAIN: usize = 64 * 1024;
 
-enum Body {
+/// Follows a message's body to its end.
+enum Framing {
     Length(u64),
     Chunked(ChunkedEnd),
-    /// The request is complete: what the client sends now is read and dropped, up to [`DRAIN`] bytes in all.
-    Done {
-        dropped: usize,
-    },
-    /// The body was malformed ([`BadBody`]): nothing more is read or passed on.
-    Bad,
+    UntilClose,
+    Done,
 }
 
-/// The client's side of a forwarded request: the bytes already read past the head, then the socket, cut at the
-/// end of the request's body.
-pub struct OneRequest<R> {
-    held: Vec<u8>,
-    at: usize,
-    inner: R,
-    body: Body,
-    bad: Arc<BadBody>,
+impl Framing {
+    fn new(length: BodyLength) -> Self {
+        match length {
+            BodyLength::None | BodyLength::Length(0) => Framing::Done,
+            BodyLength::Length(n) => Framing::Length(n),
+            BodyLength::Chunked => Framing::Chunked(ChunkedEnd::default()),
+            BodyLength::UntilClose => Framing::UntilClose,
+        }
+    }
+
+    /// How many of `bytes` (the next ones of the message) belong to the body.
+    fn take(&mut self, bytes: &[u8]) -> Result<usize, ChunkedError> {
+        let n = match self {
+            Framing::Done => 0,
+            Framing::UntilClose => bytes.len(),
+            Framing::Length(left) => {
+                let n = bytes
+                    .len()
+                    .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                *left -= n as u64;
+                if *left == 0 {
+                    *self = Framing::Done;
+                }
+                n
+            }
+            Framing::Chunked(c) => {
+                let n = c.feed(bytes)?;
+                if c.is_done() {
+                    *self = Framing::Done;
+                }
+                n
+            }
+        };
+        Ok(n)
+    }
+
+    fn done(&self) -> bool {
+        matches!(self, Framing::Done)
+    }
 }
 
-/// Set by [`OneRequest`] when the client's body is malformed, read by [`Answer`] (whose read it wakes). Reading it
-/// is an atomic load and a waker registration, on every read of the answer.
+/// What the two halves of one forwarded request tell each other, and the door after the relay.
 #[derive(Default)]
-pub struct BadBody {
+pub struct Exchange {
+    /// Set by [`OneRequest`] when the client's chunked body is malformed; read by [`Answer`] (whose read it wakes)
+    /// with an atomic load and a waker registration, on every read of the answer.
     fault: OnceLock<ChunkedError>,
     answer: AtomicWaker,
+    /// The origin's final answer ended where its framing says, and it leaves the client's connection open.
+    reusable: AtomicBool,
 }
 
-impl BadBody {
-    fn set(&self, e: ChunkedError) {
+impl Exchange {
+    fn set_fault(&self, e: ChunkedError) {
         let _ = self.fault.set(e);
         self.answer.wake();
     }
@@ -68,58 +101,65 @@ impl BadBody {
         self.answer.register(cx.waker());
         self.fault.get().cloned()
     }
+
+    /// Whether the client may send its next request on the same connection, as far as the answer goes.
+    pub fn reusable(&self) -> bool {
+        self.reusable.load(Ordering::Acquire)
+    }
+}
+
+/// The client's side of a forwarded request: the bytes already read past the head, then the socket, cut at the
+/// end of the request's body.
+pub struct OneRequest<R> {
+    held: Vec<u8>,
+    at: usize,
+    inner: R,
+    body: Framing,
+    /// The body was malformed ([`Exchange`]): nothing more is read or passed on.
+    bad: bool,
+    /// What the client sent after the request, up to about [`DRAIN`] bytes.
+    next: Vec<u8>,
+    /// The client closed (or half-closed) its side.
+    closed: bool,
+    exchange: Arc<Exchange>,
 }
 
 impl<R> OneRequest<R> {
-    /// The client's socket, after the request.
-    pub fn into_inner(self) -> R {
-        self.inner
-    }
-
-    pub fn new(held: Vec<u8>, inner: R, length: BodyLength, bad: Arc<BadBody>) -> Self {
-        let body = match length {
-            BodyLength::None => Body::Done { dropped: 0 },
-            BodyLength::Length(n) => Body::Length(n),
-            BodyLength::Chunked => Body::Chunked(ChunkedEnd::default()),
+    pub fn new(held: Vec<u8>, inner: R, length: BodyLength, exchange: Arc<Exchange>) -> Self {
+        let body = Framing::new(length);
+        // Without a body, what was read past the head already belongs to the next request.
+        let (held, next) = if body.done() {
+            (Vec::new(), held)
+        } else {
+            (held, Vec::new())
         };
         OneRequest {
             held,
             at: 0,
             inner,
             body,
-            bad,
+            bad: false,
+            next,
+            closed: false,
+            exchange,
         }
     }
-}
 
-impl Body {
-    /// How many of `bytes` (the next ones from the client) belong to the request.
-    fn take(&mut self, bytes: &[u8]) -> Result<usize, ChunkedError> {
-        let n = match self {
-            Body::Bad => 0,
-            Body::Done { dropped } => {
-                *dropped += bytes.len();
-                0
-            }
-            Body::Length(left) => {
-                let n = bytes
-                    .len()
-                    .min(usize::try_from(*left).unwrap_or(usize::MAX));
-                *left -= n as u64;
-                if *left == 0 {
-                    *self = Body::Done { dropped: 0 };
-                }
-                n
-            }
-            Body::Chunked(c) => {
-                let n = c.feed(bytes)?;
-                if c.is_done() {
-                    *self = Body::Done { dropped: 0 };
-                }
-                n
-            }
-        };
-        Ok(n)
+    /// The client's socket, and — when the request ended whole and the client is still there — what it sent
+    /// after it (the start of its next request, if any).
+    pub fn finish(self) -> (R, Option<Vec<u8>>) {
+        let whole = self.body.done() && !self.bad && !self.closed;
+        (self.inner, whole.then_some(self.next))
+    }
+
+    /// [`Framing::take`] of the next bytes of the body, a malformed body reported to the answer's side.
+    fn take(&mut self, bytes: &[u8]) -> usize {
+        self.body.take(bytes).unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "the client's chunked request body is malformed");
+            self.bad = true;
+            self.exchange.set_fault(e);
+            0
+        })
     }
 }
 
@@ -131,52 +171,45 @@ impl<R: AsyncRead + Unpin> AsyncRead for OneRequest<R> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.at < this.held.len() {
-            let held = &this.held[this.at..];
-            let n = this
-                .body
-                .take_or_report(&this.bad, &held[..held.len().min(out.remaining())]);
-            out.put_slice(&held[..n]);
-            this.at = if matches!(this.body, Body::Done { .. } | Body::Bad) {
-                this.held.len()
-            } else {
-                this.at + n
-            };
+            let held = std::mem::take(&mut this.held);
+            let rest = &held[this.at..];
+            let n = this.take(&rest[..rest.len().min(out.remaining())]);
+            out.put_slice(&rest[..n]);
+            this.at += n;
+            if this.body.done() {
+                this.next.extend_from_slice(&held[this.at..]);
+            } else if !this.bad {
+                this.held = held;
+            }
             if n > 0 {
                 return Poll::Ready(Ok(()));
             }
         }
         loop {
-            match this.body {
-                // No longer read: the flow ends with the origin's answer (or a stop), never by this side.
-                Body::Done { dropped } if dropped >= DRAIN => return Poll::Pending,
-                Body::Bad => return Poll::Pending,
-                _ => {}
+            // No longer read: the flow ends with the origin's answer (or a stop), never by this side.
+            if this.bad || (this.body.done() && this.next.len() >= DRAIN) {
+                return Poll::Pending;
             }
             let before = out.filled().len();
             ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
-            let got = out.filled().len() - before;
-            if got == 0 {
+            if out.filled().len() == before {
                 // The client closed (or half-closed) its side: the relay passes that on.
+                this.closed = true;
                 return Poll::Ready(Ok(()));
             }
-            let n = this.body.take_or_report(&this.bad, &out.filled()[before..]);
+            let n = if this.body.done() {
+                0
+            } else {
+                this.take(&out.filled()[before..])
+            };
+            if this.body.done() {
+                this.next.extend_from_slice(&out.filled()[before + n..]);
+            }
             out.set_filled(before + n);
             if n > 0 {
                 return Poll::Ready(Ok(()));
             }
         }
-    }
-}
-
-impl Body {
-    /// [`Body::take`], a malformed body reported to the answer's side.
-    fn take_or_report(&mut self, bad: &BadBody, bytes: &[u8]) -> usize {
-        self.take(bytes).unwrap_or_else(|e| {
-            tracing::debug!(error = %e, "the client's chunked request body is malformed");
-            *self = Body::Bad;
-            bad.set(e);
-            0
-        })
     }
 }
 
@@ -189,21 +222,27 @@ enum Phase {
         at: usize,
         next: Box<Phase>,
     },
-    /// The body: passed through.
-    Body,
-    /// A synthesized error answer was handed out: end of stream.
+    /// The body: what was read with the head first, then the origin's stream, up to the body's end.
+    Body { framing: Framing, held: Vec<u8> },
+    /// The answer is complete (or a synthesized one was handed out): end of stream.
     End,
 }
 
 /// The origin's side of a forwarded request: its response head rewritten for the client (interim 1xx answers
-/// first, as they come), then the body unchanged. An origin that closes without an answer, or answers with
-/// something that is not an HTTP response, gets the client a `502` instead.
+/// first, as they come), then the body unchanged, up to its end. An origin that closes without an answer, or
+/// answers with something that is not an HTTP response, gets the client a `502` instead; one that closes inside a
+/// body whose length it announced, or sends a malformed chunked body, fails the read (the client is reset).
 pub struct Answer<R> {
     inner: R,
     phase: Phase,
     /// Whose final answer (not an interim one) goes to the client, once one has begun.
     final_answer: Option<Whose>,
-    bad: Arc<BadBody>,
+    /// The request was `HEAD` (its answer has no body) / the client asked to keep its connection.
+    head_request: bool,
+    client_persistent: bool,
+    /// The origin's final answer lets the client's connection stay, once the answer is whole.
+    persistent: bool,
+    exchange: Arc<Exchange>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -213,12 +252,15 @@ enum Whose {
 }
 
 impl<R> Answer<R> {
-    pub fn new(inner: R, bad: Arc<BadBody>) -> Self {
+    pub fn new(inner: R, exchange: Arc<Exchange>, req: &hp::ProxyRequest) -> Self {
         Answer {
             inner,
             phase: Phase::Head(Vec::new()),
             final_answer: None,
-            bad,
+            head_request: req.method == "HEAD",
+            client_persistent: req.persistent,
+            persistent: false,
+            exchange,
         }
     }
 
@@ -231,10 +273,22 @@ impl<R> Answer<R> {
             next: Box::new(Phase::End),
         };
     }
+
+    /// The body has ended: the client may go on, if the answer said so.
+    fn complete(&mut self) {
+        self.exchange
+            .reusable
+            .store(self.persistent, Ordering::Release);
+        self.phase = Phase::End;
+    }
 }
 
 fn bad_gateway(why: &str) -> Vec<u8> {
     super::plain_answer(502, "", why)
+}
+
+fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Answer<R> {
@@ -252,9 +306,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for Answer<R> {
                 None => matches!(this.phase, Phase::Head(_)),
             };
             if watch {
-                if let Some(e) = this.bad.check(cx) {
+                if let Some(e) = this.exchange.check(cx) {
                     if this.final_answer.is_some() {
-                        return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
+                        return Poll::Ready(Err(invalid(e)));
                     }
                     this.synthesize(super::plain_answer(
                         400,
@@ -265,7 +319,6 @@ impl<R: AsyncRead + Unpin> AsyncRead for Answer<R> {
                 }
             }
             match &mut this.phase {
-                Phase::Body => return Pin::new(&mut this.inner).poll_read(cx, out),
                 Phase::End => return Poll::Ready(Ok(())),
                 Phase::Out { bytes, at, next } => {
                     let n = out.remaining().min(bytes.len() - *at);
@@ -276,29 +329,56 @@ impl<R: AsyncRead + Unpin> AsyncRead for Answer<R> {
                     }
                     return Poll::Ready(Ok(()));
                 }
+                Phase::Body { framing, held } => {
+                    if framing.done() {
+                        this.complete();
+                        continue;
+                    }
+                    if !held.is_empty() {
+                        let n = framing
+                            .take(&held[..held.len().min(out.remaining())])
+                            .map_err(invalid)?;
+                        out.put_slice(&held[..n]);
+                        if framing.done() {
+                            held.clear();
+                        } else {
+                            held.drain(..n);
+                        }
+                        return Poll::Ready(Ok(()));
+                    }
+                    let before = out.filled().len();
+                    ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
+                    if out.filled().len() == before {
+                        if matches!(framing, Framing::UntilClose) {
+                            this.complete();
+                            return Poll::Ready(Ok(()));
+                        }
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the site's answer ended before its body did",
+                        )));
+                    }
+                    let taken = framing.take(&out.filled()[before..]);
+                    // What was read goes out only up to the body's end (none of it if it is malformed).
+                    out.set_filled(before + *taken.as_ref().unwrap_or(&0));
+                    return Poll::Ready(taken.map(drop).map_err(invalid));
+                }
                 Phase::Head(buf) => {
-                    match hp::client_response_head(buf) {
-                        Ok(Some((head, code, used))) => {
-                            let rest = buf.split_off(used);
-                            let interim = code < 200 && code != 101;
-                            if !interim {
-                                this.final_answer = Some(Whose::Origin);
-                            }
-                            // An interim answer (100 Continue): the real one follows. (101 would switch
-                            // protocols, but `Upgrade` never reaches the origin.)
-                            let after = if interim {
+                    match hp::client_response_head(buf, this.head_request, this.client_persistent) {
+                        Ok(Some(head)) => {
+                            let rest = buf.split_off(head.used);
+                            let after = if head.interim() {
                                 Phase::Head(rest)
-                            } else if rest.is_empty() {
-                                Phase::Body
                             } else {
-                                Phase::Out {
-                                    bytes: rest,
-                                    at: 0,
-                                    next: Box::new(Phase::Body),
+                                this.final_answer = Some(Whose::Origin);
+                                this.persistent = head.persistent;
+                                Phase::Body {
+                                    framing: Framing::new(head.body),
+                                    held: rest,
                                 }
                             };
                             this.phase = Phase::Out {
-                                bytes: head,
+                                bytes: head.head,
                                 at: 0,
                                 next: Box::new(after),
                             };
@@ -351,6 +431,16 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// A `GET` whose client keeps its connection (`persistent`) or says `close`.
+    fn get(persistent: bool) -> hp::ProxyRequest {
+        let head = if persistent {
+            &b"GET http://a.example/ HTTP/1.1\r\n\r\n"[..]
+        } else {
+            b"GET http://a.example/ HTTP/1.1\r\nConnection: close\r\n\r\n"
+        };
+        hp::parse_head(head).unwrap().unwrap().0
+    }
+
     async fn read_all<R: AsyncRead + Unpin>(mut r: R) -> Vec<u8> {
         let mut out = Vec::new();
         r.read_to_end(&mut out).await.unwrap();
@@ -381,14 +471,13 @@ mod tests {
                     b.write_all(piece).await.unwrap();
                 }
             });
-            let got = read_all(OneRequest::new(
-                held.to_vec(),
-                a,
-                length,
-                Default::default(),
-            ))
-            .await;
+            let mut r = OneRequest::new(held.to_vec(), a, length, Default::default());
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).await.unwrap();
             assert_eq!(got, body, "{length:?}");
+            // What followed is kept for the next request, but not from a client that closed.
+            assert_eq!(r.next, next, "{length:?}");
+            assert_eq!(r.finish().1, None);
         }
     }
 
@@ -437,11 +526,11 @@ mod tests {
     #[tokio::test]
     async fn a_malformed_chunked_body_is_answered_400_or_cuts_the_answer_short() {
         let (a, mut b) = tokio::io::duplex(64);
-        let bad = Arc::new(BadBody::default());
+        let bad = Arc::new(Exchange::default());
         let mut r = OneRequest::new(Vec::new(), a, BodyLength::Chunked, bad.clone());
         // The origin's far end stays open, silent.
         let (origin, _origin_far) = tokio::io::duplex(64);
-        let answer = tokio::spawn(read_all(Answer::new(origin, bad)));
+        let answer = tokio::spawn(read_all(Answer::new(origin, bad, &get(true))));
         b.write_all(b"5\r\nhello\r\n").await.unwrap();
         let mut buf = [0u8; 64];
         let n = r.read(&mut buf).await.unwrap();
@@ -468,10 +557,10 @@ mod tests {
         );
 
         let (a, mut b) = tokio::io::duplex(64);
-        let bad = Arc::new(BadBody::default());
+        let bad = Arc::new(Exchange::default());
         let mut r = OneRequest::new(Vec::new(), a, BodyLength::Chunked, bad.clone());
         let (origin, _origin_far) = origin_answering().await;
-        let mut answer = Answer::new(origin, bad);
+        let mut answer = Answer::new(origin, bad, &get(true));
         let mut head = [0u8; 19];
         answer.read_exact(&mut head).await.unwrap();
         assert_eq!(&head, b"HTTP/1.1 200 OK\r\nCo");
@@ -491,13 +580,113 @@ mod tests {
         (a, b)
     }
 
+    /// What the client gets for `from_origin` (whose far end then closes), to a request that says `close`.
     async fn answer(from_origin: &[u8]) -> String {
+        let (got, _) = answer_to(from_origin, false).await;
+        String::from_utf8(got.unwrap()).unwrap()
+    }
+
+    /// What the client gets for `from_origin` (whose far end then closes) and whether its connection may stay.
+    async fn answer_to(from_origin: &[u8], persistent: bool) -> (io::Result<Vec<u8>>, bool) {
         let (a, mut b) = tokio::io::duplex(5);
         let sent = from_origin.to_vec();
         tokio::spawn(async move {
-            b.write_all(&sent).await.unwrap();
+            // The answer may end before all of it was read.
+            let _ = b.write_all(&sent).await;
         });
-        String::from_utf8(read_all(Answer::new(a, Default::default())).await).unwrap()
+        let exchange = Arc::new(Exchange::default());
+        let mut got = Vec::new();
+        let r = Answer::new(a, exchange.clone(), &get(persistent))
+            .read_to_end(&mut got)
+            .await;
+        (r.map(|_| got), exchange.reusable())
+    }
+
+    /// An answer ends where its body does, whatever the origin sends after it, and the client's connection may
+    /// then carry its next request; one the origin cuts short fails, and one only a close can end says so.
+    #[tokio::test]
+    async fn the_answer_ends_with_its_body() {
+        let (got, stays) = answer_to(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\n\r\nsmuggled",
+            true,
+        )
+        .await;
+        assert_eq!(
+            got.unwrap(),
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+        );
+        assert!(stays);
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n";
+        let mut more = chunked.to_vec();
+        more.extend_from_slice(b"extra");
+        let (got, stays) = answer_to(&more, true).await;
+        assert_eq!(got.unwrap(), chunked);
+        assert!(stays);
+        // HEAD and 304: the head alone.
+        let (a, mut b) = tokio::io::duplex(64);
+        b.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+            .await
+            .unwrap();
+        let head = hp::parse_head(b"HEAD http://a.example/ HTTP/1.1\r\n\r\n")
+            .unwrap()
+            .unwrap()
+            .0;
+        let exchange = Arc::new(Exchange::default());
+        let got = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            read_all(Answer::new(a, exchange.clone(), &head)),
+        )
+        .await
+        .expect("ends without the origin's close");
+        assert_eq!(got, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n");
+        assert!(exchange.reusable());
+        let (got, stays) = answer_to(b"HTTP/1.1 304 Not Modified\r\n\r\n", true).await;
+        assert_eq!(got.unwrap(), b"HTTP/1.1 304 Not Modified\r\n\r\n");
+        assert!(stays);
+
+        // Cut short, or a malformed chunk: the read fails, and the connection does not stay.
+        for cut in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nhello"[..],
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        ] {
+            let (got, stays) = answer_to(cut, true).await;
+            assert!(got.is_err() && !stays, "{}", String::from_utf8_lossy(cut));
+        }
+        // Only the origin's close ends it: passed on whole, with `Connection: close`.
+        let (got, stays) = answer_to(b"HTTP/1.1 200 OK\r\n\r\nall of it", true).await;
+        assert_eq!(
+            got.unwrap(),
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it"
+        );
+        assert!(!stays);
+        // The client said `close`: a whole answer does not keep it either.
+        let (_, stays) = answer_to(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false).await;
+        assert!(!stays);
+    }
+
+    /// The next request, sent behind the first (pipelined, in the same read or later), is kept whole for the door.
+    #[tokio::test]
+    async fn what_follows_the_request_is_kept_for_the_next_one() {
+        let next = b"GET http://b.example/ HTTP/1.1\r\n\r\n";
+        let mut wire = b"5\r\nhello\r\n0\r\n\r\n".to_vec();
+        wire.extend_from_slice(next);
+        let (a, mut b) = tokio::io::duplex(1024);
+        let (held, sent) = wire.split_at(12);
+        b.write_all(sent).await.unwrap();
+        let mut r = OneRequest::new(held.to_vec(), a, BodyLength::Chunked, Default::default());
+        let mut body = Vec::new();
+        let mut buf = [0u8; 64];
+        while body.len() < 15 {
+            let n = r.read(&mut buf).await.unwrap();
+            body.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(body, b"5\r\nhello\r\n0\r\n\r\n");
+        // Nothing more comes out; the rest waits.
+        let more = tokio::time::timeout(std::time::Duration::from_millis(100), r.read(&mut buf));
+        assert!(more.await.is_err());
+        let (_, kept) = r.finish();
+        assert_eq!(kept.as_deref(), Some(&next[..]));
     }
 
     #[tokio::test]
@@ -532,8 +721,10 @@ mod tests {
                 Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
             }
         }
-        let got =
-            String::from_utf8(read_all(Answer::new(Failing, Default::default())).await).unwrap();
+        let got = String::from_utf8(
+            read_all(Answer::new(Failing, Default::default(), &get(false))).await,
+        )
+        .unwrap();
         assert!(
             got.starts_with("HTTP/1.1 502 Bad Gateway\r\n")
                 && got.contains("failed before its answer"),

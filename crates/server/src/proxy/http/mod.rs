@@ -15,24 +15,27 @@ use super::{AuthFailure, Door, ProxyContext};
 
 mod forward;
 
-/// Read the request head (bounded by [`hp::MAX_HEAD`]); returns it and the bytes after it.
+/// Read the request head (bounded by [`hp::MAX_HEAD`]), after `buf` (bytes already read from the client); returns
+/// it and the bytes after it.
 async fn read_head(
     stream: &mut TcpStream,
+    mut buf: Vec<u8>,
 ) -> anyhow::Result<Result<(hp::ProxyRequest, Vec<u8>), HeadError>> {
-    let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {
+        if !buf.is_empty() {
+            match hp::parse_head(&buf) {
+                Ok(Some((req, used))) => return Ok(Ok((req, buf.split_off(used)))),
+                Ok(None) if buf.len() < hp::MAX_HEAD => {}
+                Ok(None) => return Ok(Err(HeadError::TooLarge)),
+                Err(e) => return Ok(Err(e)),
+            }
+        }
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
             anyhow::bail!("client closed before a whole request head");
         }
         buf.extend_from_slice(&chunk[..n]);
-        match hp::parse_head(&buf) {
-            Ok(Some((req, used))) => return Ok(Ok((req, buf.split_off(used)))),
-            Ok(None) if buf.len() < hp::MAX_HEAD => {}
-            Ok(None) => return Ok(Err(HeadError::TooLarge)),
-            Err(e) => return Ok(Err(e)),
-        }
     }
 }
 
@@ -89,13 +92,56 @@ async fn auth(
     ctx.authenticate(door, &user, &pass, client).await
 }
 
+/// What became of the client's connection after one request.
+enum Next {
+    /// It is over (closed, or handed to a tunnel that ended).
+    Closed,
+    /// It carries the client's next request, which begins with these bytes (if any arrived yet).
+    Persist(TcpStream, Vec<u8>),
+}
+
+/// Serve a client's connection: one request, or one after another while the answers let it stay open
+/// (persistent connections, RFC 9112 section 9.3). Each request is authenticated and admitted on its own.
 pub async fn serve(
     ctx: &Arc<ProxyContext>,
     mut stream: TcpStream,
     peer: SocketAddr,
     door: &Door,
 ) -> anyhow::Result<()> {
-    let Some(head) = ctx.handshake(read_head(&mut stream)).await else {
+    let mut held = Vec::new();
+    loop {
+        match request(ctx, stream, std::mem::take(&mut held), peer, door).await? {
+            Next::Closed => return Ok(()),
+            Next::Persist(s, next) => {
+                if next.is_empty() && !next_request(ctx, &s).await {
+                    close_customer(&s, false).await;
+                    return Ok(());
+                }
+                (stream, held) = (s, next);
+            }
+        }
+    }
+}
+
+/// Wait for a persistent connection's next request: true once its first byte is there; false when the client
+/// closes, sends nothing for the keep-alive timeout, or the server stops.
+async fn next_request(ctx: &ProxyContext, stream: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    tokio::select! {
+        r = tokio::time::timeout(ctx.keep_alive_timeout, stream.peek(&mut first)) => matches!(r, Ok(Ok(1))),
+        () = ctx.shutdown.cancelled() => false,
+    }
+}
+
+/// One request on the client's connection, whose first bytes (`held`) may already have been read.
+async fn request(
+    ctx: &Arc<ProxyContext>,
+    mut stream: TcpStream,
+    held: Vec<u8>,
+    peer: SocketAddr,
+    door: &Door,
+) -> anyhow::Result<Next> {
+    let Some(head) = ctx.handshake(read_head(&mut stream, held)).await else {
         // Say why the connection closes (not when the server is stopping: it owes nobody an answer then).
         if !ctx.shutdown.is_cancelled() {
             let _ = tokio::time::timeout(
@@ -116,14 +162,14 @@ pub async fn serve(
                 _ => 400,
             };
             respond(&mut stream, status, "", &e.to_string()).await?;
-            return Ok(());
+            return Ok(Next::Closed);
         }
     };
     // A forwarded request's body must have one clear length before anything is opened for it.
     let body = match (&req.target, hp::request_body(&req)) {
         (ProxyTarget::Forward { .. }, Err(e)) => {
             respond(&mut stream, 400, "", &e.to_string()).await?;
-            return Ok(());
+            return Ok(Next::Closed);
         }
         (_, b) => b.unwrap_or(hp::BodyLength::None),
     };
@@ -132,7 +178,7 @@ pub async fn serve(
         Some(Err(AuthFailure::Invalid)) => {
             let challenge = "Proxy-Authenticate: Basic realm=\"proxyfleet\", charset=\"UTF-8\"\r\n";
             respond(&mut stream, 407, challenge, "proxy authentication required").await?;
-            return Ok(());
+            return Ok(Next::Closed);
         }
         Some(Err(AuthFailure::Limited(after))) => {
             let retry = format!("Retry-After: {}\r\n", after.as_secs().max(1));
@@ -143,7 +189,7 @@ pub async fn serve(
                 "too many failed authentications; try again later",
             )
             .await?;
-            return Ok(());
+            return Ok(Next::Closed);
         }
         Some(Err(AuthFailure::Unavailable)) | None => {
             respond(
@@ -153,7 +199,7 @@ pub async fn serve(
                 "authentication is busy; try again",
             )
             .await?;
-            return Ok(());
+            return Ok(Next::Closed);
         }
     };
     // An OPTIONS or TRACE that may go no further: the proxy is its final recipient, and no flow is opened (but a
@@ -161,11 +207,11 @@ pub async fn serve(
     if let Some(answer) = hp::answer_here(&req) {
         if let Err(r) = entry.admit() {
             respond(&mut stream, 403, "", r.reason()).await?;
-            return Ok(());
+            return Ok(Next::Closed);
         }
         stream.write_all(&answer).await?;
         close_customer(&stream, false).await;
-        return Ok(());
+        return Ok(Next::Closed);
     }
     let target = Target::Tcp {
         host: req.host.clone(),
@@ -176,7 +222,7 @@ pub async fn serve(
         Err(e) => {
             let (status, reason) = e.http();
             respond(&mut stream, status, "", reason).await?;
-            return Ok(());
+            return Ok(Next::Closed);
         }
     };
     let (first, opts) = match &req.target {
@@ -187,12 +233,12 @@ pub async fn serve(
             (rest, ctx.relay_options(false))
         }
         ProxyTarget::Forward { path } => {
-            // One request per connection: the origin gets this request and its body, never what the client
-            // sends after it, and the client is told (`Connection: close`) to send its next request anew.
+            // The origin gets this request and its body, never what the client sends after it: that is kept for
+            // the next round, which authenticates and opens anew.
             let (cr, cw) = stream.into_split();
-            let bad = Arc::new(forward::BadBody::default());
-            let up = forward::OneRequest::new(rest, cr, body, bad.clone());
-            let down = forward::Answer::new(dr, bad);
+            let exchange = Arc::new(forward::Exchange::default());
+            let up = forward::OneRequest::new(rest, cr, body, exchange.clone());
+            let down = forward::Answer::new(dr, exchange.clone(), &req);
             let opts = ctx.relay_options(true);
             let ended = relay(
                 &ctx.dir,
@@ -203,16 +249,25 @@ pub async fn serve(
                 opts,
             )
             .await;
-            close_customer_halves(crate::proxy::relay::Relayed {
-                cr: ended.cr.into_inner(),
+            drop(flow);
+            let (cr, next) = ended.cr.finish();
+            let ended = crate::proxy::relay::Relayed {
+                cr,
                 cw: ended.cw,
                 broken: ended.broken,
-            })
-            .await;
-            return Ok(());
+            };
+            match next {
+                Some(next) if !ended.broken && exchange.reusable() => {
+                    if let Ok(s) = ended.cr.reunite(ended.cw) {
+                        return Ok(Next::Persist(s, next));
+                    }
+                }
+                _ => close_customer_halves(ended).await,
+            }
+            return Ok(Next::Closed);
         }
     };
     let ended = relay(&ctx.dir, &flow, stream.into_split(), (dr, dw), &first, opts).await;
     close_customer_halves(ended).await;
-    Ok(())
+    Ok(Next::Closed)
 }
