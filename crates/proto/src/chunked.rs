@@ -1,6 +1,6 @@
 //! Where a `Transfer-Encoding: chunked` body ends (RFC 9112 section 7.1), found while its bytes pass through
-//! unchanged. The HTTP proxy door forwards exactly one request per connection, so it must know where a chunked
-//! upload stops; nothing is decoded or buffered beyond one line.
+//! unchanged. The HTTP proxy door forwards exactly one request per origin connection, so it must know where a chunked
+//! upload or answer stops; nothing is decoded or buffered beyond one line.
 
 /// Longest chunk-size line (size and extensions) or trailer line, bytes.
 pub const MAX_LINE: usize = 4096;

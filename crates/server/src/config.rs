@@ -877,6 +877,13 @@ mod tests {
             ),
             (
                 RawConfig {
+                    proxy_keep_alive_timeout_secs: Some(0),
+                    ..Default::default()
+                },
+                "proxy_keep_alive_timeout_secs",
+            ),
+            (
+                RawConfig {
                     proxy_public_host: Some("a b".into()),
                     ..Default::default()
                 },

@@ -1513,8 +1513,8 @@ async fn keep_alive_target() -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec
 
 /// A client that reuses its proxy connection for a second absolute-form request (curl does, when the answer lets
 /// it) must never have that request, with its credentials in it, sent raw to the first site: the door passes one
-/// request per connection and tells the client `Connection: close`, so the second request goes to its own site.
-/// HTTP/1.0 requests reach the origin as HTTP/1.0.
+/// request to each site connection and reads the next one itself, so the second request goes to its own site
+/// (over the same client connection). HTTP/1.0 requests reach the origin as HTTP/1.0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn absolute_form_requests_never_leak_into_the_previous_site() {
     let Some(rig) = Rig::start().await else {
@@ -1531,7 +1531,7 @@ async fn absolute_form_requests_never_leak_into_the_previous_site() {
         "-x",
         &http,
         "-w",
-        "%{http_code} %{size_download}\n",
+        "%{http_code} %{size_download} %{num_connects}\n",
         "-o",
         "/dev/null",
         "-o",
@@ -1540,9 +1540,10 @@ async fn absolute_form_requests_never_leak_into_the_previous_site() {
         &format!("http://{other}/b"),
     ])
     .await;
-    assert_eq!((code, out.as_str()), (0, "200 4\n200 100\n"));
-    // The keeper saw one connection with one request on it, and nothing else (its connection ends once curl's
-    // does, so give the close a moment to arrive).
+    // The second request went over the same connection to the proxy (no new connect).
+    assert_eq!((code, out.as_str()), (0, "200 4 1\n200 100 0\n"));
+    // The keeper saw one connection with one request on it, and nothing else (its connection ends once the answer
+    // is through, so give the close a moment to arrive).
     tokio::time::sleep(Duration::from_millis(300)).await;
     let log = seen.lock().unwrap().clone();
     assert_eq!(log.len(), 1, "one connection to the first site");
@@ -1557,7 +1558,8 @@ async fn absolute_form_requests_never_leak_into_the_previous_site() {
         "{text}"
     );
 
-    // A client that pipelines a second request behind the first, in one write: only the first reaches the site.
+    // A client that pipelines a second request behind the first, in one write: only the first reaches the first
+    // site, and the client gets both answers, in order.
     let basic = basic(&user, &pass);
     let one = format!(
         "POST http://{keeper}/p HTTP/1.1\r\nProxy-Authorization: Basic {basic}\r\nContent-Length: 5\r\n\r\nhello"
@@ -1571,10 +1573,11 @@ async fn absolute_form_requests_never_leak_into_the_previous_site() {
         .unwrap();
     let mut answer = Vec::new();
     let mut b = [0u8; 1024];
-    while !answer.ends_with(b"keep") {
+    let second = pattern(100);
+    while !answer.ends_with(&second) {
         let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut b))
             .await
-            .expect("the first answer arrives")
+            .expect("both answers arrive")
             .unwrap();
         assert!(
             n > 0,
@@ -1583,6 +1586,14 @@ async fn absolute_form_requests_never_leak_into_the_previous_site() {
         );
         answer.extend_from_slice(&b[..n]);
     }
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let at = text.find("keep").expect("the first answer");
+    assert!(
+        text.starts_with("HTTP/1.1 200 OK\r\n")
+            && text[at..].starts_with("keepHTTP/1.1 200 OK\r\n")
+            && text.contains("X-Request-Line: GET /q HTTP/1.1\r\n"),
+        "{text}"
+    );
     drop(client);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let last = String::from_utf8_lossy(seen.lock().unwrap().last().unwrap()).into_owned();
@@ -1592,16 +1603,162 @@ async fn absolute_form_requests_never_leak_into_the_previous_site() {
     );
     assert!(!last.contains(&basic) && !last.contains("/q"), "{last}");
 
-    // The answer the client got says the connection ends with it.
+    // The answer keeps the client's connection, but not the site's `Connection` and `Keep-Alive` (they were about
+    // the site's own connection); a client that says `close` is told its connection ends.
     let head = head_via(&http, &format!("http://{keeper}/c"), &[]).await;
-    assert!(head.contains("Connection: close\r\n"), "{head}");
+    assert!(!head.to_ascii_lowercase().contains("connection:"), "{head}");
     assert!(!head.to_ascii_lowercase().contains("keep-alive"), "{head}");
+    let head = head_via(
+        &http,
+        &format!("http://{keeper}/c"),
+        &["-H", "Connection: close"],
+    )
+    .await;
+    assert!(head.contains("Connection: close\r\n"), "{head}");
     // HTTP/1.0 stays HTTP/1.0 towards the origin.
     let head = head_via(&http, &format!("http://{other}/d"), &["--http1.0"]).await;
     assert!(
         head.contains("X-Request-Line: GET /d HTTP/1.0\r\n"),
         "{head}"
     );
+}
+
+/// Read one answer from `s` (after `rest`, bytes already read): its head and its `Content-Length` body, or all
+/// that comes until the proxy closes when it has none. What follows stays in `rest`.
+async fn read_answer(s: &mut TcpStream, rest: &mut Vec<u8>) -> (String, Vec<u8>) {
+    let mut b = [0u8; 4096];
+    let end = loop {
+        if let Some(at) = rest.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+            .await
+            .expect("an answer arrives")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before an answer: {:?}",
+            String::from_utf8_lossy(rest)
+        );
+        rest.extend_from_slice(&b[..n]);
+    };
+    let head = String::from_utf8_lossy(&rest[..end]).into_owned();
+    rest.drain(..end);
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .map(|v| v.trim().parse::<usize>().unwrap());
+    let body = match length {
+        Some(n) => {
+            fill(s, rest, n).await;
+            rest.drain(..n).collect()
+        }
+        None => {
+            s.read_to_end(rest).await.unwrap();
+            std::mem::take(rest)
+        }
+    };
+    (head, body)
+}
+
+/// Whether the proxy closes `s` within `within` (it reads the end of the stream; nothing else arrives).
+async fn closes_within(s: &mut TcpStream, within: Duration) -> bool {
+    let mut b = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, s.read(&mut b)).await,
+        Ok(Ok(0))
+    )
+}
+
+/// One client connection to the HTTP door carries request after request while the answers allow it. Each request
+/// is authenticated, admitted and charged on its own (a second connection's credentials on the same socket charge
+/// that connection; a disabled one is refused there and then), an answer only its close can end still ends the
+/// connection, and an idle connection closes after the keep-alive timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_connection_carries_request_after_request() {
+    let mut opts = opts();
+    opts.raw.proxy_keep_alive_timeout_secs = Some(1);
+    let Some(rig) = Rig::start_with(opts).await else {
+        return;
+    };
+    let site = http_target("127.0.0.1:0", 1000).await;
+    let unframed = unframed_http_target(300).await;
+    let a = rig
+        .create(json!({"name": "a", "device_id": rig.device}))
+        .await;
+    let b = rig
+        .create(json!({"name": "b", "device_id": rig.device}))
+        .await;
+    let id = |c: &Value| c["id"].as_str().unwrap().to_owned();
+    let get = |c: &Value, url: &str| {
+        let (user, pass) = creds(c);
+        format!(
+            "GET {url} HTTP/1.1\r\nProxy-Authorization: Basic {}\r\n\r\n",
+            basic(&user, &pass)
+        )
+        .into_bytes()
+    };
+    let used = |c: Value| c["used_bytes"].as_u64().unwrap();
+
+    let mut s = TcpStream::connect(rig.http_addr()).await.unwrap();
+    let mut rest = Vec::new();
+    s.write_all(&get(&a, &format!("http://{site}/x")))
+        .await
+        .unwrap();
+    let (head, body) = read_answer(&mut s, &mut rest).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert_eq!(body, pattern(1000));
+    let once = used(rig.connection(&id(&a)).await);
+    assert!(once > 1000, "{once}");
+    // The same request again on the same socket: charged again, the same.
+    s.write_all(&get(&a, &format!("http://{site}/x")))
+        .await
+        .unwrap();
+    let (_, body) = read_answer(&mut s, &mut rest).await;
+    assert_eq!(body, pattern(1000));
+    assert_eq!(used(rig.connection(&id(&a)).await), 2 * once);
+    // Another connection's credentials: its meter, not the first one's.
+    s.write_all(&get(&b, &format!("http://{site}/x")))
+        .await
+        .unwrap();
+    let (_, body) = read_answer(&mut s, &mut rest).await;
+    assert_eq!(body, pattern(1000));
+    assert_eq!(used(rig.connection(&id(&b)).await), once);
+    assert_eq!(used(rig.connection(&id(&a)).await), 2 * once);
+    // Disabled between two requests: the next one is refused, and the connection ends.
+    let path = format!("/api/v1.0/connections/{}", id(&a));
+    let r = rig
+        .s
+        .patch(&path, &rig.token, json!({"enabled": false}))
+        .await;
+    assert_eq!(r.status(), 200);
+    s.write_all(&get(&a, &format!("http://{site}/x")))
+        .await
+        .unwrap();
+    let (head, _) = read_answer(&mut s, &mut rest).await;
+    assert!(head.starts_with("HTTP/1.1 403 "), "{head}");
+    assert!(closes_within(&mut s, Duration::from_secs(5)).await);
+    assert_eq!(used(rig.connection(&id(&a)).await), 2 * once);
+
+    // An answer without a length ends its connection (the client can tell its end only by the close).
+    let mut s = TcpStream::connect(rig.http_addr()).await.unwrap();
+    let mut rest = Vec::new();
+    s.write_all(&get(&b, &format!("http://{unframed}/u")))
+        .await
+        .unwrap();
+    let (head, body) = read_answer(&mut s, &mut rest).await;
+    assert!(head.contains("Connection: close\r\n"), "{head}");
+    assert_eq!(body, pattern(300));
+
+    // Idle after an answer: closed after the keep-alive timeout (1 s here), without an answer of its own.
+    let mut s = TcpStream::connect(rig.http_addr()).await.unwrap();
+    let mut rest = Vec::new();
+    s.write_all(&get(&b, &format!("http://{site}/x")))
+        .await
+        .unwrap();
+    read_answer(&mut s, &mut rest).await;
+    assert!(rest.is_empty());
+    assert!(closes_within(&mut s, Duration::from_secs(5)).await);
 }
 
 /// Read from `s` onto `rest` until it holds `want` bytes.
