@@ -39,6 +39,7 @@ pub struct ChunkedEnd {
     state: State,
     line: Vec<u8>,
     trailers: usize,
+    lenient: bool,
 }
 
 impl Default for ChunkedEnd {
@@ -47,6 +48,7 @@ impl Default for ChunkedEnd {
             state: State::Size,
             line: Vec::new(),
             trailers: 0,
+            lenient: false,
         }
     }
 }
@@ -55,6 +57,13 @@ impl ChunkedEnd {
     /// Whether the body has ended.
     pub fn is_done(&self) -> bool {
         self.state == State::Done
+    }
+
+    /// Whether the body so far took a form only a lenient reader accepts (a line ended by a bare LF, whitespace
+    /// around a chunk size): a strict reader might find its end elsewhere, so nothing after it should be read as
+    /// the next message.
+    pub fn was_lenient(&self) -> bool {
+        self.lenient
     }
 
     /// Take the next bytes; returns how many of them belong to the body (all of them unless it ends inside
@@ -108,9 +117,13 @@ impl ChunkedEnd {
                     // 9112 section 2.2 allows).
                     if self.line.last() == Some(&b'\r') {
                         self.line.pop();
+                    } else {
+                        self.lenient = true;
                     }
                     self.state = if self.state == State::Size {
-                        match chunk_size(&self.line)? {
+                        let (size, lenient) = chunk_size(&self.line)?;
+                        self.lenient |= lenient;
+                        match size {
                             0 => State::Trailers,
                             n => State::Data(n),
                         }
@@ -130,10 +143,13 @@ impl ChunkedEnd {
     }
 }
 
-/// The size of a chunk-size line: hex digits, then optional whitespace and `;extensions`.
-fn chunk_size(line: &[u8]) -> Result<u64, ChunkedError> {
+/// The size of a chunk-size line: hex digits, then optional whitespace and `;extensions`; and whether whitespace
+/// stood where RFC 9112 section 7.1 has none (before the digits, or after them without an extension).
+fn chunk_size(line: &[u8]) -> Result<(u64, bool), ChunkedError> {
     let end = line.iter().position(|&b| b == b';').unwrap_or(line.len());
     let digits = line[..end].trim_ascii();
+    let lenient = line.first().is_some_and(u8::is_ascii_whitespace)
+        || (end == line.len() && line.last().is_some_and(u8::is_ascii_whitespace));
     if digits.is_empty() || digits.len() > 16 {
         return Err(ChunkedError::Size);
     }
@@ -141,7 +157,8 @@ fn chunk_size(line: &[u8]) -> Result<u64, ChunkedError> {
     if !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ChunkedError::Size);
     }
-    u64::from_str_radix(text, 16).map_err(|_| ChunkedError::Size)
+    let size = u64::from_str_radix(text, 16).map_err(|_| ChunkedError::Size)?;
+    Ok((size, lenient))
 }
 
 #[cfg(test)]
@@ -179,6 +196,30 @@ mod tests {
         let body = b"A\nabcdefghij\r\n0\nExpires: never\n\nX";
         assert_eq!(c.feed(body).unwrap(), body.len() - 1);
         assert!(c.is_done());
+        assert!(c.was_lenient(), "bare LF");
+    }
+
+    /// A body only a lenient reader takes says so; a strict one, extensions and their whitespace included, does not.
+    #[test]
+    fn leniency_is_noticed() {
+        let lenient = |body: &[u8]| {
+            let mut c = ChunkedEnd::default();
+            c.feed(body).unwrap();
+            assert!(c.is_done(), "{}", String::from_utf8_lossy(body));
+            c.was_lenient()
+        };
+        assert!(!lenient(b"5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n"));
+        assert!(!lenient(b"5 ;ext=1\r\nhello\r\n0\r\n\r\n"));
+        for body in [
+            &b"5\nhello\r\n0\r\n\r\n"[..],
+            b"5\r\nhello\r\n0\r\n\n",
+            b" 5\r\nhello\r\n0\r\n\r\n",
+            b"5 \r\nhello\r\n0\r\n\r\n",
+            b"5\r\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nX-T: 1\n\r\n",
+        ] {
+            assert!(lenient(body), "{}", String::from_utf8_lossy(body));
+        }
     }
 
     #[test]

@@ -154,6 +154,13 @@ fn forwarded(name: &str, named: &[String]) -> bool {
     !hop_by_hop(name) && !named.iter().any(|n| name.eq_ignore_ascii_case(n))
 }
 
+/// The fields that say where a message's body ends. They are never hop-by-hop: a `Connection` header naming one
+/// would have the next hop read the body with another length than this one, and what is left over as the next
+/// message (request smuggling).
+fn framing(name: &str) -> bool {
+    name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("transfer-encoding")
+}
+
 fn head_error(e: httparse::Error) -> HeadError {
     match e {
         httparse::Error::TooManyHeaders => HeadError::TooManyHeaders,
@@ -250,6 +257,9 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(ProxyRequest, usize)>, HeadError
     let mut proxy_authorization = None;
     let mut kept = Vec::with_capacity(req.headers.len());
     let named = connection_named(req.headers);
+    if named.iter().any(|n| framing(n)) {
+        return Err(HeadError::Framing);
+    }
     let closing = named.iter().any(|n| n == "close")
         || list_values(
             req.headers.iter().map(|h| (h.name, h.value)),
@@ -521,7 +531,11 @@ pub fn client_response_head(
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(head_error(e)),
     };
-    let code = resp.code.ok_or(HeadError::Malformed)?;
+    // A status outside 100–599 has no meaning a client would agree on (is `099` interim?).
+    let code = resp
+        .code
+        .filter(|c| (100..=599).contains(c))
+        .ok_or(HeadError::Malformed)?;
     // RFC 9112 section 6.3: with a transfer coding, `Content-Length` is meaningless and a proxy that passes the
     // answer on removes it; without one, a `Content-Length` that is not one number gets the client a 502 instead
     // of an answer it would read with the wrong length.
@@ -534,10 +548,10 @@ pub fn client_response_head(
         content_length(&list_values(fields(), "content-length"))?
     };
     let interim = interim(code);
-    let body = if interim || head_request || code == 204 || code == 304 {
-        BodyLength::None
-    } else if code == 101 {
+    let body = if code == 101 {
         BodyLength::UntilClose
+    } else if interim || head_request || code == 204 || code == 304 {
+        BodyLength::None
     } else if coded {
         if codings.last().map(String::as_str) == Some("chunked") {
             BodyLength::Chunked
@@ -556,7 +570,8 @@ pub fn client_response_head(
     let mut out = Vec::with_capacity(used + 24);
     out.extend_from_slice(format!("HTTP/1.1 {code} {}\r\n", resp.reason.unwrap_or("")).as_bytes());
     for h in resp.headers.iter().filter(|h| {
-        forwarded(h.name, &named) && !(coded && h.name.eq_ignore_ascii_case("content-length"))
+        (forwarded(h.name, &named) || framing(h.name))
+            && !(coded && h.name.eq_ignore_ascii_case("content-length"))
     }) {
         out.extend_from_slice(h.name.as_bytes());
         out.extend_from_slice(b": ");
@@ -937,6 +952,17 @@ mod tests {
                 false,
                 BodyLength::UntilClose,
             ),
+            (
+                b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+                true,
+                BodyLength::UntilClose,
+            ),
+            // A framing field named in `Connection` still frames the body, and still reaches the client.
+            (
+                b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 3\r\n\r\n",
+                false,
+                BodyLength::Length(3),
+            ),
         ] {
             let what = String::from_utf8_lossy(raw).into_owned();
             let h = client_response_head(raw, head_request, true)
@@ -945,10 +971,24 @@ mod tests {
             assert_eq!(h.body, body, "{what}");
             let stays = body != BodyLength::UntilClose;
             assert_eq!(h.persistent, stays, "{what}");
-            let says_close = String::from_utf8(h.head)
-                .unwrap()
-                .ends_with("Connection: close\r\n\r\n");
-            assert_eq!(says_close, !stays, "{what}");
+            let out = String::from_utf8(h.head).unwrap();
+            assert_eq!(out.ends_with("Connection: close\r\n\r\n"), !stays, "{what}");
+            if let BodyLength::Length(n) = body {
+                assert!(out.contains(&format!("Content-Length: {n}\r\n")), "{out}");
+            }
+        }
+        // A status a client might read as interim or as final (`099`), or none at all, is not an answer.
+        for raw in [
+            &b"HTTP/1.1 099 Odd\r\n\r\n"[..],
+            b"HTTP/1.1 600 Odd\r\n\r\n",
+            b"HTTP/1.1 000 x\r\n\r\n",
+        ] {
+            assert_eq!(
+                response(raw, true),
+                Err(HeadError::Malformed),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
         }
     }
 
@@ -981,6 +1021,14 @@ mod tests {
                 "{}",
                 String::from_utf8_lossy(head)
             );
+        }
+        // A request that names its framing as hop-by-hop would reach the origin without it, and its body would be
+        // read here as the next request: refused.
+        for head in [
+            &b"POST http://a.example/ HTTP/1.1\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\n"[..],
+            b"POST http://a.example/ HTTP/1.1\r\nConnection: x, Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert_eq!(parse_head(head), Err(HeadError::Framing), "{}", String::from_utf8_lossy(head));
         }
     }
 

@@ -1758,7 +1758,114 @@ async fn one_client_connection_carries_request_after_request() {
         .unwrap();
     read_answer(&mut s, &mut rest).await;
     assert!(rest.is_empty());
+    assert!(
+        !closes_within(&mut s, Duration::from_millis(300)).await,
+        "open while the client may still send its next request"
+    );
     assert!(closes_within(&mut s, Duration::from_secs(5)).await);
+
+    // HEAD, chunked and 304 answers end where their framing says, on a site connection that stays open: the
+    // client's next request on the same socket is answered. One the site cuts short resets the client.
+    let framed = framed_target().await;
+    let mut s = TcpStream::connect(rig.http_addr()).await.unwrap();
+    let mut rest = Vec::new();
+    let mut head_req = get(&b, &format!("http://{framed}/any"));
+    head_req.splice(0..3, b"HEAD".iter().copied());
+    let mut b4 = [0u8; 4096];
+    for (request, answer) in [
+        (
+            head_req,
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"[..],
+        ),
+        (
+            get(&b, &format!("http://{framed}/chunked")),
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ),
+        (
+            get(&b, &format!("http://{framed}/not-modified")),
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1000\r\n\r\n",
+        ),
+    ] {
+        s.write_all(&request).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < answer.len() {
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b4))
+                .await
+                .expect("the answer arrives")
+                .unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&b4[..n]);
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(answer)
+        );
+    }
+    s.write_all(&get(&b, &format!("http://{site}/x")))
+        .await
+        .unwrap();
+    let (_, body) = read_answer(&mut s, &mut rest).await;
+    assert_eq!(body, pattern(1000));
+    s.write_all(&get(&b, &format!("http://{framed}/short")))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut b4))
+            .await
+            .unwrap()
+        {
+            Ok(0) => break "closed",
+            Ok(n) => got.extend_from_slice(&b4[..n]),
+            Err(e) => {
+                break if e.kind() == std::io::ErrorKind::ConnectionReset {
+                    "reset"
+                } else {
+                    "error"
+                }
+            }
+        }
+    };
+    assert_eq!(end, "reset", "{}", String::from_utf8_lossy(&got));
+    assert!(got.ends_with(b"0123456789"));
+}
+
+/// A site that keeps its connection open after each answer (so only the answer's framing can end it): `HEAD` gets a
+/// head announcing 1000 bytes, `/chunked` a chunked `hello`, `/not-modified` a 304, `/short` 10 of 100 announced
+/// bytes and then the site's close.
+async fn framed_target() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Some(head) = common::read_request_head(&mut s).await else {
+                    return;
+                };
+                let line = String::from_utf8_lossy(&head)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
+                let answer: &[u8] = if line.starts_with("HEAD ") {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"
+                } else if line.contains("/chunked") {
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                } else if line.contains("/not-modified") {
+                    b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1000\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789"
+                };
+                let _ = s.write_all(answer).await;
+                if line.contains("/short") {
+                    return;
+                }
+                let mut b = [0u8; 1024];
+                while let Ok(1..) = s.read(&mut b).await {}
+            });
+        }
+    });
+    addr
 }
 
 /// Read from `s` onto `rest` until it holds `want` bytes.
@@ -2687,7 +2794,19 @@ async fn dedicated_port_with_allow_list() {
             .1,
         "407 30"
     );
-    // Removing the port closes the listener.
+    // Removing the port closes the listener, and a client connection kept open for its next request.
+    let mut kept = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    kept.write_all(
+        format!(
+            "GET {url} HTTP/1.1\r\nProxy-Authorization: Basic {}\r\n\r\n",
+            basic(&u, &p)
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (head, _) = read_answer(&mut kept, &mut Vec::new()).await;
+    assert!(!head.contains("Connection: close"), "{head}");
     let r = rig
         .s
         .patch(
@@ -2702,6 +2821,7 @@ async fn dedicated_port_with_allow_list() {
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err());
+    assert!(closes_within(&mut kept, Duration::from_secs(5)).await);
 }
 
 /// A network interface (one end of a veth pair: this kernel may have no `dummy` links) with one IPv4 address,
@@ -2940,8 +3060,8 @@ async fn holding_target() -> SocketAddr {
     addr
 }
 
-/// A client that closes its side in front of a target that never does: the flow ends once the target has been
-/// silent for the half-closed timeout, instead of holding one of the device's streams for ever (enough of them and
+/// A client that closes its side in front of a target that never does: the flow ends (with a reset) once the target
+/// has been silent for the half-closed timeout, instead of holding one of the device's streams for ever (enough of them and
 /// nobody else could use the device). A flow that is merely idle, both sides open, is left alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_closed_flow_ends_when_the_other_side_stays_silent() {
@@ -2968,7 +3088,11 @@ async fn a_half_closed_flow_ends_when_the_other_side_stays_silent() {
     let end = tokio::time::timeout(Duration::from_secs(15), f.read(&mut b))
         .await
         .expect("the half-closed flow was never ended");
-    assert!(matches!(end, Ok(0)), "{end:?}");
+    // Reset, not closed: the target never ended its side, so the customer must not take what it got for all.
+    assert!(
+        matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{end:?}"
+    );
     assert!(
         started.elapsed() >= Duration::from_millis(1900),
         "ended before the timeout: {:?}",

@@ -10,12 +10,21 @@ pub fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// A loopback port nothing listens on, for a process the benchmark starts. It comes from below Linux's ephemeral
+/// range (32768–60999 by default), which port 0 would pick from: there, the benchmark's own outgoing connections
+/// take source ports, and one could take the port between this check and the process binding it (session 13 lost
+/// a run to that).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use rand::Rng as _;
+    let mut rng = rand::rng();
+    loop {
+        let port = rng.random_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
 }
 
 /// Resident memory of a process, bytes.

@@ -264,13 +264,20 @@ pub async fn serve(
         let (ctx2, door) = (ctx.clone(), door.clone());
         // At shutdown a client still in its handshake is dropped at once (`ProxyContext::handshake`); relaying
         // flows end through their stop token, after writing what they counted.
-        ctx.tracker.spawn(handle(ctx2, stream, peer, door));
+        ctx.tracker
+            .spawn(handle(ctx2, stream, peer, door, stop.clone()));
     }
 }
 
-async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr, door: Door) {
+async fn handle(
+    ctx: Arc<ProxyContext>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    door: Door,
+    stop: CancellationToken,
+) {
     let result = match door {
-        Door::Http => http::serve(&ctx, stream, peer, &door).await,
+        Door::Http => http::serve(&ctx, stream, peer, &door, &stop).await,
         Door::Socks5 => socks5::serve(&ctx, stream, peer, &door).await,
         Door::Dedicated(_) => {
             let mut first = [0u8; 1];
@@ -278,7 +285,7 @@ async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr, doo
                 Some(Ok(1)) if first[0] == proxyfleet_proto::socks5::VERSION => {
                     socks5::serve(&ctx, stream, peer, &door).await
                 }
-                Some(Ok(1)) => http::serve(&ctx, stream, peer, &door).await,
+                Some(Ok(1)) => http::serve(&ctx, stream, peer, &door, &stop).await,
                 _ => Ok(()),
             }
         }

@@ -234,8 +234,10 @@ pub struct Relayed<CR, CW> {
     pub cw: CW,
     /// The flow was cut short: the tunnel stream failed instead of ending (the device went offline, or the
     /// target reset its connection), or the flow was stopped (cut-off, disabled, deleted, device changed or
-    /// revoked, server stopping). The customer must not mistake what arrived for the whole answer, so the socket
-    /// is reset instead of closed once what was written to it has arrived. Otherwise it is already half-closed.
+    /// revoked, server stopping, the half-closed timeout before the target's side ended). The customer must not
+    /// mistake what arrived for the whole answer, so the socket is reset instead of closed once what was written to
+    /// it has arrived. Otherwise it is already half-closed (unless `end_with_target`: then the door decides what
+    /// becomes of it).
     pub broken: bool,
 }
 
@@ -312,6 +314,8 @@ where
                     if by <= tokio::time::Instant::now() {
                         stop.cancel();
                         idle_by = None;
+                        // The target's side had not ended: what the customer got is not all there was.
+                        broken |= !down_done;
                     } else {
                         idle_by = Some(by);
                     }

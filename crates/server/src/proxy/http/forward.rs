@@ -35,6 +35,9 @@ enum Framing {
     Chunked(ChunkedEnd),
     UntilClose,
     Done,
+    /// Ended, but in a form only a lenient reader takes ([`ChunkedEnd::was_lenient`]): a stricter client or
+    /// origin may see the end elsewhere, so nothing after it is read as the next message.
+    DoneLeniently,
 }
 
 impl Framing {
@@ -50,7 +53,7 @@ impl Framing {
     /// How many of `bytes` (the next ones of the message) belong to the body.
     fn take(&mut self, bytes: &[u8]) -> Result<usize, ChunkedError> {
         let n = match self {
-            Framing::Done => 0,
+            Framing::Done | Framing::DoneLeniently => 0,
             Framing::UntilClose => bytes.len(),
             Framing::Length(left) => {
                 let n = bytes
@@ -65,7 +68,11 @@ impl Framing {
             Framing::Chunked(c) => {
                 let n = c.feed(bytes)?;
                 if c.is_done() {
-                    *self = Framing::Done;
+                    *self = if c.was_lenient() {
+                        Framing::DoneLeniently
+                    } else {
+                        Framing::Done
+                    };
                 }
                 n
             }
@@ -74,6 +81,11 @@ impl Framing {
     }
 
     fn done(&self) -> bool {
+        matches!(self, Framing::Done | Framing::DoneLeniently)
+    }
+
+    /// Ended where every reader agrees it ends: another message may follow on the same connection.
+    fn ended_strictly(&self) -> bool {
         matches!(self, Framing::Done)
     }
 }
@@ -148,7 +160,7 @@ impl<R> OneRequest<R> {
     /// The client's socket, and — when the request ended whole and the client is still there — what it sent
     /// after it (the start of its next request, if any).
     pub fn finish(self) -> (R, Option<Vec<u8>>) {
-        let whole = self.body.done() && !self.bad && !self.closed;
+        let whole = self.body.ended_strictly() && !self.bad && !self.closed;
         (self.inner, whole.then_some(self.next))
     }
 
@@ -186,7 +198,8 @@ impl<R: AsyncRead + Unpin> AsyncRead for OneRequest<R> {
             }
         }
         loop {
-            // No longer read: the flow ends with the origin's answer (or a stop), never by this side.
+            // No longer read: the flow ends with the origin's answer (or a stop), never by this side. Pending
+            // without a waker on purpose: the relay's pump wakes for the stop, which comes when the answer is done.
             if this.bad || (this.body.done() && this.next.len() >= DRAIN) {
                 return Poll::Pending;
             }
@@ -274,11 +287,11 @@ impl<R> Answer<R> {
         };
     }
 
-    /// The body has ended: the client may go on, if the answer said so.
-    fn complete(&mut self) {
+    /// The body has ended (`strictly`: where every reader agrees): the client may go on, if the answer said so.
+    fn complete(&mut self, strictly: bool) {
         self.exchange
             .reusable
-            .store(self.persistent, Ordering::Release);
+            .store(self.persistent && strictly, Ordering::Release);
         self.phase = Phase::End;
     }
 }
@@ -331,7 +344,8 @@ impl<R: AsyncRead + Unpin> AsyncRead for Answer<R> {
                 }
                 Phase::Body { framing, held } => {
                     if framing.done() {
-                        this.complete();
+                        let strictly = framing.ended_strictly();
+                        this.complete(strictly);
                         continue;
                     }
                     if !held.is_empty() {
@@ -350,7 +364,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for Answer<R> {
                     ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
                     if out.filled().len() == before {
                         if matches!(framing, Framing::UntilClose) {
-                            this.complete();
+                            this.complete(false);
                             return Poll::Ready(Ok(()));
                         }
                         return Poll::Ready(Err(io::Error::new(
@@ -481,8 +495,8 @@ mod tests {
         }
     }
 
-    /// A client that keeps sending after its request is read (and its bytes dropped) only up to the drain limit,
-    /// then not at all: it cannot make the server take unlimited bytes.
+    /// A client that keeps sending after its request is read (its bytes kept for its next request) only up to the
+    /// drain limit, then not at all until its answer is out: it cannot make the server take unlimited bytes.
     #[tokio::test]
     async fn what_follows_the_request_is_drained_only_so_far() {
         struct Counted<R>(R, std::sync::Arc<std::sync::atomic::AtomicUsize>);
@@ -660,6 +674,15 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it"
         );
         assert!(!stays);
+        // A chunked answer only a lenient reader takes (bare LF): passed on, but the connection does not stay, so
+        // that a stricter client cannot read what follows it as the answer to its next request.
+        let (got, stays) = answer_to(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n",
+            true,
+        )
+        .await;
+        assert!(got.unwrap().ends_with(b"5\nhello\r\n0\r\n\r\n"));
+        assert!(!stays);
         // The client said `close`: a whole answer does not keep it either.
         let (_, stays) = answer_to(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false).await;
         assert!(!stays);
@@ -687,6 +710,19 @@ mod tests {
         assert!(more.await.is_err());
         let (_, kept) = r.finish();
         assert_eq!(kept.as_deref(), Some(&next[..]));
+
+        // A body only a lenient reader takes: what follows it is not taken as the next request.
+        let (a, mut b) = tokio::io::duplex(1024);
+        b.write_all(b"5\nhello\r\n0\r\n\r\nGET http://b.example/ HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut r = OneRequest::new(Vec::new(), a, BodyLength::Chunked, Default::default());
+        let mut body = Vec::new();
+        while body.len() < 14 {
+            let n = r.read(&mut buf).await.unwrap();
+            body.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(r.finish().1, None);
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use super::directory::Entry;
 use super::relay::{close_customer, close_customer_halves, relay};
 use super::{AuthFailure, Door, ProxyContext};
+use tokio_util::sync::CancellationToken;
 
 mod forward;
 
@@ -102,18 +103,27 @@ enum Next {
 
 /// Serve a client's connection: one request, or one after another while the answers let it stay open
 /// (persistent connections, RFC 9112 section 9.3). Each request is authenticated and admitted on its own.
+/// `port_stop`: the listener's own stop (a dedicated port the operator removed), after which no next request is
+/// read.
 pub async fn serve(
     ctx: &Arc<ProxyContext>,
     mut stream: TcpStream,
     peer: SocketAddr,
     door: &Door,
+    port_stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let mut held = Vec::new();
     loop {
         match request(ctx, stream, std::mem::take(&mut held), peer, door).await? {
             Next::Closed => return Ok(()),
-            Next::Persist(s, next) => {
-                if next.is_empty() && !next_request(ctx, &s).await {
+            Next::Persist(s, mut next) => {
+                // Line ends a client sends after a body (RFC 9112 section 2.2) are not yet a request.
+                let blank = next
+                    .iter()
+                    .take_while(|&&b| b == b'\r' || b == b'\n')
+                    .count();
+                next.drain(..blank);
+                if next.is_empty() && !next_request(ctx, &s, port_stop).await {
                     close_customer(&s, false).await;
                     return Ok(());
                 }
@@ -124,12 +134,17 @@ pub async fn serve(
 }
 
 /// Wait for a persistent connection's next request: true once its first byte is there; false when the client
-/// closes, sends nothing for the keep-alive timeout, or the server stops.
-async fn next_request(ctx: &ProxyContext, stream: &TcpStream) -> bool {
+/// closes, sends nothing for the keep-alive timeout, or the server or the port stops.
+async fn next_request(
+    ctx: &ProxyContext,
+    stream: &TcpStream,
+    port_stop: &CancellationToken,
+) -> bool {
     let mut first = [0u8; 1];
     tokio::select! {
         r = tokio::time::timeout(ctx.keep_alive_timeout, stream.peek(&mut first)) => matches!(r, Ok(Ok(1))),
         () = ctx.shutdown.cancelled() => false,
+        () = port_stop.cancelled() => false,
     }
 }
 
@@ -251,20 +266,16 @@ async fn request(
             .await;
             drop(flow);
             let (cr, next) = ended.cr.finish();
-            let ended = crate::proxy::relay::Relayed {
-                cr,
-                cw: ended.cw,
-                broken: ended.broken,
+            let Ok(s) = cr.reunite(ended.cw) else {
+                return Ok(Next::Closed);
             };
-            match next {
-                Some(next) if !ended.broken && exchange.reusable() => {
-                    if let Ok(s) = ended.cr.reunite(ended.cw) {
-                        return Ok(Next::Persist(s, next));
-                    }
+            return Ok(match next {
+                Some(next) if !ended.broken && exchange.reusable() => Next::Persist(s, next),
+                _ => {
+                    close_customer(&s, ended.broken).await;
+                    Next::Closed
                 }
-                _ => close_customer_halves(ended).await,
-            }
-            return Ok(Next::Closed);
+            });
         }
     };
     let ended = relay(&ctx.dir, &flow, stream.into_split(), (dr, dw), &first, opts).await;
