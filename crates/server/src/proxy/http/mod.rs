@@ -8,11 +8,11 @@ use proxyfleet_proto::http_proxy::{self as hp, HeadError, ProxyTarget};
 use proxyfleet_proto::Target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use super::directory::Entry;
 use super::relay::{close_customer, close_customer_halves, relay};
 use super::{AuthFailure, Door, ProxyContext};
-use tokio_util::sync::CancellationToken;
 
 mod forward;
 
