@@ -8,7 +8,8 @@
 //! process. It prints, in one run:
 //!
 //! 1. throughput of one large download: direct, SOCKS5 door, HTTP CONNECT door, peer stack; ratios to targets;
-//! 2. new-flow latency: time to first byte of a 100-byte response, new TCP connection per request, p50/p99;
+//! 2. new-flow latency: time to first byte of a 100-byte response, new TCP connection per request, p50/p99; and
+//!    for absolute-form `GET http://…` through the HTTP door, on a new client connection each and on one kept open;
 //! 3. concurrent flows through the SOCKS5 door: aggregate throughput and server RSS per open flow;
 //! 4. the cost of a cached customer credential check, in process, against one bcrypt verification.
 //!
@@ -171,6 +172,11 @@ impl Via {
 async fn request(s: &mut TcpStream, n: u64, buf: &mut [u8]) -> anyhow::Result<u64> {
     s.write_all(format!("GET /bytes/{n} HTTP/1.1\r\nHost: target\r\n\r\n").as_bytes())
         .await?;
+    answer_head(s, buf).await
+}
+
+/// Read a `200` response head; returns how many body bytes came with it.
+async fn answer_head(s: &mut TcpStream, buf: &mut [u8]) -> anyhow::Result<u64> {
     let mut filled = 0;
     loop {
         let k = s.read(&mut buf[filled..]).await?;
@@ -626,6 +632,53 @@ async fn latency(routes: &[Route], target: SocketAddr, n: usize) {
     }
 }
 
+/// Figure 2, continued: absolute-form `GET http://…` through the HTTP door, on a new client connection each time
+/// and on one client connection kept open for all of them (each request is a flow of its own either way).
+async fn forwarded_latency(proxy: SocketAddr, basic: &str, target: SocketAddr, n: usize) {
+    let mut buf = vec![0u8; CHUNK];
+    for (name, keep) in [
+        ("proxyfleet absolute-form, new conn", false),
+        ("proxyfleet absolute-form, kept conn", true),
+    ] {
+        let close = if keep { "" } else { "Connection: close\r\n" };
+        let req = format!(
+            "GET http://{target}/bytes/{SMALL} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {basic}\r\n\
+             {close}\r\n"
+        );
+        let mut kept: Option<TcpStream> = None;
+        let mut ttfb = Vec::with_capacity(n);
+        for i in 0..n + 20 {
+            let t = Instant::now();
+            let mut s = match kept.take() {
+                Some(s) => s,
+                None => {
+                    let s = TcpStream::connect(proxy).await.unwrap();
+                    s.set_nodelay(true).unwrap();
+                    s
+                }
+            };
+            s.write_all(req.as_bytes()).await.unwrap();
+            let got = answer_head(&mut s, &mut buf).await.unwrap();
+            // The first 20 warm up.
+            if i >= 20 {
+                ttfb.push(t.elapsed());
+            }
+            drain(&mut s, SMALL - got, &mut buf).await.unwrap();
+            if keep {
+                kept = Some(s);
+            }
+        }
+        ttfb.sort();
+        println!(
+            "    {:<36} p50 {:>6.3} ms   p99 {:>6.3} ms   max {:>6.3} ms",
+            name,
+            percentile(&ttfb, 0.50),
+            percentile(&ttfb, 0.99),
+            ttfb.last().unwrap().as_secs_f64() * 1e3
+        );
+    }
+}
+
 /// What the concurrent-flow test saw.
 struct Crowd {
     /// Aggregate download rate, MiB/s.
@@ -833,7 +886,7 @@ async fn main() {
         ),
         Route::new(
             "proxyfleet HTTP CONNECT",
-            Via::Connect(fleet.http, basic),
+            Via::Connect(fleet.http, basic.clone()),
             fleet_pids,
         ),
     ];
@@ -889,6 +942,7 @@ async fn main() {
     routes.retain(|r| r.name != CEIL_PLAIN && r.name != CEIL_TLS);
     drop(ceiling);
     latency(&routes, target, requests).await;
+    forwarded_latency(fleet.http, &basic, target, requests).await;
 
     println!("\n[3] {flows} concurrent flows, {flow_mib} MiB each: all opened first, then all downloading at once");
     let watch = fleet.server.0.id();
