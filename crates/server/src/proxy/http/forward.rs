@@ -99,9 +99,16 @@ pub struct Exchange {
     answer: AtomicWaker,
     /// The origin's final answer ended where its framing says, and it leaves the client's connection open.
     reusable: AtomicBool,
+    /// The client's request has ended whole (where every reader agrees). Until then an answer cannot keep the
+    /// connection (the origin answered early, say to a refused `Expect: 100-continue`), and says so.
+    request_done: AtomicBool,
 }
 
 impl Exchange {
+    fn set_request_done(&self) {
+        self.request_done.store(true, Ordering::Release);
+    }
+
     fn set_fault(&self, e: ChunkedError) {
         let _ = self.fault.set(e);
         self.answer.wake();
@@ -141,6 +148,7 @@ impl<R> OneRequest<R> {
         let body = Framing::new(length);
         // Without a body, what was read past the head already belongs to the next request.
         let (held, next) = if body.done() {
+            exchange.set_request_done();
             (Vec::new(), held)
         } else {
             (held, Vec::new())
@@ -166,12 +174,16 @@ impl<R> OneRequest<R> {
 
     /// [`Framing::take`] of the next bytes of the body, a malformed body reported to the answer's side.
     fn take(&mut self, bytes: &[u8]) -> usize {
-        self.body.take(bytes).unwrap_or_else(|e| {
+        let n = self.body.take(bytes).unwrap_or_else(|e| {
             tracing::debug!(error = %e, "the client's chunked request body is malformed");
             self.bad = true;
             self.exchange.set_fault(e);
             0
-        })
+        });
+        if self.body.ended_strictly() {
+            self.exchange.set_request_done();
+        }
+        n
     }
 }
 
@@ -378,7 +390,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for Answer<R> {
                     return Poll::Ready(taken.map(drop).map_err(invalid));
                 }
                 Phase::Head(buf) => {
-                    match hp::client_response_head(buf, this.head_request, this.client_persistent) {
+                    let stays = this.client_persistent
+                        && this.exchange.request_done.load(Ordering::Acquire);
+                    match hp::client_response_head(buf, this.head_request, stays) {
                         Ok(Some(head)) => {
                             let rest = buf.split_off(head.used);
                             let after = if head.interim() {
@@ -609,6 +623,7 @@ mod tests {
             let _ = b.write_all(&sent).await;
         });
         let exchange = Arc::new(Exchange::default());
+        exchange.set_request_done();
         let mut got = Vec::new();
         let r = Answer::new(a, exchange.clone(), &get(persistent))
             .read_to_end(&mut got)
@@ -646,6 +661,7 @@ mod tests {
             .unwrap()
             .0;
         let exchange = Arc::new(Exchange::default());
+        exchange.set_request_done();
         let got = tokio::time::timeout(
             std::time::Duration::from_secs(5),
             read_all(Answer::new(a, exchange.clone(), &head)),
@@ -683,6 +699,21 @@ mod tests {
         .await;
         assert!(got.unwrap().ends_with(b"5\nhello\r\n0\r\n\r\n"));
         assert!(!stays);
+        // The origin answers before the request has ended: the answer says the connection ends with it.
+        let (a, mut b) = tokio::io::duplex(256);
+        b.write_all(b"HTTP/1.1 417 Expectation Failed\r\nContent-Length: 2\r\n\r\nno")
+            .await
+            .unwrap();
+        let exchange = Arc::new(Exchange::default());
+        let (_client, far) = tokio::io::duplex(64);
+        let _upload = OneRequest::new(Vec::new(), far, BodyLength::Length(9), exchange.clone());
+        let got = read_all(Answer::new(a, exchange.clone(), &get(true))).await;
+        let got = String::from_utf8(got).unwrap();
+        assert!(
+            got.contains("Connection: close\r\n") && got.ends_with("no"),
+            "{got}"
+        );
+        assert!(!exchange.reusable());
         // The client said `close`: a whole answer does not keep it either.
         let (_, stays) = answer_to(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false).await;
         assert!(!stays);
