@@ -84,6 +84,10 @@ pub enum OperatorCommand {
         /// Role of a non-first operator.
         #[arg(long, env = "PROXYFLEET_ROLE", value_parser = parse_role, default_value = "operator")]
         role: Role,
+        /// Require upper, lower, digit and special characters in the password, as `serve` does for passwords set
+        /// through the API and dashboard. Default true.
+        #[arg(long, env = "PROXYFLEET_PASSWORD_COMPOSITION_RULE", num_args = 0..=1, default_missing_value = "true")]
+        password_composition_rule: Option<bool>,
     },
 }
 

@@ -6,7 +6,7 @@ use std::io::Read;
 
 use anyhow::Context;
 use clap::Parser;
-use proxyfleet::config::{LogFormat, ServeConfig};
+use proxyfleet::config::{LogFormat, RawConfig, ServeConfig};
 use proxyfleet::server::{self, ServeOptions};
 
 use cli::{Cli, Command, ImportCommand, OperatorCommand};
@@ -53,9 +53,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     username,
                     password_stdin,
                     role,
+                    password_composition_rule,
                 },
         } => {
-            let config = cli::resolve(&common, Default::default())?;
+            let flags = RawConfig {
+                password_composition_rule,
+                ..RawConfig::default()
+            };
+            let config = cli::resolve(&common, flags)?;
             init_tracing(LogFormat::Text, "warn")?;
             if !password_stdin {
                 anyhow::bail!("pass --password-stdin and write the password to standard input (it is never taken as an argument)");

@@ -127,19 +127,32 @@ fn proxyfleet(args: &[&str]) -> Command {
 }
 
 fn create_operator(dir: &std::path::Path, username: &str, password: &str) -> std::process::Output {
-    let mut child = proxyfleet(&[
+    create_operator_with(dir, username, password, &[], &[])
+}
+
+/// `operator create` with more flags and environment variables.
+fn create_operator_with(
+    dir: &std::path::Path,
+    username: &str,
+    password: &str,
+    flags: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let mut cmd = proxyfleet(&[
         "operator",
         "create",
         "--username",
         username,
         "--password-stdin",
-    ])
-    .env("PROXYFLEET_DATA_DIR", dir)
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    ]);
+    cmd.args(flags).envs(env.iter().copied());
+    let mut child = cmd
+        .env("PROXYFLEET_DATA_DIR", dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     child
         .stdin
         .take()
@@ -356,6 +369,46 @@ fn operator_create_from_the_command_line() {
     assert!(String::from_utf8_lossy(&second.stdout).contains("(operator)"));
     let dup = create_operator(dir.path(), "ROOT_OP", "Gr4nite-Lantern-Seven");
     assert!(String::from_utf8_lossy(&dup.stderr).contains("already exists"));
+
+    // The composition rule is `serve`'s setting, and the command line follows it from every source: the
+    // environment twin, the flag and the TOML file.
+    let plain = "quiet lantern granite orbit";
+    let refused = create_operator(dir.path(), "plain_op", plain);
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("uppercase letter"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let toml = dir.path().join("proxyfleet.toml");
+    std::fs::write(&toml, "password_composition_rule = false\n").unwrap();
+    let toml = toml.to_str().unwrap();
+    for (i, (flags, env)) in [
+        (
+            &[][..],
+            &[("PROXYFLEET_PASSWORD_COMPOSITION_RULE", "false")][..],
+        ),
+        (&["--password-composition-rule=false"][..], &[][..]),
+        (&["--config", toml][..], &[][..]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = create_operator_with(dir.path(), &format!("plain_op{i}"), plain, flags, env);
+        assert!(
+            out.status.success(),
+            "{flags:?} {env:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The flag wins over the file.
+    let out = create_operator_with(
+        dir.path(),
+        "plain_op9",
+        plain,
+        &["--config", toml, "--password-composition-rule"],
+        &[],
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("uppercase letter"));
 
     let no_stdin = proxyfleet(&["operator", "create", "--username", "x_y_z"])
         .env("PROXYFLEET_DATA_DIR", dir.path())
