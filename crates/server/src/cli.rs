@@ -84,10 +84,9 @@ pub enum OperatorCommand {
         /// Role of a non-first operator.
         #[arg(long, env = "PROXYFLEET_ROLE", value_parser = parse_role, default_value = "operator")]
         role: Role,
-        /// Require upper, lower, digit and special characters in the password, as `serve` does for passwords set
-        /// through the API and dashboard. Default true.
-        #[arg(long, env = "PROXYFLEET_PASSWORD_COMPOSITION_RULE", num_args = 0..=1, default_missing_value = "true")]
-        password_composition_rule: Option<bool>,
+        /// The password is checked as `serve` checks passwords set through the API and dashboard.
+        #[command(flatten)]
+        rule: PasswordRuleArgs,
     },
 }
 
@@ -97,6 +96,15 @@ fn parse_role(s: &str) -> Result<Role, String> {
         "operator" => Ok(Role::Operator),
         _ => Err(format!("unknown role {s:?} (use admin or operator)")),
     }
+}
+
+/// The operator password rule, shared by `serve` and `operator create` so both read it from the same flag and
+/// environment variable.
+#[derive(Args)]
+pub struct PasswordRuleArgs {
+    /// Require upper, lower, digit and special characters in operator passwords. Default true.
+    #[arg(long, env = "PROXYFLEET_PASSWORD_COMPOSITION_RULE", num_args = 0..=1, default_missing_value = "true")]
+    pub password_composition_rule: Option<bool>,
 }
 
 /// Settings every command that opens the store needs.
@@ -132,9 +140,8 @@ pub struct ServeArgs {
     /// Seconds of inactivity after which a session ends. Default 3600.
     #[arg(long, env = "PROXYFLEET_SESSION_IDLE_TIMEOUT_SECS")]
     pub session_idle_timeout_secs: Option<u64>,
-    /// Require upper, lower, digit and special characters in operator passwords. Default true.
-    #[arg(long, env = "PROXYFLEET_PASSWORD_COMPOSITION_RULE", num_args = 0..=1, default_missing_value = "true")]
-    pub password_composition_rule: Option<bool>,
+    #[command(flatten)]
+    pub rule: PasswordRuleArgs,
     /// Comma-separated CIDRs of reverse proxies whose X-Forwarded-For is believed. Default none.
     #[arg(long, env = "PROXYFLEET_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Option<Vec<IpNet>>,
@@ -234,7 +241,7 @@ impl ServeArgs {
             redis_prefix: self.redis_prefix.clone(),
             db_max_connections: self.db_max_connections,
             session_idle_timeout_secs: self.session_idle_timeout_secs,
-            password_composition_rule: self.password_composition_rule,
+            password_composition_rule: self.rule.password_composition_rule,
             trusted_proxies: self.trusted_proxies.clone(),
             public_url: self.public_url.clone(),
             log_format: self.log_format,

@@ -53,11 +53,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     username,
                     password_stdin,
                     role,
-                    password_composition_rule,
+                    rule,
                 },
         } => {
             let flags = RawConfig {
-                password_composition_rule,
+                password_composition_rule: rule.password_composition_rule,
                 ..RawConfig::default()
             };
             let config = cli::resolve(&common, flags)?;
