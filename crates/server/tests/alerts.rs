@@ -378,6 +378,25 @@ async fn deliveries(s: &TestServer, token: &str) -> Vec<Value> {
         .unwrap()
 }
 
+/// The delivery log once it holds `n` attempts. An attempt is logged only after the server has read
+/// its clock for the retry time (and, for 410, disabled the endpoint), so waiting for the log — not a
+/// fixed sleep, which a loaded CI machine can outlast — is what makes advancing the clock safe.
+async fn logged(s: &TestServer, token: &str, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = deliveries(s, token).await;
+        if log.len() >= n {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the log holds {} of {n} attempts: {log:?}",
+            log.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_keep_the_id_and_signature_and_the_log_shows_every_attempt() {
     let (rx, addr) = Receiver::start(&[(500, 0), (500, 0), (200, 0)]).await;
@@ -409,14 +428,14 @@ async fn retries_keep_the_id_and_signature_and_the_log_shows_every_attempt() {
     let op = operator_id(&s, &token).await;
     let id = enqueue(&s, &op, "device.offline").await;
     rx.wait_for(1).await;
-    // The retry waits about 5 s (±20 %) on the server's clock; move it.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The retry waits about 5 s (±20 %) on the server's clock; move it once the attempt is logged.
+    logged(&s, &token, 1).await;
     s.clock.advance(Duration::from_secs(7));
     rx.wait_for(2).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    logged(&s, &token, 2).await;
     s.clock.advance(Duration::from_secs(40));
     rx.wait_for(3).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = logged(&s, &token, 3).await;
     let got = rx.got.lock().unwrap().clone();
     assert_eq!(got.len(), 3);
     for (h, path, body) in &got {
@@ -424,7 +443,6 @@ async fn retries_keep_the_id_and_signature_and_the_log_shows_every_attempt() {
         assert_eq!(path, "/hooks");
         verify(&secret, h, body);
     }
-    let log = deliveries(&s, &token).await;
     let codes: Vec<i64> = log
         .iter()
         .map(|d| d["status_code"].as_i64().unwrap())
@@ -498,11 +516,12 @@ async fn redirects_are_not_followed_gone_disables_and_slow_receivers_time_out() 
     let op = operator_id(&s, &token).await;
     enqueue(&s, &op, "device.offline").await;
     rx.wait_for(1).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    logged(&s, &token, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(rx.count(), 1, "the redirect was not followed");
     s.clock.advance(Duration::from_secs(7));
     rx.wait_for(2).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = logged(&s, &token, 2).await;
     let v: Value = s
         .get("/api/v1.0/settings/webhook", &token)
         .await
@@ -511,7 +530,6 @@ async fn redirects_are_not_followed_gone_disables_and_slow_receivers_time_out() 
         .unwrap();
     assert_eq!(v["enabled"], false, "410 Gone disables the endpoint: {v}");
     assert!(v["disabled_reason"].as_str().unwrap().contains("410"));
-    let log = deliveries(&s, &token).await;
     assert_eq!(
         (
             log[0]["status_code"].as_i64(),
