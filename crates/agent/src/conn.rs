@@ -10,7 +10,30 @@ use proxyfleet_proto::enroll::TUNNEL_SERVER_NAME;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
-pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+pub type BoxRead = Box<dyn TunnelRead>;
+
+/// The receiving half of a tunnel stream.
+pub trait TunnelRead: AsyncRead + Send + Unpin {
+    /// Refuse the rest of what the server sends on this stream because the flow's target broke, so that the
+    /// stream's end (a FIN, after what the target sent) reaches the customer as a break
+    /// ([`proxyfleet_proto::STOP_TARGET_BROKE`]). False where the transport cannot carry that (yamux: the stream is
+    /// reset instead, which arrives after its data), or when the server's side has already ended.
+    fn refuse_upload(&mut self) -> bool {
+        false
+    }
+}
+
+impl TunnelRead for quinn::RecvStream {
+    fn refuse_upload(&mut self) -> bool {
+        self.stop(proxyfleet_proto::STOP_TARGET_BROKE.into())
+            .is_ok()
+    }
+}
+
+impl TunnelRead for proxyfleet_proto::mux::MuxRead {}
+
+/// An in-memory stream's half (tests drive a flow over one): it has no refusal to carry.
+impl<T: AsyncRead + Send> TunnelRead for tokio::io::ReadHalf<T> {}
 pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// How long a QUIC handshake may take (a probe's, or one racing TCP) before it counts as failed.

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::Context;
-use proxyfleet_proto::io::copy;
+use proxyfleet_proto::io::{copy, CopyError};
 use proxyfleet_proto::{Decode, Host, OpenResult, StreamHeader, Target, MAX_STREAM_HEADER};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -78,11 +78,16 @@ pub async fn serve_flow(
             None => std::future::pending().await,
         }
     };
-    let (moved, broken) = tokio::select! {
-        broken = relay(&mut recv, &mut send, &mut tr, &mut tw) => (false, broken),
-        () = gone => (true, false),
+    let (moved, ended) = tokio::select! {
+        ended = relay(&mut recv, &mut send, &mut tr, &mut tw) => (false, ended),
+        () = gone => (true, Ended::TunnelBroke),
     };
-    // The tunnel stream is done with; it does not wait for the target socket's close.
+    if let Ended::TargetBroke { refused: true } = ended {
+        // The server knows the target broke (the upload was refused with STOP_TARGET_BROKE): end the stream
+        // after what the target sent, which a reset would throw away unread.
+        let _ = tokio::time::timeout(UP_GRACE, send.shutdown()).await;
+    }
+    // The tunnel stream is done with; it does not wait for the target socket's close. Unfinished, it is reset.
     drop((recv, send));
     if moved {
         // The device's address changed (a phone on a new carrier address): what went through the old one can
@@ -95,11 +100,12 @@ pub async fn serve_flow(
     // unread would reset the connection and drop the upload's end (counted and paid for). The answer is left
     // unread: fetching it over the device's link would cost data nobody uses.
     if let Ok(tcp) = tr.reunite(tw) {
-        if broken {
+        match ended {
+            Ended::Done => proxyfleet_proto::io::close_delivered(&tcp, UP_GRACE, false).await,
             // The customer's side failed (the tunnel is gone): the target is reset, not told the upload is complete.
-            proxyfleet_proto::io::abort_delivered(&tcp, UP_GRACE).await;
-        } else {
-            proxyfleet_proto::io::close_delivered(&tcp, UP_GRACE, false).await;
+            Ended::TunnelBroke => proxyfleet_proto::io::abort_delivered(&tcp, UP_GRACE).await,
+            // Its connection is reset already.
+            Ended::TargetBroke { .. } => {}
         }
     }
     Ok(())
@@ -229,45 +235,106 @@ pub(crate) mod addresses {
     }
 }
 
-/// Copy a flow both ways until both directions end, or the answer's fails (the server stopped taking it).
-/// Returns whether the customer's direction failed instead of ending (the tunnel is gone).
+/// How a TCP flow's relay ended, and so how its tunnel stream and its target's connection end.
+enum Ended {
+    /// Both directions ended (the answer's end was passed on with a FIN), or the server stopped taking the answer:
+    /// the target's connection is closed once the upload has arrived.
+    Done,
+    /// The server's side failed (the tunnel is gone, or the server reset the stream): the target is reset.
+    TunnelBroke,
+    /// The target broke — it reset its connection, or stopped taking the upload — after what it sent had been
+    /// forwarded. `refused`: the server was told by the upload's refusal ([`crate::conn::TunnelRead::refuse_upload`])
+    /// and the stream ends with a FIN; otherwise it is reset (on yamux that arrives after its data).
+    TargetBroke { refused: bool },
+}
+
+/// How the upload direction ended.
+enum Up {
+    /// The customer's side ended (half-close); the target was told.
+    Ended,
+    /// Reading the tunnel stream failed.
+    TunnelFailed,
+    /// The target stopped taking the upload; `refused` says whether the server was told.
+    TargetStopped { refused: bool },
+}
+
+/// Copy a flow both ways until both directions end, the answer's fails (the server stopped taking it), the
+/// customer's side fails, or the target breaks (after what it sent has been forwarded).
 async fn relay(
     recv: &mut BoxRead,
     send: &mut BoxWrite,
     tr: &mut tokio::net::tcp::OwnedReadHalf,
     tw: &mut tokio::net::tcp::OwnedWriteHalf,
-) -> bool {
-    // 8 KiB per direction while the flow is idle or interactive, growing to 64 KiB (fewer, larger writes into the
-    // tunnel and the socket) while it moves bulk data.
-    let up = async {
-        copy(recv, tw).await?;
-        tw.shutdown().await
-    };
-    let down = async {
-        copy(tr, send).await?;
-        send.shutdown().await
-    };
-    tokio::pin!(up, down);
-    // Whether the customer's direction failed instead of ending.
-    tokio::select! {
-        r = &mut up => {
-            // The customer's side ended: cleanly (half-close), the answer may still be coming; on an error the
-            // flow is over.
-            if r.is_ok() {
-                let _ = down.await;
+) -> Ended {
+    // Set when the target stopped taking the upload and the server could not be told (yamux).
+    let stopped_untold = std::sync::atomic::AtomicBool::new(false);
+    let ended = {
+        // 8 KiB per direction while the flow is idle or interactive, growing to 64 KiB (fewer, larger writes into
+        // the tunnel and the socket) while it moves bulk data.
+        let up = async {
+            let copied = match copy(&mut *recv, tw).await {
+                Ok(_) => tw.shutdown().await.map_err(CopyError::Write),
+                Err(e) => Err(e),
+            };
+            match copied {
+                Ok(()) => Up::Ended,
+                Err(CopyError::Read(_)) => Up::TunnelFailed,
+                // A site that answers before reading the upload (a 413 to a large POST) and resets: stop the
+                // upload at once (it costs the device's data for nothing), and hear the answer out.
+                Err(CopyError::Write(_)) => {
+                    let refused = recv.refuse_upload();
+                    stopped_untold.store(!refused, std::sync::atomic::Ordering::Relaxed);
+                    Up::TargetStopped { refused }
+                }
             }
-            r.is_err()
-        }
-        r = &mut down => {
-            if r.is_ok() {
-                up.await.is_err()
-            } else {
-                // The server stopped taking the answer (the flow was cut off or closed). What it already sent
-                // up was counted: deliver it to the target, within a grace, before the flow ends.
-                let _ = tokio::time::timeout(UP_GRACE, up).await;
-                false
+        };
+        let down = async {
+            copy(tr, send).await?;
+            // The target's end after it stopped taking the upload is a break even when it reads as an end (the
+            // write saw the reset first): where the server could not be told, only a reset of the stream says so.
+            if stopped_untold.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(CopyError::Read(std::io::ErrorKind::ConnectionReset.into()));
             }
+            send.shutdown().await.map_err(CopyError::Write)
+        };
+        tokio::pin!(up, down);
+        tokio::select! {
+            u = &mut up => match u {
+                // The customer's side ended cleanly (half-close): the answer may still be coming.
+                Up::Ended => match down.await {
+                    Err(CopyError::Read(_)) => Ended::TargetBroke { refused: false },
+                    Ok(()) | Err(CopyError::Write(_)) => Ended::Done,
+                },
+                Up::TunnelFailed => Ended::TunnelBroke,
+                Up::TargetStopped { refused } => match down.await {
+                    // The server stopped taking the answer as well (or the tunnel went).
+                    Err(CopyError::Write(_)) if !refused => Ended::TunnelBroke,
+                    _ => Ended::TargetBroke { refused },
+                },
+            },
+            r = &mut down => match r {
+                Ok(()) => match up.await {
+                    Up::Ended => Ended::Done,
+                    Up::TunnelFailed => Ended::TunnelBroke,
+                    // The answer went out whole; the target then refused the rest of the upload.
+                    Up::TargetStopped { .. } => Ended::TargetBroke { refused: false },
+                },
+                // The target reset its connection: the server is told below, before the stream's FIN.
+                Err(CopyError::Read(_)) => Ended::TargetBroke { refused: false },
+                Err(CopyError::Write(_)) => {
+                    // The server stopped taking the answer (the flow was cut off or closed). What it already sent
+                    // up was counted: deliver it to the target, within a grace, before the flow ends.
+                    let _ = tokio::time::timeout(UP_GRACE, up).await;
+                    Ended::Done
+                }
+            },
         }
+    };
+    match ended {
+        Ended::TargetBroke { refused: false } => Ended::TargetBroke {
+            refused: recv.refuse_upload(),
+        },
+        e => e,
     }
 }
 

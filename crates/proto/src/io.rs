@@ -61,8 +61,17 @@ impl CopyBuf {
     }
 }
 
+/// Which side of a [`copy`] failed.
+#[derive(Debug)]
+pub enum CopyError {
+    /// Reading the source failed (it was reset, or its tunnel is gone).
+    Read(io::Error),
+    /// Writing to the destination failed (it stopped taking bytes: reset, or stopped reading).
+    Write(io::Error),
+}
+
 /// Copy `r` to `w` until `r` ends, through a [`CopyBuf`]; the count copied. `w` is not shut down.
-pub async fn copy<R, W>(r: &mut R, w: &mut W) -> io::Result<u64>
+pub async fn copy<R, W>(r: &mut R, w: &mut W) -> Result<u64, CopyError>
 where
     R: AsyncRead + Unpin + ?Sized,
     W: AsyncWrite + Unpin + ?Sized,
@@ -70,12 +79,12 @@ where
     let mut buf = CopyBuf::default();
     let mut total = 0u64;
     loop {
-        let n = buf.read_from(r).await?;
+        let n = buf.read_from(r).await.map_err(CopyError::Read)?;
         if n == 0 {
-            w.flush().await?;
+            w.flush().await.map_err(CopyError::Write)?;
             return Ok(total);
         }
-        w.write_all(buf.data()).await?;
+        w.write_all(buf.data()).await.map_err(CopyError::Write)?;
         total += n as u64;
     }
 }

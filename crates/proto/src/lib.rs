@@ -48,6 +48,13 @@ pub const MAX_UDP_FRAME: usize = 65_535 + 300;
 /// streaming while bounding what a stalled reader can make the other side buffer.
 pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 
+/// The QUIC stop code (STOP_SENDING) with which the agent refuses the rest of a flow's upload because its target
+/// broke (reset its connection, or stopped reading and reset it). The agent then ends the stream with a FIN once it
+/// has sent on what the target answered, and the server, finding the upload stopped with this code when the answer
+/// ends, resets its customer instead of closing: "delivered, then broken". (A QUIC reset would drop the answer's
+/// unread end; on the TCP fallback the agent resets the yamux stream, which arrives after its data.)
+pub const STOP_TARGET_BROKE: u32 = 0x7442;
+
 /// A QUIC tunnel that hears nothing from its peer for this long is closed, on both ends (QUIC's idle timeout; the
 /// smaller of the two sides' applies). A device that lost power or coverage thus fails its customers' flows and
 /// shows offline within 20 s, instead of leaving them hanging; shorter would tear down tunnels over a mobile

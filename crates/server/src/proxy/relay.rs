@@ -12,11 +12,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use proxyfleet_proto::io::CopyBuf;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::directory::{Dir, Directory, Entry};
+use crate::tunnel::link::{TargetBroke, TunnelWrite};
 
 /// After a flow is told to stop, how long a write of already-counted bytes may still take.
 const WRITE_GRACE: Duration = Duration::from_secs(2);
@@ -151,13 +153,14 @@ enum Pumped {
     Eof,
     /// The cut-off, or `stop`.
     Stopped,
-    /// Reading the source failed: a reset, or (for the tunnel side) the device's tunnel gone.
+    /// Reading the source failed: a reset, or (for the tunnel side) the device's tunnel gone. Also the tunnel
+    /// stream's end when the agent had refused the upload because the target broke ([`TunnelWrite::target_broke`]).
     SourceFailed,
 }
 
 /// Send `first` (bytes the front door already holds), then copy until EOF, an error, the cut-off or `stop`. A
 /// chunk counted before the stop is still written (within the grace) before it returns. At EOF `w` is closed,
-/// unless `keep_open` (its owner decides).
+/// unless `keep_open` (its owner decides) or `broke` has resolved: then the end is a break.
 #[allow(clippy::too_many_arguments)]
 async fn pump<R, W>(
     dir: &Directory,
@@ -169,6 +172,7 @@ async fn pump<R, W>(
     w: &mut W,
     first: &[u8],
     keep_open: bool,
+    broke: Option<&mut TargetBroke>,
 ) -> std::io::Result<Pumped>
 where
     R: AsyncRead + Unpin + ?Sized,
@@ -199,6 +203,9 @@ where
             },
         };
         if n == 0 {
+            if broke.is_some_and(|b| b.now_or_never().is_some()) {
+                return Ok(Pumped::SourceFailed);
+            }
             if !keep_open {
                 let _ = w.shutdown().await;
             }
@@ -255,9 +262,10 @@ where
     CR: AsyncRead + Unpin,
     CW: AsyncWrite + Unpin,
     DR: AsyncRead + Unpin,
-    DW: AsyncWrite + Unpin,
+    DW: TunnelWrite,
 {
     let mut broken = false;
+    let mut broke = dw.target_broke();
     {
         // Stopped with the connection's flows, or by this relay when one direction ends it. Either way each
         // direction finishes writing the chunk it already counted, so what was charged is what was forwarded.
@@ -277,6 +285,7 @@ where
             &mut dw,
             first_up,
             false,
+            None,
         );
         let down = pump(
             dir,
@@ -288,6 +297,7 @@ where
             &mut cw,
             &[],
             opts.end_with_target,
+            Some(&mut broke),
         );
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
@@ -298,11 +308,13 @@ where
             tokio::select! {
                 r = &mut up, if !up_done => {
                     up_done = true;
-                    // The upload's only error is a failed write to the tunnel stream: the device's side broke (its
-                    // download, failing at the same moment, may then see the stop first).
+                    // The upload's only error is a failed write to the tunnel stream: the device's side broke.
                     broken |= r.is_err();
-                    // An error or a stop ends the flow; a clean EOF leaves the other direction running (half-close).
-                    if !matches!(r, Ok(Pumped::Eof)) { stop.cancel(); }
+                    // A stop or the customer's failure ends the flow; a clean EOF leaves the other direction running
+                    // (half-close), and so does a failed write: the target may have answered before it stopped
+                    // taking the upload (a 413 to a large POST), and the answer is still coming. (A tunnel that
+                    // is gone fails the download too.)
+                    if matches!(r, Ok(Pumped::Stopped | Pumped::SourceFailed)) { stop.cancel(); }
                 }
                 r = &mut down, if !down_done => {
                     down_done = true;
