@@ -7,34 +7,13 @@ use std::time::Duration;
 use anyhow::Context;
 use futures_util::StreamExt;
 use proxyfleet_proto::enroll::TUNNEL_SERVER_NAME;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::AsyncWrite;
 use tokio_util::sync::CancellationToken;
 
+pub use proxyfleet_proto::end::{TunnelRead, TunnelWrite};
+
 pub type BoxRead = Box<dyn TunnelRead>;
-
-/// The receiving half of a tunnel stream.
-pub trait TunnelRead: AsyncRead + Send + Unpin {
-    /// Refuse the rest of what the server sends on this stream because the flow's target broke, so that the
-    /// stream's end (a FIN, after what the target sent) reaches the customer as a break
-    /// ([`proxyfleet_proto::STOP_TARGET_BROKE`]). False where the transport cannot carry that (yamux: the stream is
-    /// reset instead, which arrives after its data), or when the server's side has already ended.
-    fn refuse_upload(&mut self) -> bool {
-        false
-    }
-}
-
-impl TunnelRead for quinn::RecvStream {
-    fn refuse_upload(&mut self) -> bool {
-        self.stop(proxyfleet_proto::STOP_TARGET_BROKE.into())
-            .is_ok()
-    }
-}
-
-impl TunnelRead for proxyfleet_proto::mux::MuxRead {}
-
-/// An in-memory stream's half (tests drive a flow over one): it has no refusal to carry.
-impl<T: AsyncRead + Send> TunnelRead for tokio::io::ReadHalf<T> {}
-pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+pub type BoxWrite = Box<dyn TunnelWrite>;
 
 /// How long a QUIC handshake may take (a probe's, or one racing TCP) before it counts as failed.
 pub const QUIC_TIMEOUT: Duration = Duration::from_secs(4);
@@ -84,6 +63,12 @@ impl Drop for QuicSend {
         if !self.finished {
             let _ = self.inner.reset(0u32.into());
         }
+    }
+}
+
+impl TunnelWrite for QuicSend {
+    fn refused(&self, code: u32) -> proxyfleet_proto::end::Refused {
+        proxyfleet_proto::end::quic_refused(&self.inner, code)
     }
 }
 

@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::Context;
+use futures_util::FutureExt;
 use proxyfleet_proto::io::{copy, CopyError};
 use proxyfleet_proto::{Decode, Host, OpenResult, StreamHeader, Target, MAX_STREAM_HEADER};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -243,7 +244,7 @@ enum Ended {
     /// The server's side failed (the tunnel is gone, or the server reset the stream): the target is reset.
     TunnelBroke,
     /// The target broke — it reset its connection, or stopped taking the upload — after what it sent had been
-    /// forwarded. `refused`: the server was told by the upload's refusal ([`crate::conn::TunnelRead::refuse_upload`])
+    /// forwarded. `refused`: the server was told by the upload's refusal ([`proxyfleet_proto::end::TunnelRead::refuse`])
     /// and the stream ends with a FIN; otherwise it is reset (on yamux that arrives after its data).
     TargetBroke { refused: bool },
 }
@@ -268,11 +269,15 @@ async fn relay(
 ) -> Ended {
     // Set when the target stopped taking the upload and the server could not be told (yamux).
     let stopped_untold = std::sync::atomic::AtomicBool::new(false);
+    // The server cut the flow short on its side (its customer reset, the cut-off, …): the upload's end is a break.
+    let mut cut_short = send.refused(proxyfleet_proto::STOP_CUT_SHORT);
     let ended = {
         // 8 KiB per direction while the flow is idle or interactive, growing to 64 KiB (fewer, larger writes into
         // the tunnel and the socket) while it moves bulk data.
         let up = async {
             let copied = match copy(&mut *recv, tw).await {
+                // The server refused the answer before this end: not the upload's end, a break.
+                Ok(_) if cut_short.as_mut().now_or_never().is_some() => return Up::TunnelFailed,
                 Ok(_) => tw.shutdown().await.map_err(CopyError::Write),
                 Err(e) => Err(e),
             };
@@ -282,7 +287,7 @@ async fn relay(
                 // A site that answers before reading the upload (a 413 to a large POST) and resets: stop the
                 // upload at once (it costs the device's data for nothing), and hear the answer out.
                 Err(CopyError::Write(_)) => {
-                    let refused = recv.refuse_upload();
+                    let refused = recv.refuse(proxyfleet_proto::STOP_TARGET_BROKE);
                     stopped_untold.store(!refused, std::sync::atomic::Ordering::Relaxed);
                     Up::TargetStopped { refused }
                 }
@@ -322,17 +327,19 @@ async fn relay(
                 // The target reset its connection: the server is told below, before the stream's FIN.
                 Err(CopyError::Read(_)) => Ended::TargetBroke { refused: false },
                 Err(CopyError::Write(_)) => {
-                    // The server stopped taking the answer (the flow was cut off or closed). What it already sent
+                    // The server stopped taking the answer (the flow was cut short or closed). What it already sent
                     // up was counted: deliver it to the target, within a grace, before the flow ends.
-                    let _ = tokio::time::timeout(UP_GRACE, up).await;
-                    Ended::Done
+                    match tokio::time::timeout(UP_GRACE, up).await {
+                        Ok(Up::TunnelFailed) => Ended::TunnelBroke,
+                        _ => Ended::Done,
+                    }
                 }
             },
         }
     };
     match ended {
         Ended::TargetBroke { refused: false } => Ended::TargetBroke {
-            refused: recv.refuse_upload(),
+            refused: recv.refuse(proxyfleet_proto::STOP_TARGET_BROKE),
         },
         e => e,
     }

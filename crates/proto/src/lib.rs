@@ -12,6 +12,7 @@ pub mod base32;
 pub mod chunked;
 pub mod codec;
 pub mod control;
+pub mod end;
 pub mod enroll;
 pub mod file;
 pub mod http_proxy;
@@ -48,12 +49,14 @@ pub const MAX_UDP_FRAME: usize = 65_535 + 300;
 /// streaming while bounding what a stalled reader can make the other side buffer.
 pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 
-/// The QUIC stop code (STOP_SENDING) with which the agent refuses the rest of a flow's upload because its target
-/// broke (reset its connection, or stopped reading and reset it). The agent then ends the stream with a FIN once it
-/// has sent on what the target answered, and the server, finding the upload stopped with this code when the answer
-/// ends, resets its customer instead of closing: "delivered, then broken". (A QUIC reset would drop the answer's
-/// unread end; on the TCP fallback the agent resets the yamux stream, which arrives after its data.)
+/// The code with which the agent refuses the rest of a flow's upload because its target broke (reset its
+/// connection, or stopped taking the upload): the server then resets its customer after the answer ([`end`]).
 pub const STOP_TARGET_BROKE: u32 = 0x7442;
+
+/// The code with which the server refuses the rest of a flow's answer because it cut the flow short on its side
+/// (the customer reset its connection, or the flow was stopped: cut-off, disabled, deleted, device changed or
+/// revoked, server stopping): the agent then resets the target after the upload it was charged for ([`end`]).
+pub const STOP_CUT_SHORT: u32 = 0x7443;
 
 /// A QUIC tunnel that hears nothing from its peer for this long is closed, on both ends (QUIC's idle timeout; the
 /// smaller of the two sides' applies). A device that lost power or coverage thus fails its customers' flows and

@@ -690,7 +690,8 @@ async fn http_and_socks5_doors_carry_traffic_and_refuse_properly() {
     let basic = basic(&user, &pass);
     for (request, want) in [
         (
-            format!("GET {url} HTTP/1.2\r\nProxy-Authorization: Basic {basic}\r\n\r\n"),
+            // (It says `close`: the proxy would otherwise keep the connection for the next request.)
+            format!("GET {url} HTTP/1.2\r\nProxy-Authorization: Basic {basic}\r\nConnection: close\r\n\r\n"),
             "HTTP/1.1 200 ",
         ),
         (
@@ -2407,16 +2408,13 @@ async fn a_target_that_resets_mid_answer_reaches_the_customer_as_a_reset() {
         let Some((rig, user, pass)) = rig_with_connection(quic).await else {
             return;
         };
-        let (mut s, mut up) = socks_connect(rig.socks_addr(), target, &user, &pass)
+        let mut s = socks_connect(rig.socks_addr(), target, &user, &pass)
             .await
             .unwrap()
-            .into_inner()
-            .into_split();
-        let uploading = tokio::spawn(async move {
-            while up.write_all(&[1u8; 1024]).await.is_ok() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        });
+            .into_inner();
+        // The customer has sent something and keeps its side open. (Not writing on: a write racing the read
+        // would take the reset's error, leaving the read a plain end.)
+        s.write_all(&[1u8; 4096]).await.unwrap();
         let mut b = vec![0u8; 50_000];
         s.read_exact(&mut b).await.unwrap();
         assert_eq!(b, pattern(50_000), "quic: {quic}");
@@ -2427,7 +2425,6 @@ async fn a_target_that_resets_mid_answer_reaches_the_customer_as_a_reset() {
             matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
             "quic: {quic}: {end:?}"
         );
-        uploading.abort();
         rig.agent.cancel();
     }
 }
@@ -2475,6 +2472,63 @@ async fn refusing_target(after: Option<Duration>) -> SocketAddr {
     addr
 }
 
+/// A site that reads only a request's head (through a small receive buffer), answers `413` after a while and then
+/// closes with the body unread (a reset).
+async fn head_only_target() -> SocketAddr {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let l = sock.listen(16).unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut head, mut b) = (Vec::new(), [0u8; 1]);
+                while !head.ends_with(b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(1) => head.push(b[0]),
+                        _ => return,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\n\r\ntoo large",
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Read `s` to its end: the site's `413` whole, then a reset.
+async fn answer_then_reset(s: &mut TcpStream, what: &str) {
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut b = [0u8; 4096];
+        loop {
+            match s.read(&mut b).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => got.extend_from_slice(&b[..n]),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the flow ended");
+    assert!(
+        got.starts_with(b"HTTP/1.1 413") && got.ends_with(b"too large"),
+        "{what}: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(
+        matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{what}: {end:?}"
+    );
+}
+
 /// A site that answers before it has read the upload and then resets (a `413` to a large POST) is heard: the
 /// customer gets the answer through every door and both transports, as it does direct. Until session 16 the
 /// answer was lost in most tries (the agent ended the flow when its write to the target failed, and the server's
@@ -2483,6 +2537,7 @@ async fn refusing_target(after: Option<Duration>) -> SocketAddr {
 async fn a_site_that_refuses_an_upload_early_is_heard() {
     let target = refusing_target(None).await;
     let resetting = refusing_target(Some(Duration::from_millis(300))).await;
+    let slow = head_only_target().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("upload");
     std::fs::write(&file, vec![b'x'; MIB]).unwrap();
@@ -2532,27 +2587,112 @@ async fn a_site_that_refuses_an_upload_early_is_heard() {
             format!("POST /up HTTP/1.1\r\nHost: {resetting}\r\nContent-Length: {MIB}\r\n\r\n");
         s.write_all(head.as_bytes()).await.unwrap();
         s.write_all(&[b'x'; 65_536]).await.unwrap();
-        let mut got = Vec::new();
-        let end = tokio::time::timeout(Duration::from_secs(10), async {
-            let mut b = [0u8; 4096];
-            loop {
-                match s.read(&mut b).await {
-                    Ok(0) => return Ok(()),
-                    Ok(n) => got.extend_from_slice(&b[..n]),
-                    Err(e) => return Err(e),
-                }
+        answer_then_reset(&mut s, &format!("quic {quic}")).await;
+        // A customer that sent its whole body and half-closed, to a site that reads only the head: the upload's
+        // end is waiting unread on the device when the site answers and resets, so there is no upload left to
+        // refuse and the device must reset the stream instead (session 16's review found this read as clean).
+        for body in [3_200_000usize, 3_800_000] {
+            let mut s = socks_connect(rig.socks_addr(), slow, &user, &pass)
+                .await
+                .unwrap()
+                .into_inner();
+            let head =
+                format!("POST /up HTTP/1.1\r\nHost: {slow}\r\nContent-Length: {body}\r\n\r\n");
+            s.write_all(head.as_bytes()).await.unwrap();
+            s.write_all(&vec![b'x'; body]).await.unwrap();
+            s.shutdown().await.unwrap();
+            answer_then_reset(&mut s, &format!("quic {quic}, half-closed, {body}")).await;
+        }
+        rig.agent.cancel();
+    }
+}
+
+/// A target that reads what it is sent and reports, per connection, how many bytes it got and whether its
+/// connection ended with a reset (`true`) or a close.
+async fn ending_target() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(usize, bool)>,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let (mut got, mut b) = (0, vec![0u8; 65_536]);
+                let reset = loop {
+                    match s.read(&mut b).await {
+                        Ok(0) => break false,
+                        Ok(n) => got += n,
+                        Err(e) => break e.kind() == std::io::ErrorKind::ConnectionReset,
+                    }
+                };
+                let _ = tx.send((got, reset));
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// The next of [`ending_target`]'s reports.
+async fn next_end(ends: &mut tokio::sync::mpsc::UnboundedReceiver<(usize, bool)>) -> (usize, bool) {
+    tokio::time::timeout(Duration::from_secs(10), ends.recv())
+        .await
+        .expect("the target's connection ended")
+        .unwrap()
+}
+
+/// A flow cut short on the customer's side reaches the target as a reset after everything it was charged for —
+/// the customer resetting its connection, and the cut-off — over QUIC and the TCP fallback: a target reading a
+/// raw upload would otherwise take what it got for the whole of it. A customer that closes still closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_cut_short_on_the_customers_side_resets_the_target() {
+    let (target, mut ends) = ending_target().await;
+    for quic in [true, false] {
+        let Some((rig, user, pass)) = rig_with_connection(quic).await else {
+            return;
+        };
+        for reset in [true, false] {
+            let mut s = socks_connect(rig.socks_addr(), target, &user, &pass)
+                .await
+                .unwrap()
+                .into_inner();
+            s.write_all(&pattern(100_000)).await.unwrap();
+            // Let it all go through first.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if reset {
+                socket2::SockRef::from(&s)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
             }
+            drop(s);
+            assert_eq!(
+                next_end(&mut ends).await,
+                (100_000, reset),
+                "quic {quic}: the customer {}",
+                if reset { "reset" } else { "closed" }
+            );
+        }
+        // The cut-off, in the middle of an upload: the target gets the limit, then a reset.
+        let limit = 256 * 1024;
+        let c = rig
+            .create(json!({"name": "cut", "device_id": rig.device, "bandwidth_limit_bytes": limit}))
+            .await;
+        let (user, pass) = creds(&c);
+        let mut s = socks_connect(rig.socks_addr(), target, &user, &pass)
+            .await
+            .unwrap();
+        let chunk = pattern(64 * 1024);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while s.write_all(&chunk).await.is_ok() {}
         })
         .await
-        .expect("the flow ended");
-        assert!(
-            got.starts_with(b"HTTP/1.1 413") && got.ends_with(b"too large"),
-            "quic {quic}: {:?}",
-            String::from_utf8_lossy(&got)
-        );
-        assert!(
-            matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-            "quic {quic}: {end:?}"
+        .expect("the upload was cut off");
+        assert_eq!(
+            next_end(&mut ends).await,
+            (limit, true),
+            "quic {quic}: the cut-off"
         );
         rig.agent.cancel();
     }

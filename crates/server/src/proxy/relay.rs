@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::directory::{Dir, Directory, Entry};
-use crate::tunnel::link::{TargetBroke, TunnelWrite};
+use proxyfleet_proto::end::{Refused, TunnelRead, TunnelWrite};
 
 /// After a flow is told to stop, how long a write of already-counted bytes may still take.
 const WRITE_GRACE: Duration = Duration::from_secs(2);
@@ -154,7 +154,7 @@ enum Pumped {
     /// The cut-off, or `stop`.
     Stopped,
     /// Reading the source failed: a reset, or (for the tunnel side) the device's tunnel gone. Also the tunnel
-    /// stream's end when the agent had refused the upload because the target broke ([`TunnelWrite::target_broke`]).
+    /// stream's end when the agent had refused the upload because the target broke ([`TunnelWrite::refused`] with [`proxyfleet_proto::STOP_TARGET_BROKE`]).
     SourceFailed,
 }
 
@@ -172,7 +172,7 @@ async fn pump<R, W>(
     w: &mut W,
     first: &[u8],
     keep_open: bool,
-    broke: Option<&mut TargetBroke>,
+    broke: Option<&mut Refused>,
 ) -> std::io::Result<Pumped>
 where
     R: AsyncRead + Unpin + ?Sized,
@@ -261,11 +261,13 @@ pub async fn relay<CR, CW, DR, DW>(
 where
     CR: AsyncRead + Unpin,
     CW: AsyncWrite + Unpin,
-    DR: AsyncRead + Unpin,
+    DR: TunnelRead,
     DW: TunnelWrite,
 {
     let mut broken = false;
-    let mut broke = dw.target_broke();
+    // The customer's side failed (a reset): the target must not take the upload for complete.
+    let mut customer_failed = false;
+    let mut broke = dw.refused(proxyfleet_proto::STOP_TARGET_BROKE);
     {
         // Stopped with the connection's flows, or by this relay when one direction ends it. Either way each
         // direction finishes writing the chunk it already counted, so what was charged is what was forwarded.
@@ -297,7 +299,8 @@ where
             &mut cw,
             &[],
             opts.end_with_target,
-            Some(&mut broke),
+            // One forwarded request's answer ends where its framing says, whole whatever the target does next.
+            (!opts.end_with_target).then_some(&mut broke),
         );
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
@@ -310,6 +313,7 @@ where
                     up_done = true;
                     // The upload's only error is a failed write to the tunnel stream: the device's side broke.
                     broken |= r.is_err();
+                    customer_failed = matches!(r, Ok(Pumped::SourceFailed));
                     // A stop or the customer's failure ends the flow; a clean EOF leaves the other direction running
                     // (half-close), and so does a failed write: the target may have answered before it stopped
                     // taking the upload (a 413 to a large POST), and the answer is still coming. (A tunnel that
@@ -345,7 +349,15 @@ where
     // the flow was cut short, and the customer must be able to tell, as when its device's side broke. An answer
     // whose end is its connection's close (a body without length, a raw stream) would otherwise look whole.
     broken |= flow.stop.is_cancelled();
-    if !broken {
+    if customer_failed || flow.stop.is_cancelled() {
+        // Cut short on this side: the target must not take what it got of the upload for all of it. Refuse the
+        // rest of the answer, then end the upload after everything charged (the agent resets the target at that
+        // end); where the refusal cannot be carried (yamux) the stream is dropped unfinished, a reset that arrives
+        // after its data. Over QUIC a stream whose answer had already ended gets a plain FIN (nothing to refuse).
+        if dr.refuse(proxyfleet_proto::STOP_CUT_SHORT) {
+            let _ = tokio::time::timeout(Duration::from_millis(200), dw.shutdown()).await;
+        }
+    } else if !broken {
         // Tell the customer the flow is over (FIN) before the sockets are dropped, and the device too: a yamux
         // stream dropped unfinished is reset, and the agent would reset the target as if the flow had broken.
         if !opts.end_with_target {

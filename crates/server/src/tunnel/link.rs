@@ -8,46 +8,12 @@ use std::time::Duration;
 
 use proxyfleet_proto::codec::frame;
 use proxyfleet_proto::{Host, OpenResult, StreamHeader, Target};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+pub type BoxRead = Box<dyn TunnelRead>;
+pub use proxyfleet_proto::end::{TunnelRead, TunnelWrite};
 pub type BoxWrite = Box<dyn TunnelWrite>;
-/// Resolves once the agent has refused the rest of a stream because the flow's target broke ([`TunnelWrite`]).
-pub type TargetBroke = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// The sending half of a tunnel stream.
-pub trait TunnelWrite: AsyncWrite + Send + Unpin {
-    /// Resolves once the agent has refused the rest of this stream with
-    /// [`proxyfleet_proto::STOP_TARGET_BROKE`]: the flow's target broke, so the end of what the agent sends back
-    /// (a FIN after the target's last bytes) is a break, not the answer's end. The agent refuses before it ends
-    /// the stream, and QUIC puts the refusal in the same packet as the FIN or an earlier one, so it has arrived by
-    /// the time the end is read (unless the packet that carried it was lost). Never on yamux, where the agent
-    /// resets the stream instead (a yamux reset arrives after the data before it).
-    fn target_broke(&self) -> TargetBroke {
-        Box::pin(std::future::pending())
-    }
-}
-
-impl TunnelWrite for quinn::SendStream {
-    fn target_broke(&self) -> TargetBroke {
-        let stopped = self.stopped();
-        Box::pin(async move {
-            match stopped.await {
-                Ok(Some(code)) if code == proxyfleet_proto::STOP_TARGET_BROKE.into() => {}
-                _ => std::future::pending().await,
-            }
-        })
-    }
-}
-
-impl TunnelWrite for proxyfleet_proto::mux::MuxWrite {}
-
-impl<T: TunnelWrite + ?Sized> TunnelWrite for Box<T> {
-    fn target_broke(&self) -> TargetBroke {
-        (**self).target_broke()
-    }
-}
 pub type StreamFuture<'a> =
     Pin<Box<dyn Future<Output = Result<(BoxRead, BoxWrite), FlowError>> + Send + 'a>>;
 pub type ClosedFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;

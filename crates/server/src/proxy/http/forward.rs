@@ -316,6 +316,13 @@ fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error 
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
+/// The refusal goes to the tunnel stream the answer is read from.
+impl<R: proxyfleet_proto::end::TunnelRead> proxyfleet_proto::end::TunnelRead for Answer<R> {
+    fn refuse(&mut self, code: u32) -> bool {
+        self.inner.refuse(code)
+    }
+}
+
 impl<R: AsyncRead + Unpin> AsyncRead for Answer<R> {
     fn poll_read(
         self: Pin<&mut Self>,
