@@ -2465,6 +2465,8 @@ async fn refusing_target(after: Option<Duration>) -> SocketAddr {
                     .await;
                 if let Some(after) = after {
                     tokio::time::sleep(after).await;
+                    // Some of the body waits unread, so the close is a reset.
+                    let _ = s.peek(&mut [0u8; 1]).await;
                 }
             });
         }
@@ -2608,23 +2610,29 @@ async fn a_site_that_refuses_an_upload_early_is_heard() {
 }
 
 /// A target that reads what it is sent and reports, per connection, how many bytes it got and whether its
-/// connection ended with a reset (`true`) or a close.
+/// connection ended with a reset (`true`) or a close; and how many bytes it has read so far, in all.
 async fn ending_target() -> (
     SocketAddr,
     tokio::sync::mpsc::UnboundedReceiver<(usize, bool)>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let total = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let all = total.clone();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
-            let tx = tx.clone();
+            let (tx, all) = (tx.clone(), all.clone());
             tokio::spawn(async move {
                 let (mut got, mut b) = (0, vec![0u8; 65_536]);
                 let reset = loop {
                     match s.read(&mut b).await {
                         Ok(0) => break false,
-                        Ok(n) => got += n,
+                        Ok(n) => {
+                            got += n;
+                            all.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+                        }
                         Err(e) => break e.kind() == std::io::ErrorKind::ConnectionReset,
                     }
                 };
@@ -2632,7 +2640,7 @@ async fn ending_target() -> (
             });
         }
     });
-    (addr, rx)
+    (addr, rx, total)
 }
 
 /// The next of [`ending_target`]'s reports.
@@ -2648,7 +2656,7 @@ async fn next_end(ends: &mut tokio::sync::mpsc::UnboundedReceiver<(usize, bool)>
 /// raw upload would otherwise take what it got for the whole of it. A customer that closes still closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flow_cut_short_on_the_customers_side_resets_the_target() {
-    let (target, mut ends) = ending_target().await;
+    let (target, mut ends, total) = ending_target().await;
     for quic in [true, false] {
         let Some((rig, user, pass)) = rig_with_connection(quic).await else {
             return;
@@ -2658,9 +2666,17 @@ async fn a_flow_cut_short_on_the_customers_side_resets_the_target() {
                 .await
                 .unwrap()
                 .into_inner();
+            let before = total.load(std::sync::atomic::Ordering::SeqCst);
             s.write_all(&pattern(100_000)).await.unwrap();
-            // Let it all go through first.
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // It has all arrived before the customer goes.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while total.load(std::sync::atomic::Ordering::SeqCst) < before + 100_000 {
+                assert!(
+                    Instant::now() < deadline,
+                    "quic {quic}: the upload never arrived"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             if reset {
                 socket2::SockRef::from(&s)
                     .set_linger(Some(Duration::ZERO))
