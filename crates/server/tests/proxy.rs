@@ -187,6 +187,11 @@ async fn http_target(bind: &str, len: usize) -> SocketAddr {
 
 /// An HTTP server whose answers end only by its closing the connection (no `Content-Length`, not chunked).
 async fn unframed_http_target(len: usize) -> SocketAddr {
+    unframed_http_target_ending(len, false).await
+}
+
+/// [`unframed_http_target`] that ends its answer with a reset instead of a close, when `reset`.
+async fn unframed_http_target_ending(len: usize, reset: bool) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -199,6 +204,12 @@ async fn unframed_http_target(len: usize) -> SocketAddr {
                     .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
                     .await;
                 let _ = s.write_all(&pattern(len)).await;
+                if reset {
+                    // Let it go out, then reset.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                    return;
+                }
                 let _ = s.shutdown().await;
             });
         }
@@ -2472,6 +2483,26 @@ async fn refusing_target(after: Option<Duration>) -> SocketAddr {
         }
     });
     addr
+}
+
+/// A forwarded request's answer without a length, cut short by the site's reset, is not passed off as whole:
+/// curl fails on both transports (session 16's second review found it exiting 0 with the short body over QUIC).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unframed_answer_the_site_resets_fails_through_absolute_form() {
+    let target = unframed_http_target_ending(50_000, true).await;
+    let url = format!("http://{target}/");
+    for quic in [true, false] {
+        let Some((rig, user, pass)) = rig_with_connection(quic).await else {
+            return;
+        };
+        let http = format!("http://{user}:{pass}@{}", rig.http_addr());
+        let (code, out) = curl_via(&http, &url, &[]).await;
+        assert!(
+            code != 0 && out.starts_with("200 "),
+            "quic {quic}: curl exit {code}, {out}"
+        );
+        rig.agent.cancel();
+    }
 }
 
 /// A site that reads only a request's head (through a small receive buffer), answers `413` after a while and then

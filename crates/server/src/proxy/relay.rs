@@ -299,8 +299,9 @@ where
             &mut cw,
             &[],
             opts.end_with_target,
-            // One forwarded request's answer ends where its framing says, whole whatever the target does next.
-            (!opts.end_with_target).then_some(&mut broke),
+            // Also for one forwarded request: an answer without a length ends with the stream, and must not look
+            // whole when the site broke.
+            Some(&mut broke),
         );
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
