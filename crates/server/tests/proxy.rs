@@ -2536,6 +2536,23 @@ async fn head_only_target() -> SocketAddr {
     addr
 }
 
+/// A SOCKS5 flow to `target` on which the head of a POST of `len` bytes has been sent (the body is the caller's).
+async fn post_through_socks(
+    rig: &Rig,
+    target: SocketAddr,
+    user: &str,
+    pass: &str,
+    len: usize,
+) -> TcpStream {
+    let mut s = socks_connect(rig.socks_addr(), target, user, pass)
+        .await
+        .unwrap()
+        .into_inner();
+    let head = format!("POST /up HTTP/1.1\r\nHost: {target}\r\nContent-Length: {len}\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    s
+}
+
 /// Read `s` to its end: the site's `413` whole, then a reset.
 async fn answer_then_reset(s: &mut TcpStream, what: &str) {
     let mut got = Vec::new();
@@ -2612,26 +2629,14 @@ async fn a_site_that_refuses_an_upload_early_is_heard() {
         // And the site's reset after its answer reaches the customer, as it does direct: the stream is not
         // mistaken for one that ended cleanly. (The customer sends part of the body and then waits, as curl does
         // once it has an answer: a write of its own racing the read would take the reset's error instead.)
-        let mut s = socks_connect(rig.socks_addr(), resetting, &user, &pass)
-            .await
-            .unwrap()
-            .into_inner();
-        let head =
-            format!("POST /up HTTP/1.1\r\nHost: {resetting}\r\nContent-Length: {MIB}\r\n\r\n");
-        s.write_all(head.as_bytes()).await.unwrap();
+        let mut s = post_through_socks(&rig, resetting, &user, &pass, MIB).await;
         s.write_all(&[b'x'; 65_536]).await.unwrap();
         answer_then_reset(&mut s, &format!("quic {quic}")).await;
         // A customer that sent its whole body and half-closed, to a site that reads only the head: the upload's
         // end is waiting unread on the device when the site answers and resets, so there is no upload left to
         // refuse and the device must reset the stream instead (session 16's review found this read as clean).
         for body in [3_200_000usize, 3_800_000] {
-            let mut s = socks_connect(rig.socks_addr(), slow, &user, &pass)
-                .await
-                .unwrap()
-                .into_inner();
-            let head =
-                format!("POST /up HTTP/1.1\r\nHost: {slow}\r\nContent-Length: {body}\r\n\r\n");
-            s.write_all(head.as_bytes()).await.unwrap();
+            let mut s = post_through_socks(&rig, slow, &user, &pass, body).await;
             s.write_all(&vec![b'x'; body]).await.unwrap();
             s.shutdown().await.unwrap();
             answer_then_reset(&mut s, &format!("quic {quic}, half-closed, {body}")).await;
