@@ -346,6 +346,16 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATA_DIR: &str = "data";
 
 impl ServeConfig {
+    /// True when this process serves devices or customers (the tunnel, a proxy door, dedicated ports or the
+    /// OpenVPN door), and so must hold the database's data-plane lock (decision 79).
+    pub fn serves_data_plane(&self) -> bool {
+        self.tunnel_listen.is_some()
+            || self.http_proxy_listen.is_some()
+            || self.socks5_listen.is_some()
+            || self.proxy_dedicated_ports.is_some()
+            || self.openvpn.is_some()
+    }
+
     pub fn resolve(raw: RawConfig) -> Result<ServeConfig, ConfigError> {
         let raw_vpn = RawVpn {
             listen: raw.openvpn_listen,

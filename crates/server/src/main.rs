@@ -244,8 +244,7 @@ async fn serve(config: ServeConfig, store_args: &str) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         cancel.cancel();
     });
-    running.wait().await;
-    Ok(())
+    running.wait().await
 }
 
 async fn wait_for_signal() {

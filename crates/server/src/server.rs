@@ -52,6 +52,10 @@ pub struct RunningServer {
     tracker: TaskTracker,
     http: JoinHandle<std::io::Result<()>>,
     shutdown_timeout: std::time::Duration,
+    /// Held while this process serves the data plane; freed after the last usage is written.
+    lock: Option<crate::store::DataPlaneLock>,
+    /// Why the server stopped on its own, when it did (the lock went to another process).
+    failed: Arc<std::sync::OnceLock<crate::store::LockLost>>,
 }
 
 impl RunningServer {
@@ -63,11 +67,11 @@ impl RunningServer {
     /// the store.
     pub async fn shutdown(self) {
         self.cancel.cancel();
-        self.wait().await;
+        let _ = self.wait().await;
     }
 
-    /// Wait until the server has stopped (after the token is cancelled).
-    pub async fn wait(self) {
+    /// Wait until the server has stopped (after the token is cancelled); an error when it stopped on its own.
+    pub async fn wait(self) -> anyhow::Result<()> {
         self.cancel.cancelled().await;
         match tokio::time::timeout(self.shutdown_timeout, self.http).await {
             Ok(Ok(Ok(()))) => {}
@@ -93,7 +97,15 @@ impl RunningServer {
         }
         self.state.proxy.ctx.dir.save_verified().await;
         self.store.close().await;
+        // Only now may another process take over: everything this one metered is written.
+        if let Some(lock) = self.lock {
+            lock.release().await;
+        }
         tracing::info!("shut down");
+        match Arc::into_inner(self.failed).and_then(std::sync::OnceLock::into_inner) {
+            Some(lost) => Err(lost.into()),
+            None => Ok(()),
+        }
     }
 }
 
@@ -106,10 +118,24 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
         Some(s) => s.clone(),
         None => load_or_generate_secret(&config.data_dir.join("jwt_secret"))?,
     };
-    let store = Store::connect(config.database_url.expose(), config.db_max_connections)
-        .await
-        .context("opening the store")?;
-    tracing::info!(backend = store.backend().name(), "store ready");
+    let (store, lock) = if config.serves_data_plane() {
+        let (store, lock) =
+            Store::connect_locked(config.database_url.expose(), config.db_max_connections)
+                .await
+                .context("opening the store")?;
+        (store, Some(lock))
+    } else {
+        let store = Store::connect(config.database_url.expose(), config.db_max_connections)
+            .await
+            .context("opening the store")?;
+        (store, None)
+    };
+    tracing::info!(
+        backend = store.backend().name(),
+        data_plane = lock.is_some(),
+        "store ready"
+    );
+
     let metrics = Metrics::new().context("registering metrics")?;
     let redis = match &config.redis_url {
         Some(url) => Some(Redis::start(
@@ -237,6 +263,11 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
         clock.clone(),
         cancel.child_token(),
     ));
+    // Spawned last: a start that fails before here drops the lock and so frees it.
+    let failed = Arc::new(std::sync::OnceLock::new());
+    if let Some(lock) = &lock {
+        tracker.spawn(keep_lock(lock.clone(), failed.clone(), cancel.clone()));
+    }
     Ok(RunningServer {
         addr,
         setup_token,
@@ -249,7 +280,25 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
         tracker,
         http,
         shutdown_timeout: config.shutdown_timeout,
+        lock,
+        failed,
     })
+}
+
+/// How often the data-plane lock's session is checked.
+const LOCK_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keep the data-plane lock; if it went to another process, stop serving (that process now meters the doors).
+async fn keep_lock(
+    lock: crate::store::DataPlaneLock,
+    failed: Arc<std::sync::OnceLock<crate::store::LockLost>>,
+    cancel: CancellationToken,
+) {
+    if let Err(lost) = lock.keep(LOCK_CHECK, cancel.child_token()).await {
+        tracing::error!(error = %lost, "stopping: another process serves this database's data plane now");
+        let _ = failed.set(lost);
+        cancel.cancel();
+    }
 }
 
 /// Write the proxy directory's quota crossings (80 %, exhausted, reset) to the webhook outbox.

@@ -628,3 +628,53 @@ fn after_a_crash_devices_are_back_without_waiting_out_the_idle_timeout() {
     let _ = rt.block_on(agent);
     s.terminate();
 }
+
+/// One process per database serves devices and proxy doors (decision 79). A second one stops at startup and says
+/// why, while an API-only server beside it starts; once the first is gone, even killed without a goodbye, the
+/// next one serves.
+#[test]
+fn a_second_data_plane_on_one_database_stops_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let serve = |doors: bool| {
+        let mut cmd = proxyfleet(&["serve", "--listen", "127.0.0.1:0", "--log-format", "json"]);
+        cmd.env("PROXYFLEET_DATA_DIR", &data);
+        if doors {
+            cmd.env("PROXYFLEET_SOCKS5_LISTEN", "127.0.0.1:0");
+        }
+        Serve::spawn(&mut cmd)
+    };
+    let mut first = serve(true);
+    first.addr();
+
+    let mut second = serve(true);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = second.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the second server kept running");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    second.drain();
+    assert!(!status.success(), "{status}");
+    let err = second.seen_err.join("\n");
+    assert!(
+        err.contains("another proxyfleet server already serves devices and proxy doors")
+            && err.contains(&format!("{}.lock", data.join("proxyfleet.db").display())),
+        "{err}"
+    );
+
+    let mut api = serve(false);
+    api.addr();
+    // Signals are handled once the setup hint is out.
+    api.wait_out("operator create");
+    assert!(api.terminate().success(), "{:?}", api.seen_err);
+
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let mut next = serve(true);
+    next.addr();
+    next.wait_out("operator create");
+    assert!(next.terminate().success(), "{:?}", next.seen_err);
+}

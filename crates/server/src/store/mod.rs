@@ -8,6 +8,7 @@
 mod alerts;
 mod connections;
 mod devices;
+mod lock;
 mod operators;
 mod sessions;
 mod setup;
@@ -19,6 +20,7 @@ pub use connections::{
     ConnectionRow, ConnectionSettings, HourUsage, ImportCounts, LegacyConnection, UsageBucket,
 };
 pub use devices::{DeviceRow, NewDevice};
+pub use lock::{DataPlaneLock, LockLost};
 pub use operators::{NewOperator, Operator, Role};
 pub use sessions::{NewSession, SessionRow};
 pub use setup::NO_PASSWORD;
@@ -76,6 +78,19 @@ pub enum StoreError {
     Conflict(&'static str),
     #[error("database query failed")]
     Query(#[source] sqlx::Error),
+    #[error(
+        "another proxyfleet server already serves devices and proxy doors on this database (the lock is held by \
+         {held_by}); only one may, because meters live in its memory. Stop it first, or start this one without \
+         tunnel_listen, http_proxy_listen, socks5_listen, proxy_dedicated_ports and openvpn_listen to serve the API \
+         only"
+    )]
+    DataPlaneLocked { held_by: String },
+    #[error("could not lock {path}")]
+    LockFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -113,11 +128,39 @@ pub(crate) fn conflict_or(e: sqlx::Error, what: &'static str) -> StoreError {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// How to open a connection outside the pool (the data-plane lock holds one of its own).
+    options: std::sync::Arc<AnyConnectOptions>,
+    /// The SQLite database's file, when it has one.
+    sqlite_file: Option<String>,
 }
 
 impl Store {
     /// Connect and run the migrations. For SQLite the file is created if missing and put in WAL mode.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let store = Self::open(url, max_connections).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Connect, take the data-plane lock, then run the migrations: a process that may not serve changes nothing,
+    /// and two servers starting at once on a fresh database never migrate it together.
+    pub async fn connect_locked(
+        url: &str,
+        max_connections: u32,
+    ) -> Result<(Self, DataPlaneLock), StoreError> {
+        let store = Self::open(url, max_connections).await?;
+        let lock = match store.lock_data_plane().await {
+            Ok(l) => l,
+            Err(e) => {
+                store.close().await;
+                return Err(e);
+            }
+        };
+        store.migrate().await?;
+        Ok((store, lock))
+    }
+
+    async fn open(url: &str, max_connections: u32) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let backend = Backend::from_url(url)?;
         let url = match backend {
@@ -130,8 +173,12 @@ impl Store {
             }
             _ => Cow::Borrowed(url),
         };
-        if backend == Backend::Sqlite {
-            create_private_file(&url);
+        let sqlite_file = match backend {
+            Backend::Sqlite => sqlite_path(&url).map(str::to_owned),
+            _ => None,
+        };
+        if let Some(path) = &sqlite_file {
+            create_private_file(path);
         }
         let mut options =
             AnyConnectOptions::from_str(&url).map_err(|source| StoreError::Connect {
@@ -139,6 +186,7 @@ impl Store {
                 source,
             })?;
         options.log_settings.statements_level = tracing::log::LevelFilter::Trace;
+        let session = options.clone();
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
@@ -169,9 +217,12 @@ impl Store {
             // WAL lets readers run beside the single writer; the setting is kept in the file.
             pool.execute("PRAGMA journal_mode = WAL").await?;
         }
-        let store = Store { pool, backend };
-        store.migrate().await?;
-        Ok(store)
+        Ok(Store {
+            pool,
+            backend,
+            options: std::sync::Arc::new(session),
+            sqlite_file,
+        })
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -223,16 +274,18 @@ impl Store {
     }
 }
 
-/// Create the SQLite file readable by its owner only (SQLite gives its -wal and -shm files the same mode).
-fn create_private_file(url: &str) {
-    use std::os::unix::fs::OpenOptionsExt;
+/// The file a SQLite URL names; `None` for an in-memory database.
+fn sqlite_path(url: &str) -> Option<&str> {
     let path = url
         .trim_start_matches("sqlite://")
         .trim_start_matches("sqlite:");
     let path = path.split('?').next().unwrap_or_default();
-    if path.is_empty() || path == ":memory:" {
-        return;
-    }
+    (!path.is_empty() && path != ":memory:" && !url.contains("mode=memory")).then_some(path)
+}
+
+/// Create the SQLite file readable by its owner only (SQLite gives its -wal and -shm files the same mode).
+fn create_private_file(path: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
     let _ = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
