@@ -241,6 +241,7 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
         redis,
         trusted_proxies: config.trusted_proxies.clone(),
         public_url: config.public_url.clone(),
+        data_plane: lock.is_some(),
     }));
     let (router, _) = api::router(state.clone());
     let listener = TcpListener::bind(config.listen)

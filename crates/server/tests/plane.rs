@@ -188,3 +188,109 @@ mod a_server_whose_lock_session_is_lost {
         a_server_whose_lock_session_is_lost_takes_it_again_or_stops(Db::MySql).await
     }
 }
+
+/// An API-only server beside the data plane serves reads and sessions, but refuses changes that only the data
+/// plane can apply (a disabled connection would keep working there until it restarts); with nobody serving the
+/// data plane, it makes them.
+async fn an_api_only_server_refuses_changes_the_data_plane_would_miss(db: Db) {
+    let shared = |mut o: Opts| {
+        // Servers of one deployment share the signing secret.
+        o.raw.jwt_secret = Some(Secret::new("s".repeat(40)));
+        o
+    };
+    let Some(mut plane) = TestServer::start(shared(doors(db, None))).await else {
+        return;
+    };
+    let token = plane.admin_token().await;
+    let r = plane
+        .post(
+            "/api/v1.0/devices",
+            &token,
+            serde_json::json!({"name": "phone"}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let device = r.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let new_connection = serde_json::json!({"name": "c", "device_id": device});
+    let r = plane
+        .post("/api/v1.0/connections", &token, new_connection.clone())
+        .await;
+    assert_eq!(r.status(), 201);
+    let conn = r.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let mut o = Opts::new(db);
+    o.raw.database_url = Some(Secret::new(plane.db.url.clone()));
+    let Some(api) = TestServer::start(shared(o)).await else {
+        return;
+    };
+    let conn_path = format!("/api/v1.0/connections/{conn}");
+    let disable = serde_json::json!({"enabled": false});
+    assert_eq!(
+        api.get(&conn_path, &token).await.status(),
+        200,
+        "reads pass"
+    );
+    let refused = [
+        api.patch(&conn_path, &token, disable.clone()).await,
+        api.post("/api/v1.0/connections", &token, new_connection.clone())
+            .await,
+        api.post(
+            &format!("{conn_path}/reset-usage"),
+            &token,
+            serde_json::json!({}),
+        )
+        .await,
+        api.delete(&format!("/api/v1.0/devices/{device}"), &token)
+            .await,
+        api.post(
+            "/api/v1.0/operators",
+            &token,
+            serde_json::json!({"username": "bob", "role": "operator"}),
+        )
+        .await,
+    ];
+    for r in refused {
+        assert_eq!(r.status(), 409);
+        assert_eq!(common::error_of(r).await, proxyfleet::api::ELSEWHERE);
+    }
+    // Only an operator learns how the servers are laid out.
+    let r = api
+        .http
+        .patch(api.url(&conn_path))
+        .json(&disable)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // The refused changes changed nothing.
+    let got: serde_json::Value = plane.get(&conn_path, &token).await.json().await.unwrap();
+    assert_eq!(got["enabled"], true);
+    assert_eq!(
+        plane
+            .get("/api/v1.0/connections", &token)
+            .await
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+
+    // With the data-plane server stopped, nobody would miss a change.
+    plane.running.take().unwrap().shutdown().await;
+    let r = api.patch(&conn_path, &token, disable).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["enabled"],
+        false
+    );
+}
+
+on_all_databases!(an_api_only_server_refuses_changes_the_data_plane_would_miss);

@@ -36,6 +36,39 @@ const MAX_DRAIN_BYTES: u64 = 64 * 1024 * 1024;
 /// Longest time spent discarding an oversized body.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// What an API-only server answers to a change the data plane must apply while another process serves it.
+pub const ELSEWHERE: &str =
+    "this server does not serve devices and proxy doors, and another one on its database \
+does; make changes to operators, devices and connections there, where they take effect at once";
+
+/// Middleware: on a server that does not serve the data plane, refuse changes to operators, devices and
+/// connections while another process serves it, because that process would not see them until it restarts
+/// (decision 79). Reads pass, and so does everything while nobody serves the data plane. The caller's
+/// session is checked first, so only an operator learns how the servers are laid out.
+async fn data_plane_only(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::extract::FromRequestParts;
+    use axum::response::IntoResponse;
+    if state.data_plane || req.method().is_safe() {
+        return next.run(req).await;
+    }
+    let (mut parts, body) = req.into_parts();
+    if let Err(e) = extract::AuthSession::from_request_parts(&mut parts, &state).await {
+        return e.into_response();
+    }
+    match state.store.data_plane_locked().await {
+        Ok(false) => {
+            next.run(axum::extract::Request::from_parts(parts, body))
+                .await
+        }
+        Ok(true) => ApiError::Conflict(ELSEWHERE.into()).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
 /// Middleware: refuse bodies whose `Content-Length` is over [`MAX_BODY_BYTES`] before any handler runs. Bodies
 /// without a length are cut at the same limit by `DefaultBodyLimit` when a handler reads them.
 async fn refuse_oversized(
@@ -79,6 +112,8 @@ pub struct AppInner {
     pub pairing_ttl: std::time::Duration,
     /// Where the device tunnel listens, when it does (for the enroll command shown with a pairing code).
     pub tunnel_addr: Option<std::net::SocketAddr>,
+    /// This process holds the data-plane lock (decision 79).
+    pub data_plane: bool,
 }
 
 /// What the webhook settings endpoints need.
@@ -135,11 +170,18 @@ impl Modify for BearerAuth {
 
 /// The whole HTTP surface and its OpenAPI document, built from the same route list so they cannot drift apart.
 pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
-    let api = OpenApiRouter::new()
-        .merge(auth::router())
+    // What the data plane must apply as it happens: changes to these are made where it runs.
+    let applied = OpenApiRouter::new()
         .merge(operators::router())
         .merge(devices::router())
         .merge(connections::router())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            data_plane_only,
+        ));
+    let api = OpenApiRouter::new()
+        .merge(auth::router())
+        .merge(applied)
         .merge(webhooks::router())
         .merge(setup::router());
     let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())

@@ -23,6 +23,8 @@ use super::{Backend, Store, StoreError};
 
 /// PostgreSQL's advisory key for the lock: the bytes of "pf-plane".
 const PG_KEY: i64 = 0x7066_2d70_6c61_6e65;
+/// How `pg_locks` shows that key: its high and low 32 bits (`classid`, `objid`; `objsubid` 1 marks a 64-bit key).
+const PG_KEY_HALVES: (i64, i64) = (PG_KEY >> 32, PG_KEY & 0xffff_ffff);
 /// MySQL's named lock: this prefix and the MD5 of the database's name (54 characters, under the limit of 64).
 const MYSQL_LOCK: &str = "CONCAT('proxyfleet data plane ', MD5(DATABASE()))";
 /// How long a check of the lock's session may take before the session counts as gone.
@@ -64,7 +66,7 @@ impl Store {
     pub async fn lock_data_plane(&self) -> Result<DataPlaneLock, StoreError> {
         let held = match self.backend {
             Backend::Sqlite => match &self.sqlite_file {
-                Some(path) => Held::File(lock_file(&format!("{path}.lock"))?),
+                Some(path) => Held::File(lock_file(&format!("{path}.lock")).await?),
                 None => Held::Nothing,
             },
             Backend::Postgres | Backend::MySql => match take(&self.options, self.backend).await {
@@ -87,6 +89,37 @@ impl Store {
             backend: self.backend,
             options: (*self.options).clone(),
         })
+    }
+}
+
+impl Store {
+    /// True when some process holds the data-plane lock of this store's database; asks without taking it.
+    pub async fn data_plane_locked(&self) -> Result<bool, StoreError> {
+        let held = match self.backend {
+            Backend::Sqlite => match &self.sqlite_file {
+                Some(path) => lock_file_held(&format!("{path}.lock"))?,
+                None => false,
+            },
+            Backend::Postgres => {
+                let (class, obj) = PG_KEY_HALVES;
+                sqlx::query_scalar::<_, bool>(&format!(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                     AND classid = {class} AND objid = {obj} AND objsubid = 1)"
+                ))
+                .fetch_one(&self.pool)
+                .await?
+            }
+            Backend::MySql => {
+                let used: i64 = sqlx::query_scalar(&format!(
+                    "SELECT CAST(IS_USED_LOCK({MYSQL_LOCK}) IS NOT NULL AS SIGNED)"
+                ))
+                .fetch_one(&self.pool)
+                .await?;
+                used == 1
+            }
+        };
+        Ok(held)
     }
 }
 
@@ -192,10 +225,52 @@ async fn take(
     }
 }
 
+/// How long taking the SQLite lock file keeps trying: another process's check (`lock_file_held`) holds a shared
+/// lock for a moment.
+const FILE_LOCK_PATIENCE: Duration = Duration::from_millis(500);
+
 /// Open (creating it readable by its owner only) and `flock` the SQLite lock file.
-fn lock_file(path: &str) -> Result<std::fs::File, StoreError> {
+async fn lock_file(path: &str) -> Result<std::fs::File, StoreError> {
+    let file = open_lock_file(path)?;
+    let deadline = std::time::Instant::now() + FILE_LOCK_PATIENCE;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::DataPlaneLocked {
+                    held_by: format!("another process, through the lock file {path}"),
+                })
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(StoreError::LockFile {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// True when another process holds the SQLite lock file: a shared lock cannot be had beside it.
+fn lock_file_held(path: &str) -> Result<bool, StoreError> {
+    let file = open_lock_file(path)?;
+    match file.try_lock_shared() {
+        // Dropping the file frees the shared lock at once.
+        Ok(()) => Ok(false),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(true),
+        Err(std::fs::TryLockError::Error(source)) => Err(StoreError::LockFile {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn open_lock_file(path: &str) -> Result<std::fs::File, StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
@@ -205,15 +280,5 @@ fn lock_file(path: &str) -> Result<std::fs::File, StoreError> {
         .map_err(|source| StoreError::LockFile {
             path: path.to_owned(),
             source,
-        })?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::DataPlaneLocked {
-            held_by: format!("another process, through the lock file {path}"),
-        }),
-        Err(std::fs::TryLockError::Error(source)) => Err(StoreError::LockFile {
-            path: path.to_owned(),
-            source,
-        }),
-    }
+        })
 }
