@@ -228,6 +228,9 @@ fn store_args(common: &cli::CommonArgs, config: &ServeConfig) -> String {
 
 async fn serve(config: ServeConfig, store_args: &str) -> anyhow::Result<()> {
     let public_url = config.public_url.clone();
+    // Listening before the start: a SIGTERM that comes while the server starts stops it gracefully once it has
+    // started, instead of killing it with whatever it had begun (the data-plane lock, a migration).
+    let signals = Signals::new()?;
     let running = server::start(config, ServeOptions::default()).await?;
     if let Some(token) = &running.setup_token {
         // Printed, never logged: whoever reads the console may create the first operator.
@@ -240,27 +243,32 @@ async fn serve(config: ServeConfig, store_args: &str) -> anyhow::Result<()> {
     }
     let cancel = running.cancel_token();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.wait().await;
         tracing::info!("shutting down");
         cancel.cancel();
     });
     running.wait().await
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+/// SIGTERM and SIGINT, caught from the moment this is made (a signal before the first wait is kept).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
     }
 }

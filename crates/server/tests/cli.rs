@@ -678,3 +678,34 @@ fn a_second_data_plane_on_one_database_stops_at_startup() {
     next.wait_out("operator create");
     assert!(next.terminate().success(), "{:?}", next.seen_err);
 }
+
+/// A SIGTERM that comes while the server is still starting stops it gracefully once it has started, rather than
+/// killing it halfway (with its data-plane lock and perhaps a migration begun).
+#[test]
+fn a_sigterm_during_startup_stops_the_server_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Serve::spawn(
+        proxyfleet(&["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+            .env("PROXYFLEET_DATA_DIR", dir.path().join("data"))
+            .env("PROXYFLEET_SOCKS5_LISTEN", "127.0.0.1:0"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = s
+            .stderr
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the server never said its store was ready");
+        let ready = line.contains("store ready");
+        s.seen_err.push(line);
+        if ready {
+            break;
+        }
+    }
+    let status = s.terminate();
+    assert!(status.success(), "{status}: {:?}", s.seen_err);
+    assert!(
+        s.seen_err.iter().any(|l| l.contains("shut down")),
+        "{:?}",
+        s.seen_err
+    );
+}
