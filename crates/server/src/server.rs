@@ -26,12 +26,15 @@ use crate::store::Store;
 #[derive(Clone)]
 pub struct ServeOptions {
     pub clock: Arc<dyn Clock>,
+    /// How the data-plane lock is watched (tests shorten it).
+    pub lock_timing: crate::store::LockTiming,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
             clock: Arc::new(SystemClock),
+            lock_timing: crate::store::LockTiming::default(),
         }
     }
 }
@@ -112,6 +115,9 @@ impl RunningServer {
 /// Start everything and return once the listener is bound.
 pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<RunningServer> {
     let cancel = CancellationToken::new();
+    // A start that fails part-way stops what it had started (listeners included), rather than leaving a data
+    // plane running without its lock.
+    let started = cancel.clone().drop_guard();
     let tracker = TaskTracker::new();
     ensure_data_dir(&config.data_dir)?;
     let jwt_secret = match &config.jwt_secret {
@@ -267,8 +273,15 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
     // Spawned last: a start that fails before here drops the lock and so frees it.
     let failed = Arc::new(std::sync::OnceLock::new());
     if let Some(lock) = &lock {
-        tracker.spawn(keep_lock(lock.clone(), failed.clone(), cancel.clone()));
+        tracker.spawn(keep_lock(
+            lock.clone(),
+            opts.lock_timing,
+            failed.clone(),
+            state.proxy.ctx.dir.clone(),
+            cancel.clone(),
+        ));
     }
+    started.disarm();
     Ok(RunningServer {
         addr,
         setup_token,
@@ -286,17 +299,18 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
     })
 }
 
-/// How often the data-plane lock's session is checked.
-const LOCK_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Keep the data-plane lock; if it went to another process, stop serving (that process now meters the doors).
+/// Keep the data-plane lock; once it may have gone to another process, stop serving (that process meters the
+/// doors now) and leave the usage totals to it.
 async fn keep_lock(
     lock: crate::store::DataPlaneLock,
+    timing: crate::store::LockTiming,
     failed: Arc<std::sync::OnceLock<crate::store::LockLost>>,
+    dir: Arc<crate::proxy::Directory>,
     cancel: CancellationToken,
 ) {
-    if let Err(lost) = lock.keep(LOCK_CHECK, cancel.child_token()).await {
-        tracing::error!(error = %lost, "stopping: another process serves this database's data plane now");
+    if let Err(lost) = lock.keep(timing, cancel.child_token()).await {
+        tracing::error!(error = %lost, "stopping: this process may no longer serve the data plane");
+        dir.hand_over_totals();
         let _ = failed.set(lost);
         cancel.cancel();
     }

@@ -1,18 +1,23 @@
 //! One process per database serves the data plane (decision 79): a second one is refused at startup on every
-//! backend, an API-only server beside it is not, and on PostgreSQL and MariaDB a server whose lock session is
-//! lost takes the lock again, or stops when another process has taken it meanwhile.
+//! backend, an API-only server beside it is not (but refuses changes the data plane would miss), and on
+//! PostgreSQL and MariaDB a server whose lock session is lost takes the lock again, or stops when another process
+//! has taken it meanwhile or when it cannot confirm the lock for its lease.
 
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Db, Opts, TestServer};
+use common::{Db, Opts, TestDb, TestServer};
 use proxyfleet::config::{RawConfig, Secret, ServeConfig};
 use proxyfleet::server::{RunningServer, ServeOptions};
-use proxyfleet::store::{Store, StoreError};
+use proxyfleet::store::{LockTiming, Store, StoreError};
 use sqlx::{AnyConnection, Connection};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 /// A server with only a SOCKS5 door, on the database of `url` when given.
 fn doors(db: Db, url: Option<&str>) -> Opts {
@@ -70,7 +75,6 @@ async fn a_second_data_plane_is_refused_until_the_first_stops(db: Db) {
     // The first still serves: its SOCKS5 door answers a greeting.
     let socks = first.running().socks5_addr.unwrap();
     let mut c = tokio::net::TcpStream::connect(socks).await.unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     c.write_all(&[5, 1, 2]).await.unwrap();
     let mut reply = [0u8; 2];
     c.read_exact(&mut reply).await.unwrap();
@@ -90,25 +94,7 @@ async fn a_second_data_plane_is_refused_until_the_first_stops(db: Db) {
 
 on_all_databases!(a_second_data_plane_is_refused_until_the_first_stops);
 
-/// The session holding the lock, as the database server sees it.
-async fn holder(admin: &mut AnyConnection, db: Db) -> Option<i64> {
-    let sql = match db {
-        Db::Postgres => {
-            "SELECT CAST(pid AS BIGINT) FROM pg_locks WHERE locktype = 'advisory' AND granted \
-             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        }
-        _ => {
-            "SELECT CAST(IS_USED_LOCK(CONCAT('proxyfleet data plane ', MD5(DATABASE()))) AS SIGNED)"
-        }
-    };
-    sqlx::query_scalar::<_, Option<i64>>(sql)
-        .fetch_optional(admin)
-        .await
-        .unwrap()
-        .flatten()
-}
-
-/// End session `id` from outside, as a database restart or a broken connection would.
+/// End session `id` from outside, as a database restart or an administrator would.
 async fn end_session(admin: &mut AnyConnection, db: Db, id: i64) {
     let sql = match db {
         Db::Postgres => format!("SELECT pg_terminate_backend({id})"),
@@ -117,10 +103,16 @@ async fn end_session(admin: &mut AnyConnection, db: Db, id: i64) {
     sqlx::query(&sql).execute(admin).await.unwrap();
 }
 
-async fn wait_for_holder(admin: &mut AnyConnection, db: Db, not: i64) -> i64 {
+/// Wait until a session other than `not` holds the lock.
+async fn wait_for_holder(store: &Store, not: i64) -> i64 {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(id) = holder(admin, db).await.filter(|id| *id != not) {
+        if let Some(id) = store
+            .data_plane_session()
+            .await
+            .unwrap()
+            .filter(|id| *id != not)
+        {
             return id;
         }
         assert!(Instant::now() < deadline, "nobody took the lock again");
@@ -128,29 +120,47 @@ async fn wait_for_holder(admin: &mut AnyConnection, db: Db, not: i64) -> i64 {
     }
 }
 
+/// Quick checks, so that a lost session is noticed within a second or two.
+fn quick() -> LockTiming {
+    LockTiming {
+        check_every: Duration::from_millis(300),
+        check_timeout: Duration::from_secs(1),
+        lease: Duration::from_secs(4),
+    }
+}
+
 async fn a_server_whose_lock_session_is_lost_takes_it_again_or_stops(db: Db) {
-    let Some(mut s) = TestServer::start(doors(db, None)).await else {
+    let mut o = doors(db, None);
+    o.lock_timing = quick();
+    let Some(mut s) = TestServer::start(o).await else {
         return;
     };
     let url = s.db.url.clone();
     let mut admin = AnyConnection::connect(&url).await.unwrap();
-    let held = holder(&mut admin, db)
+    let other = Store::connect(&url, 1).await.unwrap();
+    let held = other
+        .data_plane_session()
         .await
+        .unwrap()
         .expect("the server holds the lock");
 
     // The session is gone and nobody else wants the lock: the server takes it again and goes on serving.
     end_session(&mut admin, db, held).await;
-    wait_for_holder(&mut admin, db, held).await;
+    wait_for_holder(&other, held).await;
     assert!(!s.running().cancel_token().is_cancelled());
 
     // The session is gone and another process takes the lock before the server notices: the server stops, and
     // says why.
-    let other = Store::connect(&url, 1).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut ended = None;
     let taken = loop {
         // (Should the server take it again first, its new session is ended too.)
-        if let Some(id) = holder(&mut admin, db).await.filter(|id| Some(*id) != ended) {
+        if let Some(id) = other
+            .data_plane_session()
+            .await
+            .unwrap()
+            .filter(|id| Some(*id) != ended)
+        {
             end_session(&mut admin, db, id).await;
             ended = Some(id);
         }
@@ -175,6 +185,149 @@ async fn a_server_whose_lock_session_is_lost_takes_it_again_or_stops(db: Db) {
     other.close().await;
 }
 
+/// A TCP relay between a server and its database that can cut the lock's connection off the way a network fault
+/// does (both ends stay open, nothing passes), and refuse new connections, as an unreachable database would.
+#[derive(Default)]
+struct Relay {
+    /// Connections so far, numbered from 1.
+    opened: AtomicU64,
+    /// Connections up to this number that took the lock pass nothing any more.
+    frozen_upto: AtomicU64,
+    /// Close new connections at once.
+    refuse_new: AtomicBool,
+}
+
+impl Relay {
+    /// Start relaying to the database of `url`; returns the relay and `url` pointing through it.
+    async fn start(url: &str, db: Db) -> (Arc<Relay>, String) {
+        let mut u = url::Url::parse(url).unwrap();
+        let upstream = format!("{}:{}", u.host_str().unwrap(), u.port().unwrap());
+        let relay = Arc::new(Relay::default());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        u.set_port(Some(listener.local_addr().unwrap().port()))
+            .unwrap();
+        // In the clear, so that the relay can tell which connection takes the lock.
+        u.set_query(Some(match db {
+            Db::Postgres => "sslmode=disable",
+            _ => "ssl-mode=disabled",
+        }));
+        let r = relay.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if r.refuse_new.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let (r, upstream) = (r.clone(), upstream.clone());
+                let number = r.opened.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::spawn(async move {
+                    if let Ok(server) = TcpStream::connect(&upstream).await {
+                        r.pass(number, client, server).await;
+                    }
+                });
+            }
+        });
+        (relay, u.to_string())
+    }
+
+    /// Silence every connection that has taken the lock so far.
+    fn freeze_lock_sessions(&self) {
+        self.frozen_upto
+            .store(self.opened.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    async fn pass(&self, number: u64, mut client: TcpStream, mut server: TcpStream) {
+        let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
+        let mut takes_lock = false;
+        loop {
+            if takes_lock && number <= self.frozen_upto.load(Ordering::SeqCst) {
+                // Both sockets stay open and silent until the test ends.
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                return;
+            }
+            tokio::select! {
+                n = client.read(&mut up) => {
+                    let Ok(n @ 1..) = n else { return };
+                    let text = String::from_utf8_lossy(&up[..n]);
+                    if text.contains("pg_try_advisory_lock") || text.contains("GET_LOCK") {
+                        takes_lock = true;
+                    }
+                    if server.write_all(&up[..n]).await.is_err() { return }
+                }
+                n = server.read(&mut down) => {
+                    let Ok(n @ 1..) = n else { return };
+                    if client.write_all(&down[..n]).await.is_err() { return }
+                }
+                // Look at the switch now and then, also on an idle connection.
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    }
+}
+
+/// A server started on the database of `tdb` through a relay, with quick lock checks.
+async fn start_through_relay(
+    tdb: &TestDb,
+    db: Db,
+) -> (Arc<Relay>, RunningServer, tempfile::TempDir) {
+    let (relay, url) = Relay::start(&tdb.url, db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let raw = RawConfig {
+        data_dir: Some(dir.path().to_owned()),
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        database_url: Some(Secret::new(url)),
+        socks5_listen: Some("127.0.0.1:0".parse().unwrap()),
+        shutdown_timeout_secs: Some(5),
+        ..RawConfig::default()
+    };
+    let opts = ServeOptions {
+        lock_timing: quick(),
+        ..ServeOptions::default()
+    };
+    let running = proxyfleet::server::start(ServeConfig::resolve(raw).unwrap(), opts)
+        .await
+        .unwrap();
+    (relay, running, dir)
+}
+
+/// The lock's connection goes silent in the network, so the database still keeps the old session and its lock:
+/// the server ends that session of its own, takes the lock again and goes on serving. With the database
+/// unreachable as well, it stops once the lease is over, and its shutdown does not hang.
+async fn a_server_cut_off_from_its_lock_session(db: Db) {
+    let Some(tdb) = TestDb::create(db).await else {
+        return;
+    };
+    let (relay, running, _dir) = start_through_relay(&tdb, db).await;
+    let watcher = Store::connect(&tdb.url, 1).await.unwrap();
+    let first = watcher.data_plane_session().await.unwrap().expect("held");
+    relay.freeze_lock_sessions();
+    let again = wait_for_holder(&watcher, first).await;
+    tokio::time::sleep(quick().lease + Duration::from_secs(1)).await;
+    assert!(
+        !running.cancel_token().is_cancelled(),
+        "a server alone on its database stopped over its own old session"
+    );
+
+    // Now nothing reaches the database: the lock cannot be confirmed, and the server stops.
+    relay.refuse_new.store(true, Ordering::SeqCst);
+    relay.freeze_lock_sessions();
+    let began = Instant::now();
+    let stopped = tokio::time::timeout(Duration::from_secs(40), running.wait())
+        .await
+        .expect("the server stops, and its shutdown finishes");
+    let msg = format!(
+        "{:#}",
+        stopped.expect_err("stopping on its own is an error")
+    );
+    assert!(msg.contains("could not be confirmed"), "{msg}");
+    assert!(
+        began.elapsed() >= quick().lease - quick().check_every - quick().check_timeout,
+        "stopped before the lease was over: {:?}",
+        began.elapsed()
+    );
+    assert_eq!(watcher.data_plane_session().await.unwrap(), Some(again));
+    watcher.close().await;
+}
+
 mod a_server_whose_lock_session_is_lost {
     use super::*;
 
@@ -186,6 +339,20 @@ mod a_server_whose_lock_session_is_lost {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mysql() {
         a_server_whose_lock_session_is_lost_takes_it_again_or_stops(Db::MySql).await
+    }
+}
+
+mod a_server_cut_off_from_its_lock_session {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        a_server_cut_off_from_its_lock_session(Db::Postgres).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mysql() {
+        a_server_cut_off_from_its_lock_session(Db::MySql).await
     }
 }
 
@@ -294,3 +461,52 @@ async fn an_api_only_server_refuses_changes_the_data_plane_would_miss(db: Db) {
 }
 
 on_all_databases!(an_api_only_server_refuses_changes_the_data_plane_would_miss);
+
+/// A start that fails after taking the lock (here the API's port is taken) leaves nothing behind: the lock is
+/// free and the proxy door it had opened is closed again, so no data plane runs without the lock.
+async fn a_failed_start_leaves_no_door_open_and_the_lock_free(db: Db) {
+    let Some(tdb) = TestDb::create(db).await else {
+        return;
+    };
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let door = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let raw = RawConfig {
+        data_dir: Some(dir.path().to_owned()),
+        listen: Some(taken.local_addr().unwrap()),
+        database_url: Some(Secret::new(tdb.url.clone())),
+        socks5_listen: Some(door),
+        shutdown_timeout_secs: Some(5),
+        ..RawConfig::default()
+    };
+    let err =
+        proxyfleet::server::start(ServeConfig::resolve(raw).unwrap(), ServeOptions::default())
+            .await
+            .err()
+            .expect("the API's port is taken");
+    assert!(
+        format!("{err:#}").contains("binding the API listener"),
+        "{err:#}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(door).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the SOCKS5 door of a failed start still accepts"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let store = Store::connect(&tdb.url, 1).await.unwrap();
+    store
+        .lock_data_plane()
+        .await
+        .expect("a failed start frees the lock")
+        .release()
+        .await;
+    store.close().await;
+}
+
+on_all_databases!(a_failed_start_leaves_no_door_open_and_the_lock_free);

@@ -454,9 +454,18 @@ pub struct Directory {
     orphans: Mutex<Orphans>,
     /// Cancelled at shutdown: every flow ends.
     shutdown: CancellationToken,
+    /// Another process serves the data plane now (decision 79): its totals are the ones that count, so flushes
+    /// add this process's hourly usage but no longer write totals.
+    totals_handed_over: std::sync::atomic::AtomicBool,
 }
 
 impl Directory {
+    /// Stop writing usage totals: another process holds the data-plane lock and writes its own.
+    pub fn hand_over_totals(&self) {
+        self.totals_handed_over
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub async fn load(
         store: Store,
         hasher: Hasher,
@@ -478,6 +487,7 @@ impl Directory {
             flush_lock: tokio::sync::Mutex::new(()),
             orphans: Mutex::default(),
             shutdown,
+            totals_handed_over: std::sync::atomic::AtomicBool::new(false),
             sink: QuotaSink::default(),
         };
         for row in d.store.all_connections().await? {
@@ -884,6 +894,13 @@ impl Directory {
                 buckets.retain(|b| !o.deleted_operators.contains(&b.operator_id));
             }
         }
+        if self
+            .totals_handed_over
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // Hourly rows are added to, so they stay right; a total of ours would overwrite the new holder's.
+            used.clear();
+        }
         if let Err(err) = self.store.flush_usage(&used, &buckets).await {
             // Put it all back: totals are absolute (just mark dirty), buckets are added to what came meanwhile.
             for e in taken {
@@ -1081,6 +1098,42 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(hours.iter().map(|h| h.bytes_down).sum::<i64>(), 250);
+    }
+
+    /// Once another process holds the data-plane lock, flushes still add the hourly usage but leave the total to
+    /// that process: ours would overwrite its own.
+    #[tokio::test]
+    async fn handed_over_totals_are_not_written() {
+        let (dir, store, conns, _tmp) = directory_with(&["a"]).await;
+        let now = dir.clock().now_ms();
+        let (op, dev, id) = &conns[0];
+        let charge = |n: usize| {
+            dir.get(id)
+                .unwrap()
+                .charge(n, Dir::Down, &Arc::from(dev.as_str()), now);
+        };
+        let total = |store: &Store| {
+            let (store, op, id) = (store.clone(), op.clone(), id.clone());
+            async move {
+                store
+                    .connection(&op, &id)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .used_bytes
+            }
+        };
+        charge(100);
+        dir.flush().await.unwrap();
+        assert_eq!(total(&store).await, 100);
+        // The new holder has written its own total meanwhile.
+        store.flush_usage(&[(id.clone(), 7)], &[]).await.unwrap();
+        charge(50);
+        dir.hand_over_totals();
+        dir.flush().await.unwrap();
+        assert_eq!(total(&store).await, 7, "the new holder's total stands");
+        let hours = store.connection_usage(op, id, 0, i64::MAX).await.unwrap();
+        assert_eq!(hours.iter().map(|h| h.bytes_down).sum::<i64>(), 150);
     }
 
     /// A made-up username costs no bcrypt (a flood of them from many addresses took every password check from real

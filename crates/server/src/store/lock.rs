@@ -12,7 +12,7 @@
 //!   nobody to share it with).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::any::AnyConnectOptions;
 use sqlx::{AnyConnection, Connection, Executor};
@@ -23,18 +23,41 @@ use super::{Backend, Store, StoreError};
 
 /// PostgreSQL's advisory key for the lock: the bytes of "pf-plane".
 const PG_KEY: i64 = 0x7066_2d70_6c61_6e65;
-/// How `pg_locks` shows that key: its high and low 32 bits (`classid`, `objid`; `objsubid` 1 marks a 64-bit key).
-const PG_KEY_HALVES: (i64, i64) = (PG_KEY >> 32, PG_KEY & 0xffff_ffff);
 /// MySQL's named lock: this prefix and the MD5 of the database's name (54 characters, under the limit of 64).
 const MYSQL_LOCK: &str = "CONCAT('proxyfleet data plane ', MD5(DATABASE()))";
-/// How long a check of the lock's session may take before the session counts as gone.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the database server keeps the lock's session when it hears nothing from it, s: a holder whose
+/// machine died or was cut off frees the lock after this, not after hours of TCP defaults. Longer than
+/// [`LockTiming::lease`], so that a holder cut off from its database has stopped serving before the database
+/// lets anyone else take the lock.
+const SESSION_GIVE_UP_SECS: u32 = 90;
+/// How long one attempt to open a session and take the lock may take.
+const TAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a lost session is opened again while the database is unreachable.
 const RETRY_EVERY: Duration = Duration::from_secs(2);
-/// How long the database server keeps the lock's session when it hears nothing from it: a holder whose machine
-/// died without closing its connection frees the lock after this, not after hours of TCP keep-alive defaults.
-/// The holder checks its session every few seconds, well inside it.
-const SESSION_IDLE_SECS: u32 = 30;
+/// How long freeing the lock at shutdown may take before the session is simply closed.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How the holder watches its lock.
+#[derive(Debug, Clone, Copy)]
+pub struct LockTiming {
+    /// How often the lock's session is checked.
+    pub check_every: Duration,
+    /// How long a check may take before the session counts as gone.
+    pub check_timeout: Duration,
+    /// How long the holder goes on serving without being able to confirm that it holds the lock; after that it
+    /// stops, because its session may have ended and another process may hold the lock.
+    pub lease: Duration,
+}
+
+impl Default for LockTiming {
+    fn default() -> Self {
+        LockTiming {
+            check_every: Duration::from_secs(5),
+            check_timeout: Duration::from_secs(10),
+            lease: Duration::from_secs(60),
+        }
+    }
+}
 
 /// Held while this process serves the data plane; dropping it frees the lock.
 #[derive(Clone)]
@@ -48,17 +71,38 @@ enum Held {
     /// SQLite: the open lock file carries the `flock`.
     File(#[allow(dead_code)] std::fs::File),
     /// The session holding the lock on a database server; `None` while it is being opened again.
-    Session(Option<AnyConnection>),
+    Session(Option<Session>),
     /// An in-memory SQLite database.
     Nothing,
 }
 
-/// The lock went to another process while this one's session was gone.
+/// A database session that holds the lock, and its id on the server (`pg_backend_pid()`, `CONNECTION_ID()`).
+struct Session {
+    conn: AnyConnection,
+    id: i64,
+}
+
+/// Why a holder stopped holding the lock.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "the database connection holding the data-plane lock was lost, and another process has taken the lock since"
-)]
-pub struct LockLost;
+pub enum LockLost {
+    #[error(
+        "the database connection holding the data-plane lock was lost, and another process has taken the lock since"
+    )]
+    Taken,
+    #[error(
+        "the data-plane lock could not be confirmed for {} s (the database is unreachable), so another process may \
+         hold it by now",
+        .0.as_secs()
+    )]
+    Unconfirmed(Duration),
+}
+
+/// The outcome of one attempt to take the lock.
+enum Attempt {
+    Took(Session),
+    /// Another session holds it (its id, when the server says).
+    HeldBy(Option<i64>),
+}
 
 impl Store {
     /// Take the data-plane lock for this store's database, or fail with [`StoreError::DataPlaneLocked`] when
@@ -66,23 +110,29 @@ impl Store {
     pub async fn lock_data_plane(&self) -> Result<DataPlaneLock, StoreError> {
         let held = match self.backend {
             Backend::Sqlite => match &self.sqlite_file {
-                Some(path) => Held::File(lock_file(&format!("{path}.lock")).await?),
+                Some(path) => Held::File(lock_file(&lock_path(path)).await?),
                 None => Held::Nothing,
             },
-            Backend::Postgres | Backend::MySql => match take(&self.options, self.backend).await {
-                Ok(Some(conn)) => Held::Session(Some(conn)),
-                Ok(None) => {
-                    return Err(StoreError::DataPlaneLocked {
-                        held_by: "a session of another process on this database".into(),
-                    })
+            Backend::Postgres | Backend::MySql => {
+                let attempt =
+                    tokio::time::timeout(TAKE_TIMEOUT, take(&self.options, self.backend, None))
+                        .await
+                        .unwrap_or(Err(sqlx::Error::PoolTimedOut));
+                match attempt {
+                    Ok(Attempt::Took(session)) => Held::Session(Some(session)),
+                    Ok(Attempt::HeldBy(_)) => {
+                        return Err(StoreError::DataPlaneLocked {
+                            held_by: "a session of another process on this database".into(),
+                        })
+                    }
+                    Err(source) => {
+                        return Err(StoreError::Connect {
+                            backend: self.backend.name(),
+                            source,
+                        })
+                    }
                 }
-                Err(source) => {
-                    return Err(StoreError::Connect {
-                        backend: self.backend.name(),
-                        source,
-                    })
-                }
-            },
+            }
         };
         Ok(DataPlaneLock {
             held: Arc::new(Mutex::new(held)),
@@ -90,76 +140,85 @@ impl Store {
             options: (*self.options).clone(),
         })
     }
-}
 
-impl Store {
     /// True when some process holds the data-plane lock of this store's database; asks without taking it.
     pub async fn data_plane_locked(&self) -> Result<bool, StoreError> {
-        let held = match self.backend {
+        match self.backend {
             Backend::Sqlite => match &self.sqlite_file {
-                Some(path) => lock_file_held(&format!("{path}.lock"))?,
-                None => false,
+                Some(path) => lock_file_held(&lock_path(path)),
+                None => Ok(false),
             },
-            Backend::Postgres => {
-                let (class, obj) = PG_KEY_HALVES;
-                sqlx::query_scalar::<_, bool>(&format!(
-                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
-                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                     AND classid = {class} AND objid = {obj} AND objsubid = 1)"
-                ))
-                .fetch_one(&self.pool)
-                .await?
-            }
-            Backend::MySql => {
-                let used: i64 = sqlx::query_scalar(&format!(
-                    "SELECT CAST(IS_USED_LOCK({MYSQL_LOCK}) IS NOT NULL AS SIGNED)"
-                ))
-                .fetch_one(&self.pool)
-                .await?;
-                used == 1
-            }
-        };
-        Ok(held)
+            _ => Ok(self.data_plane_session().await?.is_some()),
+        }
+    }
+
+    /// The database session that holds the data-plane lock (`pg_backend_pid()`, `CONNECTION_ID()`); always
+    /// `None` on SQLite, whose lock is a file's.
+    pub async fn data_plane_session(&self) -> Result<Option<i64>, StoreError> {
+        if self.backend == Backend::Sqlite {
+            return Ok(None);
+        }
+        let mut conn = self.pool.acquire().await?;
+        Ok(holder(&mut conn, self.backend).await?)
     }
 }
 
 impl DataPlaneLock {
-    /// Check the lock's session every `every` until `stop` is cancelled. A session that is gone (the database
-    /// restarted, the connection broke) is opened again and takes the lock again; if another process took it
-    /// meanwhile, this returns [`LockLost`] and the caller must stop serving. Between the loss and the next
-    /// check another process may already serve: at most `every` plus a reconnect.
-    pub async fn keep(&self, every: Duration, stop: CancellationToken) -> Result<(), LockLost> {
+    /// Watch the lock until `stop` is cancelled. A session that is gone (the database restarted, the connection
+    /// broke or stalled) is replaced: a new one takes the lock again, after ending this process's old session if
+    /// the database still keeps it. This returns [`LockLost`], and the caller must stop serving, when another
+    /// process has taken the lock meanwhile, or when the lock could not be confirmed for `timing.lease`. Between
+    /// the loss and that moment another process may already serve (decision 79).
+    pub async fn keep(&self, timing: LockTiming, stop: CancellationToken) -> Result<(), LockLost> {
+        let mut confirmed = Instant::now();
         loop {
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
-                () = tokio::time::sleep(every) => {}
+                () = tokio::time::sleep(timing.check_every) => {}
             }
-            let mut held = self.held.lock().await;
-            let Held::Session(session) = &mut *held else {
-                return Ok(());
-            };
-            if let Some(conn) = session {
-                if matches!(
-                    tokio::time::timeout(CHECK_TIMEOUT, conn.ping()).await,
-                    Ok(Ok(()))
-                ) {
+            let lost = {
+                let mut held = self.held.lock().await;
+                let Held::Session(slot) = &mut *held else {
+                    return Ok(());
+                };
+                let Some(session) = slot else {
+                    return Ok(());
+                };
+                let ping = tokio::time::timeout(timing.check_timeout, session.conn.ping()).await;
+                if matches!(ping, Ok(Ok(()))) {
+                    confirmed = Instant::now();
                     continue;
                 }
                 tracing::warn!("the database connection holding the data-plane lock is gone; taking the lock again");
-            }
-            // Dropping a broken session only closes its socket: the server has ended it, or will.
-            *session = None;
+                // Dropping it closes only our end: the database may keep the session, and the lock, a while.
+                slot.take().map(|s| s.id)
+            };
             loop {
-                match take(&self.options, self.backend).await {
-                    Ok(Some(conn)) => {
-                        *session = Some(conn);
+                let attempt = tokio::select! {
+                    () = stop.cancelled() => return Ok(()),
+                    a = tokio::time::timeout(TAKE_TIMEOUT, take(&self.options, self.backend, lost)) => a,
+                };
+                match attempt {
+                    Ok(Ok(Attempt::Took(session))) => {
+                        if let Held::Session(slot) = &mut *self.held.lock().await {
+                            *slot = Some(session);
+                        }
+                        confirmed = Instant::now();
                         tracing::info!("data-plane lock taken again");
                         break;
                     }
-                    Ok(None) => return Err(LockLost),
-                    Err(e) => {
+                    // Our old session, still being ended: the next attempt finds the lock free.
+                    Ok(Ok(Attempt::HeldBy(Some(id)))) if Some(id) == lost => {}
+                    Ok(Ok(Attempt::HeldBy(_))) => return Err(LockLost::Taken),
+                    Ok(Err(e)) => {
                         tracing::warn!(error = %e, "could not take the data-plane lock again; retrying")
                     }
+                    Err(_) => {
+                        tracing::warn!("taking the data-plane lock again timed out; retrying")
+                    }
+                }
+                if confirmed.elapsed() >= timing.lease {
+                    return Err(LockLost::Unconfirmed(timing.lease));
                 }
                 tokio::select! {
                     () = stop.cancelled() => return Ok(()),
@@ -171,58 +230,140 @@ impl DataPlaneLock {
 
     /// Free the lock now (it is freed on drop too, when the last clone goes).
     pub async fn release(self) {
-        let mut held = self.held.lock().await;
-        if let Held::Session(Some(mut conn)) = std::mem::replace(&mut *held, Held::Nothing) {
+        let Ok(mut held) = tokio::time::timeout(RELEASE_TIMEOUT, self.held.lock()).await else {
+            tracing::warn!("the data-plane lock is busy; it goes with its session");
+            return;
+        };
+        if let Held::Session(Some(mut session)) = std::mem::replace(&mut *held, Held::Nothing) {
             // Closing the session would free the lock too, but only once the server has ended the session; a
             // process started right after this one returns could still find it held.
             let unlock = match self.backend {
                 Backend::Postgres => format!("SELECT pg_advisory_unlock({PG_KEY})"),
                 _ => format!("SELECT RELEASE_LOCK({MYSQL_LOCK})"),
             };
-            if let Err(e) = sqlx::query(&unlock).execute(&mut conn).await {
-                tracing::warn!(error = %e, "could not free the data-plane lock; it goes with the session");
+            match tokio::time::timeout(RELEASE_TIMEOUT, session.conn.execute(unlock.as_str())).await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "could not free the data-plane lock; it goes with the session")
+                }
+                Err(_) => tracing::warn!(
+                    "freeing the data-plane lock timed out; it goes with the session"
+                ),
             }
-            let _ = conn.close().await;
+            let _ = tokio::time::timeout(RELEASE_TIMEOUT, session.conn.close()).await;
         }
     }
 }
 
-/// A new session on a database server holding the lock; `None` when another process holds it.
+/// Open a session on a database server and take the lock without waiting. When `ours` (a session of this
+/// process that it lost) still holds it, end that session first.
 async fn take(
     options: &AnyConnectOptions,
     backend: Backend,
-) -> Result<Option<AnyConnection>, sqlx::Error> {
+    ours: Option<i64>,
+) -> Result<Attempt, sqlx::Error> {
     let mut conn = AnyConnection::connect_with(options).await?;
-    let took = match backend {
+    let id: i64 = match backend {
         Backend::Postgres => {
+            // The server gives up a silent session after idle + interval × count (keep-alives), or when data it
+            // sent stays unacknowledged (user timeout); any role may set these for its own session.
             for set in [
-                format!("SET tcp_keepalives_idle = {}", SESSION_IDLE_SECS / 3),
-                format!("SET tcp_keepalives_interval = {}", SESSION_IDLE_SECS / 6),
-                "SET tcp_keepalives_count = 3".to_owned(),
+                format!("SET tcp_keepalives_idle = {}", SESSION_GIVE_UP_SECS / 3),
+                format!("SET tcp_keepalives_interval = {}", SESSION_GIVE_UP_SECS / 9),
+                "SET tcp_keepalives_count = 6".to_owned(),
+                format!("SET tcp_user_timeout = {}", SESSION_GIVE_UP_SECS * 1000),
             ] {
                 conn.execute(set.as_str()).await?;
             }
-            sqlx::query_scalar::<_, bool>(&format!("SELECT pg_try_advisory_lock({PG_KEY})"))
+            sqlx::query_scalar("SELECT CAST(pg_backend_pid() AS BIGINT)")
                 .fetch_one(&mut conn)
                 .await?
         }
         _ => {
-            conn.execute(format!("SET SESSION wait_timeout = {SESSION_IDLE_SECS}").as_str())
+            conn.execute(format!("SET SESSION wait_timeout = {SESSION_GIVE_UP_SECS}").as_str())
                 .await?;
-            // 1: taken; 0: held by another session; NULL: an error (e.g. no database selected).
-            let got: Option<i64> =
-                sqlx::query_scalar(&format!("SELECT CAST(GET_LOCK({MYSQL_LOCK}, 0) AS SIGNED)"))
-                    .fetch_one(&mut conn)
-                    .await?;
-            got == Some(1)
+            sqlx::query_scalar("SELECT CAST(CONNECTION_ID() AS SIGNED)")
+                .fetch_one(&mut conn)
+                .await?
         }
     };
-    if took {
-        Ok(Some(conn))
-    } else {
-        let _ = conn.close().await;
-        Ok(None)
+    if !try_lock(&mut conn, backend).await? {
+        let by = holder(&mut conn, backend).await?;
+        if by.is_none() || by != ours {
+            let _ = conn.close().await;
+            return Ok(Attempt::HeldBy(by));
+        }
+        // Our own lost session: end it (any role may end its own sessions) and try again for a moment while the
+        // server lets it go.
+        let end = match backend {
+            Backend::Postgres => format!("SELECT pg_terminate_backend({})", by.unwrap_or_default()),
+            _ => format!("KILL {}", by.unwrap_or_default()),
+        };
+        conn.execute(end.as_str()).await?;
+        let deadline = Instant::now() + RETRY_EVERY;
+        loop {
+            if try_lock(&mut conn, backend).await? {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let by = holder(&mut conn, backend).await?;
+                let _ = conn.close().await;
+                return Ok(Attempt::HeldBy(by));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
+    Ok(Attempt::Took(Session { conn, id }))
+}
+
+/// Ask for the lock on `conn` without waiting.
+async fn try_lock(conn: &mut AnyConnection, backend: Backend) -> Result<bool, sqlx::Error> {
+    match backend {
+        Backend::Postgres => {
+            sqlx::query_scalar::<_, bool>(&format!("SELECT pg_try_advisory_lock({PG_KEY})"))
+                .fetch_one(conn)
+                .await
+        }
+        _ => {
+            // 1: taken; 0: held by another session; NULL: an error (no database selected, say).
+            let got: Option<i64> =
+                sqlx::query_scalar(&format!("SELECT CAST(GET_LOCK({MYSQL_LOCK}, 0) AS SIGNED)"))
+                    .fetch_one(conn)
+                    .await?;
+            got.map(|g| g == 1).ok_or_else(|| {
+                sqlx::Error::Protocol(
+                    "GET_LOCK answered NULL: the database URL must name a database".into(),
+                )
+            })
+        }
+    }
+}
+
+/// The session holding the lock, as the database server names it; `None` when nobody holds it.
+async fn holder(conn: &mut AnyConnection, backend: Backend) -> Result<Option<i64>, sqlx::Error> {
+    let sql = match backend {
+        // `pg_locks` shows a 64-bit advisory key as its high and low halves, with `objsubid` 1.
+        Backend::Postgres => format!(
+            "SELECT CAST(pid AS BIGINT) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             AND classid = {} AND objid = {} AND objsubid = 1",
+            PG_KEY >> 32,
+            PG_KEY & 0xffff_ffff
+        ),
+        _ => format!("SELECT CAST(IS_USED_LOCK({MYSQL_LOCK}) AS SIGNED)"),
+    };
+    let id: Option<Option<i64>> = sqlx::query_scalar(&sql).fetch_optional(conn).await?;
+    Ok(id.flatten())
+}
+
+/// The lock file of a SQLite database: beside it, named after its real path, so that every spelling of the
+/// path (relative, through a symbolic link) finds the same file.
+fn lock_path(db_file: &str) -> String {
+    let real = std::fs::canonicalize(db_file)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| db_file.to_owned());
+    format!("{real}.lock")
 }
 
 /// How long taking the SQLite lock file keeps trying: another process's check (`lock_file_held`) holds a shared

@@ -20,7 +20,7 @@ pub use connections::{
     ConnectionRow, ConnectionSettings, HourUsage, ImportCounts, LegacyConnection, UsageBucket,
 };
 pub use devices::{DeviceRow, NewDevice};
-pub use lock::{DataPlaneLock, LockLost};
+pub use lock::{DataPlaneLock, LockLost, LockTiming};
 pub use operators::{NewOperator, Operator, Role};
 pub use sessions::{NewSession, SessionRow};
 pub use setup::NO_PASSWORD;
@@ -143,7 +143,7 @@ impl Store {
     }
 
     /// Connect, take the data-plane lock, then run the migrations: a process that may not serve changes nothing,
-    /// and two servers starting at once on a fresh database never migrate it together.
+    /// and two data-plane servers starting at once on a fresh database never migrate it together.
     pub async fn connect_locked(
         url: &str,
         max_connections: u32,

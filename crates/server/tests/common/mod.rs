@@ -255,6 +255,8 @@ pub struct Opts {
     pub db: Db,
     pub redis: Option<String>,
     pub raw: RawConfig,
+    /// How the data-plane lock is watched.
+    pub lock_timing: proxyfleet::store::LockTiming,
 }
 
 impl Opts {
@@ -263,6 +265,7 @@ impl Opts {
             db,
             redis: None,
             raw: RawConfig::default(),
+            lock_timing: Default::default(),
         }
     }
 }
@@ -306,6 +309,7 @@ impl TestServer {
             config,
             ServeOptions {
                 clock: Arc::new(clock.clone()),
+                lock_timing: opts.lock_timing,
             },
         )
         .await
@@ -436,6 +440,7 @@ impl TestServer {
             config,
             ServeOptions {
                 clock: Arc::new(self.clock.clone()),
+                ..ServeOptions::default()
             },
         )
         .await
