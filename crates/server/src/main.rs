@@ -230,7 +230,20 @@ async fn serve(config: ServeConfig, store_args: &str) -> anyhow::Result<()> {
     let public_url = config.public_url.clone();
     // Listening before the start: a SIGTERM that comes while the server starts stops it gracefully once it has
     // started, instead of killing it with whatever it had begun (the data-plane lock, a migration).
-    let signals = Signals::new()?;
+    let mut signals = Signals::new()?;
+    let asked = tokio_util::sync::CancellationToken::new();
+    tokio::spawn({
+        let asked = asked.clone();
+        async move {
+            signals.next().await;
+            tracing::info!("shutting down (a second signal stops at once)");
+            asked.cancel();
+            // A start or a shutdown that hangs (an unreachable database) must not hold the process.
+            signals.next().await;
+            eprintln!("error: stopped at once by a second signal");
+            std::process::exit(1);
+        }
+    });
     let running = server::start(config, ServeOptions::default()).await?;
     if let Some(token) = &running.setup_token {
         // Printed, never logged: whoever reads the console may create the first operator.
@@ -243,8 +256,7 @@ async fn serve(config: ServeConfig, store_args: &str) -> anyhow::Result<()> {
     }
     let cancel = running.cancel_token();
     tokio::spawn(async move {
-        signals.wait().await;
-        tracing::info!("shutting down");
+        asked.cancelled().await;
         cancel.cancel();
     });
     running.wait().await
@@ -265,7 +277,7 @@ impl Signals {
         })
     }
 
-    async fn wait(mut self) {
+    async fn next(&mut self) {
         tokio::select! {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}

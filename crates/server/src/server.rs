@@ -74,18 +74,22 @@ impl RunningServer {
     }
 
     /// Wait until the server has stopped (after the token is cancelled); an error when it stopped on its own.
-    pub async fn wait(self) -> anyhow::Result<()> {
+    pub async fn wait(mut self) -> anyhow::Result<()> {
         self.cancel.cancelled().await;
-        match tokio::time::timeout(self.shutdown_timeout, self.http).await {
+        let grace = self.shutdown_timeout;
+        match tokio::time::timeout(grace, &mut self.http).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => tracing::error!(error = %e, "HTTP server stopped with an error"),
             Ok(Err(e)) => tracing::error!(error = %e, "HTTP server task failed"),
-            Err(_) => tracing::warn!(
-                "HTTP connections still open at the shutdown deadline; dropping them"
-            ),
+            Err(_) => {
+                tracing::warn!(
+                    "HTTP connections still open at the shutdown deadline; dropping them"
+                );
+                self.http.abort();
+            }
         }
         self.tracker.close();
-        if tokio::time::timeout(self.shutdown_timeout, self.tracker.wait())
+        if tokio::time::timeout(grace, self.tracker.wait())
             .await
             .is_err()
         {
@@ -94,19 +98,32 @@ impl RunningServer {
                 "background tasks still running at the shutdown deadline"
             );
         }
-        // Every flow has ended (or was abandoned at the deadline): the meters hold their final counts.
-        if let Err(e) = self.state.proxy.ctx.dir.flush().await {
-            tracing::error!(error = %e, "could not write usage at shutdown");
+        let dir = &self.state.proxy.ctx.dir;
+        if self.failed.get().is_some() {
+            dir.hand_over_totals();
         }
-        self.state.proxy.ctx.dir.save_verified().await;
-        self.store.close().await;
+        // Every flow has ended (or was abandoned at the deadline): the meters hold their final counts. Each step
+        // is bounded, so an unreachable database cannot hold the process (what is not written is lost, as in a
+        // crash: at most one flush interval).
+        match tokio::time::timeout(grace, dir.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "could not write usage at shutdown"),
+            Err(_) => tracing::error!("writing usage at shutdown timed out"),
+        }
+        dir.save_verified().await;
+        if tokio::time::timeout(grace, self.store.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the store's connections did not close by the shutdown deadline");
+        }
         // Only now may another process take over: everything this one metered is written.
         if let Some(lock) = self.lock {
             lock.release().await;
         }
         tracing::info!("shut down");
-        match Arc::into_inner(self.failed).and_then(std::sync::OnceLock::into_inner) {
-            Some(lost) => Err(lost.into()),
+        match self.failed.get() {
+            Some(lost) => Err(anyhow::anyhow!("{lost}")),
             None => Ok(()),
         }
     }
@@ -124,11 +141,23 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
         Some(s) => s.clone(),
         None => load_or_generate_secret(&config.data_dir.join("jwt_secret"))?,
     };
+    // Set once the proxy directory exists: a lost lock hands its usage totals over.
+    let dir_slot: Arc<std::sync::OnceLock<Arc<crate::proxy::Directory>>> = Arc::default();
+    let failed = Arc::new(std::sync::OnceLock::new());
     let (store, lock) = if config.serves_data_plane() {
         let (store, lock) =
-            Store::connect_locked(config.database_url.expose(), config.db_max_connections)
+            Store::open_locked(config.database_url.expose(), config.db_max_connections)
                 .await
                 .context("opening the store")?;
+        // Watched from now on, migrations included; a start that fails cancels the watch and so frees the lock.
+        tracker.spawn(keep_lock(
+            lock.clone(),
+            opts.lock_timing,
+            failed.clone(),
+            dir_slot.clone(),
+            cancel.clone(),
+        ));
+        store.migrate().await.context("opening the store")?;
         (store, Some(lock))
     } else {
         let store = Store::connect(config.database_url.expose(), config.db_max_connections)
@@ -270,16 +299,9 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
         clock.clone(),
         cancel.child_token(),
     ));
-    // Spawned last: a start that fails before here drops the lock and so frees it.
-    let failed = Arc::new(std::sync::OnceLock::new());
-    if let Some(lock) = &lock {
-        tracker.spawn(keep_lock(
-            lock.clone(),
-            opts.lock_timing,
-            failed.clone(),
-            state.proxy.ctx.dir.clone(),
-            cancel.clone(),
-        ));
+    let _ = dir_slot.set(state.proxy.ctx.dir.clone());
+    if failed.get().is_some() {
+        state.proxy.ctx.dir.hand_over_totals();
     }
     started.disarm();
     Ok(RunningServer {
@@ -305,13 +327,15 @@ async fn keep_lock(
     lock: crate::store::DataPlaneLock,
     timing: crate::store::LockTiming,
     failed: Arc<std::sync::OnceLock<crate::store::LockLost>>,
-    dir: Arc<crate::proxy::Directory>,
+    dir: Arc<std::sync::OnceLock<Arc<crate::proxy::Directory>>>,
     cancel: CancellationToken,
 ) {
     if let Err(lost) = lock.keep(timing, cancel.child_token()).await {
         tracing::error!(error = %lost, "stopping: this process may no longer serve the data plane");
-        dir.hand_over_totals();
         let _ = failed.set(lost);
+        if let Some(dir) = dir.get() {
+            dir.hand_over_totals();
+        }
         cancel.cancel();
     }
 }

@@ -661,13 +661,17 @@ fn a_second_data_plane_on_one_database_stops_at_startup() {
     let err = second.seen_err.join("\n");
     assert!(
         err.contains("another proxyfleet server already serves devices and proxy doors")
-            && err.contains(&format!("{}.lock", data.join("proxyfleet.db").display())),
+            && err.contains(&format!(
+                "{}.lock",
+                std::fs::canonicalize(data.join("proxyfleet.db"))
+                    .unwrap()
+                    .display()
+            )),
         "{err}"
     );
 
     let mut api = serve(false);
     api.addr();
-    // Signals are handled once the setup hint is out.
     api.wait_out("operator create");
     assert!(api.terminate().success(), "{:?}", api.seen_err);
 

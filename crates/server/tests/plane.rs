@@ -120,6 +120,17 @@ async fn wait_for_holder(store: &Store, not: i64) -> i64 {
     }
 }
 
+/// Wait (bounded) for a server to stop by itself, shutdown included, and return why it did.
+async fn stops_on_its_own(running: RunningServer) -> String {
+    let stopped = tokio::time::timeout(Duration::from_secs(40), running.wait())
+        .await
+        .expect("the server stops on its own, and its shutdown finishes");
+    format!(
+        "{:#}",
+        stopped.expect_err("stopping on its own is an error")
+    )
+}
+
 /// Quick checks, so that a lost session is noticed within a second or two.
 fn quick() -> LockTiming {
     LockTiming {
@@ -172,14 +183,7 @@ async fn a_server_whose_lock_session_is_lost_takes_it_again_or_stops(db: Db) {
         assert!(Instant::now() < deadline, "the ended session kept the lock");
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    let running = s.running.take().unwrap();
-    let stopped = tokio::time::timeout(Duration::from_secs(30), running.wait())
-        .await
-        .expect("the server stops once another process holds the lock");
-    let msg = format!(
-        "{:#}",
-        stopped.expect_err("stopping on its own is an error")
-    );
+    let msg = stops_on_its_own(s.running.take().unwrap()).await;
     assert!(msg.contains("another process has taken the lock"), "{msg}");
     taken.release().await;
     other.close().await;
@@ -307,17 +311,12 @@ async fn a_server_cut_off_from_its_lock_session(db: Db) {
         "a server alone on its database stopped over its own old session"
     );
 
-    // Now nothing reaches the database: the lock cannot be confirmed, and the server stops.
+    // Now no new connection reaches the database and the lock's session goes silent again: the lock cannot be
+    // confirmed, and the server stops.
     relay.refuse_new.store(true, Ordering::SeqCst);
     relay.freeze_lock_sessions();
     let began = Instant::now();
-    let stopped = tokio::time::timeout(Duration::from_secs(40), running.wait())
-        .await
-        .expect("the server stops, and its shutdown finishes");
-    let msg = format!(
-        "{:#}",
-        stopped.expect_err("stopping on its own is an error")
-    );
+    let msg = stops_on_its_own(running).await;
     assert!(msg.contains("could not be confirmed"), "{msg}");
     assert!(
         began.elapsed() >= quick().lease - quick().check_every - quick().check_timeout,
@@ -328,33 +327,24 @@ async fn a_server_cut_off_from_its_lock_session(db: Db) {
     watcher.close().await;
 }
 
-mod a_server_whose_lock_session_is_lost {
-    use super::*;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn postgres() {
-        a_server_whose_lock_session_is_lost_takes_it_again_or_stops(Db::Postgres).await
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn mysql() {
-        a_server_whose_lock_session_is_lost_takes_it_again_or_stops(Db::MySql).await
-    }
+/// Tests named `postgres` and `mysql` in a module named after the test function: the database servers, whose
+/// lock is a session's.
+macro_rules! on_database_servers {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() { super::$name(Db::Postgres).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mysql() { super::$name(Db::MySql).await }
+        }
+    )*};
 }
 
-mod a_server_cut_off_from_its_lock_session {
-    use super::*;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn postgres() {
-        a_server_cut_off_from_its_lock_session(Db::Postgres).await
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn mysql() {
-        a_server_cut_off_from_its_lock_session(Db::MySql).await
-    }
-}
+on_database_servers!(
+    a_server_whose_lock_session_is_lost_takes_it_again_or_stops,
+    a_server_cut_off_from_its_lock_session,
+);
 
 /// An API-only server beside the data plane serves reads and sessions, but refuses changes that only the data
 /// plane can apply (a disabled connection would keep working there until it restarts); with nobody serving the
@@ -499,13 +489,19 @@ async fn a_failed_start_leaves_no_door_open_and_the_lock_free(db: Db) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // (On a database server the lock goes with the dropped session, once the server has seen it go.)
     let store = Store::connect(&tdb.url, 1).await.unwrap();
-    store
-        .lock_data_plane()
-        .await
-        .expect("a failed start frees the lock")
-        .release()
-        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lock = loop {
+        match store.lock_data_plane().await {
+            Ok(lock) => break lock,
+            Err(StoreError::DataPlaneLocked { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("a failed start frees the lock: {e:#}"),
+        }
+    };
+    lock.release().await;
     store.close().await;
 }
 

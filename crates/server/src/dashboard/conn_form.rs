@@ -79,7 +79,10 @@ impl FormValues {
 pub fn api_notes(r: &Reply) -> Notes {
     let e = r.error();
     let lower = e.to_lowercase();
-    let key = if lower.starts_with("name") {
+    // (The data-plane refusal names devices, but is about the whole form.)
+    let key = if r.body["error"].as_str() == Some(crate::api::ELSEWHERE) {
+        "f-form"
+    } else if lower.starts_with("name") {
         "f-name"
     } else if lower.contains("device") {
         "f-device"

@@ -65,6 +65,10 @@ pub struct DataPlaneLock {
     held: Arc<Mutex<Held>>,
     backend: Backend,
     options: AnyConnectOptions,
+    /// The tags of the sessions this process opened to hold the lock (see [`take`]).
+    mine: Arc<std::sync::Mutex<Vec<i64>>>,
+    /// When the lock was last known to be held (taken, or its session answered).
+    confirmed: Arc<std::sync::Mutex<Instant>>,
 }
 
 enum Held {
@@ -76,11 +80,13 @@ enum Held {
     Nothing,
 }
 
-/// A database session that holds the lock, and its id on the server (`pg_backend_pid()`, `CONNECTION_ID()`).
+/// A database session that holds the lock.
 struct Session {
     conn: AnyConnection,
-    id: i64,
 }
+
+/// How many session tags are remembered (one per session opened; a few per lost session at most).
+const TAGS_KEPT: usize = 32;
 
 /// Why a holder stopped holding the lock.
 #[derive(Debug, thiserror::Error)]
@@ -100,36 +106,46 @@ pub enum LockLost {
 /// The outcome of one attempt to take the lock.
 enum Attempt {
     Took(Session),
-    /// Another session holds it (its id, when the server says).
-    HeldBy(Option<i64>),
+    /// A session of another process holds it.
+    Taken,
+    /// It was held a moment ago and is free, or about to be, now: try again.
+    Again,
 }
 
 impl Store {
     /// Take the data-plane lock for this store's database, or fail with [`StoreError::DataPlaneLocked`] when
     /// another process holds it.
     pub async fn lock_data_plane(&self) -> Result<DataPlaneLock, StoreError> {
+        let mine = Arc::new(std::sync::Mutex::new(Vec::new()));
         let held = match self.backend {
             Backend::Sqlite => match &self.sqlite_file {
                 Some(path) => Held::File(lock_file(&lock_path(path)).await?),
                 None => Held::Nothing,
             },
             Backend::Postgres | Backend::MySql => {
-                let attempt =
-                    tokio::time::timeout(TAKE_TIMEOUT, take(&self.options, self.backend, None))
-                        .await
-                        .unwrap_or(Err(sqlx::Error::PoolTimedOut));
-                match attempt {
-                    Ok(Attempt::Took(session)) => Held::Session(Some(session)),
-                    Ok(Attempt::HeldBy(_)) => {
-                        return Err(StoreError::DataPlaneLocked {
-                            held_by: "a session of another process on this database".into(),
-                        })
-                    }
-                    Err(source) => {
-                        return Err(StoreError::Connect {
-                            backend: self.backend.name(),
-                            source,
-                        })
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    let attempt = tokio::time::timeout(
+                        TAKE_TIMEOUT,
+                        take(&self.options, self.backend, &mine),
+                    )
+                    .await
+                    .unwrap_or(Err(sqlx::Error::PoolTimedOut));
+                    match attempt {
+                        Ok(Attempt::Took(session)) => break Held::Session(Some(session)),
+                        Ok(Attempt::Again) if tries < 3 => {}
+                        Ok(Attempt::Taken | Attempt::Again) => {
+                            return Err(StoreError::DataPlaneLocked {
+                                held_by: "a session of another process on this database".into(),
+                            })
+                        }
+                        Err(source) => {
+                            return Err(StoreError::Connect {
+                                backend: self.backend.name(),
+                                source,
+                            })
+                        }
                     }
                 }
             }
@@ -138,6 +154,8 @@ impl Store {
             held: Arc::new(Mutex::new(held)),
             backend: self.backend,
             options: (*self.options).clone(),
+            mine,
+            confirmed: Arc::new(std::sync::Mutex::new(Instant::now())),
         })
     }
 
@@ -170,13 +188,12 @@ impl DataPlaneLock {
     /// process has taken the lock meanwhile, or when the lock could not be confirmed for `timing.lease`. Between
     /// the loss and that moment another process may already serve (decision 79).
     pub async fn keep(&self, timing: LockTiming, stop: CancellationToken) -> Result<(), LockLost> {
-        let mut confirmed = Instant::now();
         loop {
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
                 () = tokio::time::sleep(timing.check_every) => {}
             }
-            let lost = {
+            {
                 let mut held = self.held.lock().await;
                 let Held::Session(slot) = &mut *held else {
                     return Ok(());
@@ -186,30 +203,33 @@ impl DataPlaneLock {
                 };
                 let ping = tokio::time::timeout(timing.check_timeout, session.conn.ping()).await;
                 if matches!(ping, Ok(Ok(()))) {
-                    confirmed = Instant::now();
+                    self.confirm();
                     continue;
                 }
                 tracing::warn!("the database connection holding the data-plane lock is gone; taking the lock again");
                 // Dropping it closes only our end: the database may keep the session, and the lock, a while.
-                slot.take().map(|s| s.id)
-            };
+                *slot = None;
+            }
             loop {
+                let left = timing.lease.saturating_sub(self.since_confirmed());
                 let attempt = tokio::select! {
                     () = stop.cancelled() => return Ok(()),
-                    a = tokio::time::timeout(TAKE_TIMEOUT, take(&self.options, self.backend, lost)) => a,
+                    a = tokio::time::timeout(
+                        TAKE_TIMEOUT.min(left),
+                        take(&self.options, self.backend, &self.mine),
+                    ) => a,
                 };
                 match attempt {
                     Ok(Ok(Attempt::Took(session))) => {
                         if let Held::Session(slot) = &mut *self.held.lock().await {
                             *slot = Some(session);
                         }
-                        confirmed = Instant::now();
+                        self.confirm();
                         tracing::info!("data-plane lock taken again");
                         break;
                     }
-                    // Our old session, still being ended: the next attempt finds the lock free.
-                    Ok(Ok(Attempt::HeldBy(Some(id)))) if Some(id) == lost => {}
-                    Ok(Ok(Attempt::HeldBy(_))) => return Err(LockLost::Taken),
+                    Ok(Ok(Attempt::Again)) => {}
+                    Ok(Ok(Attempt::Taken)) => return Err(LockLost::Taken),
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "could not take the data-plane lock again; retrying")
                     }
@@ -217,7 +237,7 @@ impl DataPlaneLock {
                         tracing::warn!("taking the data-plane lock again timed out; retrying")
                     }
                 }
-                if confirmed.elapsed() >= timing.lease {
+                if self.since_confirmed() >= timing.lease {
                     return Err(LockLost::Unconfirmed(timing.lease));
                 }
                 tokio::select! {
@@ -226,6 +246,16 @@ impl DataPlaneLock {
                 }
             }
         }
+    }
+
+    fn confirm(&self) {
+        if let Ok(mut c) = self.confirmed.lock() {
+            *c = Instant::now();
+        }
+    }
+
+    fn since_confirmed(&self) -> Duration {
+        self.confirmed.lock().map_or(Duration::MAX, |c| c.elapsed())
     }
 
     /// Free the lock now (it is freed on drop too, when the last clone goes).
@@ -256,15 +286,25 @@ impl DataPlaneLock {
     }
 }
 
-/// Open a session on a database server and take the lock without waiting. When `ours` (a session of this
-/// process that it lost) still holds it, end that session first.
+/// Open a session on a database server and take the lock without waiting.
+///
+/// Each session first takes a lock of its own, a tag (a random advisory key; a named lock on MySQL), and
+/// records it in `mine` before it asks for the data-plane lock, so that a session of this process that it lost
+/// (a broken connection, an attempt that timed out after the database had granted it) is known as ours when the
+/// database still keeps it: it holds one of our tags. Such a session is ended (any role may end its own) and the
+/// lock taken. A session id alone would not do: ids repeat after a database restart.
 async fn take(
     options: &AnyConnectOptions,
     backend: Backend,
-    ours: Option<i64>,
+    mine: &std::sync::Mutex<Vec<i64>>,
 ) -> Result<Attempt, sqlx::Error> {
     let mut conn = AnyConnection::connect_with(options).await?;
-    let id: i64 = match backend {
+    let tag = i64::from_ne_bytes(
+        uuid::Uuid::new_v4().as_bytes()[..8]
+            .try_into()
+            .unwrap_or_default(),
+    );
+    match backend {
         Backend::Postgres => {
             // The server gives up a silent session after idle + interval × count (keep-alives), or when data it
             // sent stays unacknowledged (user timeout); any role may set these for its own session.
@@ -276,45 +316,88 @@ async fn take(
             ] {
                 conn.execute(set.as_str()).await?;
             }
-            sqlx::query_scalar("SELECT CAST(pg_backend_pid() AS BIGINT)")
-                .fetch_one(&mut conn)
-                .await?
         }
         _ => {
             conn.execute(format!("SET SESSION wait_timeout = {SESSION_GIVE_UP_SECS}").as_str())
                 .await?;
-            sqlx::query_scalar("SELECT CAST(CONNECTION_ID() AS SIGNED)")
-                .fetch_one(&mut conn)
-                .await?
-        }
-    };
-    if !try_lock(&mut conn, backend).await? {
-        let by = holder(&mut conn, backend).await?;
-        if by.is_none() || by != ours {
-            let _ = conn.close().await;
-            return Ok(Attempt::HeldBy(by));
-        }
-        // Our own lost session: end it (any role may end its own sessions) and try again for a moment while the
-        // server lets it go.
-        let end = match backend {
-            Backend::Postgres => format!("SELECT pg_terminate_backend({})", by.unwrap_or_default()),
-            _ => format!("KILL {}", by.unwrap_or_default()),
-        };
-        conn.execute(end.as_str()).await?;
-        let deadline = Instant::now() + RETRY_EVERY;
-        loop {
-            if try_lock(&mut conn, backend).await? {
-                break;
-            }
-            if Instant::now() >= deadline {
-                let by = holder(&mut conn, backend).await?;
-                let _ = conn.close().await;
-                return Ok(Attempt::HeldBy(by));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    Ok(Attempt::Took(Session { conn, id }))
+    conn.execute(tag_lock(backend, tag).as_str()).await?;
+    if let Ok(mut m) = mine.lock() {
+        m.push(tag);
+        if m.len() > TAGS_KEPT {
+            m.remove(0);
+        }
+    }
+    if try_lock(&mut conn, backend).await? {
+        return Ok(Attempt::Took(Session { conn }));
+    }
+    let Some(by) = holder(&mut conn, backend).await? else {
+        let _ = conn.close().await;
+        return Ok(Attempt::Again);
+    };
+    let tags: Vec<i64> = mine.lock().map(|m| m.clone()).unwrap_or_default();
+    let mut ours = false;
+    for t in tags.into_iter().filter(|t| *t != tag) {
+        if tag_holder(&mut conn, backend, t).await? == Some(by) {
+            ours = true;
+            break;
+        }
+    }
+    if !ours {
+        let _ = conn.close().await;
+        return Ok(Attempt::Taken);
+    }
+    let end = match backend {
+        Backend::Postgres => format!("SELECT pg_terminate_backend({by})"),
+        _ => format!("KILL {by}"),
+    };
+    conn.execute(end.as_str()).await?;
+    // The server lets the ended session go in a moment.
+    let deadline = Instant::now() + RETRY_EVERY;
+    while Instant::now() < deadline {
+        if try_lock(&mut conn, backend).await? {
+            return Ok(Attempt::Took(Session { conn }));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = conn.close().await;
+    Ok(Attempt::Again)
+}
+
+/// The statement that takes a session's tag.
+fn tag_lock(backend: Backend, tag: i64) -> String {
+    match backend {
+        Backend::Postgres => format!("SELECT pg_advisory_lock({tag})"),
+        _ => format!("SELECT GET_LOCK('proxyfleet session {tag}', 0)"),
+    }
+}
+
+/// The session holding tag `tag`, if any.
+async fn tag_holder(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    tag: i64,
+) -> Result<Option<i64>, sqlx::Error> {
+    let sql = match backend {
+        Backend::Postgres => pg_lock_holder(tag),
+        _ => format!("SELECT CAST(IS_USED_LOCK('proxyfleet session {tag}') AS SIGNED)"),
+    };
+    let id: Option<Option<i64>> = sqlx::query_scalar(&sql).fetch_optional(conn).await?;
+    Ok(id.flatten())
+}
+
+/// The query for the session holding PostgreSQL advisory key `key` in this database: `pg_locks` shows a 64-bit
+/// key as its high and low halves (as unsigned 32-bit numbers), with `objsubid` 1.
+fn pg_lock_holder(key: i64) -> String {
+    let bits = key as u64;
+    format!(
+        "SELECT CAST(pid AS BIGINT) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND classid = {} AND objid = {} AND objsubid = 1",
+        bits >> 32,
+        bits & 0xffff_ffff
+    )
 }
 
 /// Ask for the lock on `conn` without waiting.
@@ -343,14 +426,7 @@ async fn try_lock(conn: &mut AnyConnection, backend: Backend) -> Result<bool, sq
 /// The session holding the lock, as the database server names it; `None` when nobody holds it.
 async fn holder(conn: &mut AnyConnection, backend: Backend) -> Result<Option<i64>, sqlx::Error> {
     let sql = match backend {
-        // `pg_locks` shows a 64-bit advisory key as its high and low halves, with `objsubid` 1.
-        Backend::Postgres => format!(
-            "SELECT CAST(pid AS BIGINT) FROM pg_locks WHERE locktype = 'advisory' AND granted \
-             AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-             AND classid = {} AND objid = {} AND objsubid = 1",
-            PG_KEY >> 32,
-            PG_KEY & 0xffff_ffff
-        ),
+        Backend::Postgres => pg_lock_holder(PG_KEY),
         _ => format!("SELECT CAST(IS_USED_LOCK({MYSQL_LOCK}) AS SIGNED)"),
     };
     let id: Option<Option<i64>> = sqlx::query_scalar(&sql).fetch_optional(conn).await?;

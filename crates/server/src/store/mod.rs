@@ -142,22 +142,22 @@ impl Store {
         Ok(store)
     }
 
-    /// Connect, take the data-plane lock, then run the migrations: a process that may not serve changes nothing,
-    /// and two data-plane servers starting at once on a fresh database never migrate it together.
-    pub async fn connect_locked(
+    /// Connect and take the data-plane lock, without migrating: the caller watches the lock (so that its
+    /// session is kept alive and the lease counted from the start) and then calls [`Store::migrate`]. A process
+    /// that may not serve changes nothing, and two data-plane servers starting at once on a fresh database never
+    /// migrate it together.
+    pub async fn open_locked(
         url: &str,
         max_connections: u32,
     ) -> Result<(Self, DataPlaneLock), StoreError> {
         let store = Self::open(url, max_connections).await?;
-        let lock = match store.lock_data_plane().await {
-            Ok(l) => l,
+        match store.lock_data_plane().await {
+            Ok(lock) => Ok((store, lock)),
             Err(e) => {
                 store.close().await;
-                return Err(e);
+                Err(e)
             }
-        };
-        store.migrate().await?;
-        Ok((store, lock))
+        }
     }
 
     async fn open(url: &str, max_connections: u32) -> Result<Self, StoreError> {
@@ -225,7 +225,8 @@ impl Store {
         })
     }
 
-    async fn migrate(&self) -> Result<(), StoreError> {
+    /// Run the migrations that have not run yet.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
         let migrator = match self.backend {
             Backend::Sqlite => sqlx::migrate!("migrations/sqlite"),
             Backend::Postgres => sqlx::migrate!("migrations/postgres"),
