@@ -90,22 +90,35 @@ impl Serve {
         }
     }
 
-    fn terminate(&mut self) -> std::process::ExitStatus {
+    /// Wait for the server to exit by itself, and collect what it wrote.
+    fn exit_within(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                self.drain();
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running after {limit:?}: {:?}",
+                self.seen_err
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn sigterm(&self) {
         let pid = self.child.id().to_string();
         assert!(Command::new("kill")
             .args(["-TERM", &pid])
             .status()
             .unwrap()
             .success());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                self.drain();
-                return status;
-            }
-            assert!(Instant::now() < deadline, "no exit within 10 s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        self.sigterm();
+        self.exit_within(Duration::from_secs(10))
     }
 }
 
@@ -648,15 +661,7 @@ fn a_second_data_plane_on_one_database_stops_at_startup() {
     first.addr();
 
     let mut second = serve(true);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = second.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the second server kept running");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    second.drain();
+    let status = second.exit_within(Duration::from_secs(30));
     assert!(!status.success(), "{status}");
     let err = second.seen_err.join("\n");
     assert!(
@@ -709,6 +714,58 @@ fn a_sigterm_during_startup_stops_the_server_gracefully() {
     assert!(status.success(), "{status}: {:?}", s.seen_err);
     assert!(
         s.seen_err.iter().any(|l| l.contains("shut down")),
+        "{:?}",
+        s.seen_err
+    );
+}
+
+/// A start that hangs (here on a database that accepts connections and never answers) holds the first signal
+/// until it ends; a second signal stops the server at once.
+#[test]
+fn a_second_signal_stops_a_hanging_start_at_once() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("postgres://nobody@{}/none", silent.local_addr().unwrap());
+    let (accepted, heard) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in silent.incoming() {
+            held.push(c);
+            let _ = accepted.send(());
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Serve::spawn(
+        proxyfleet(&["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+            .env("PROXYFLEET_DATA_DIR", dir.path().join("data"))
+            .env("PROXYFLEET_DATABASE_URL", &url),
+    );
+    // Connecting to the store: the signal handlers are in place by then.
+    heard
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the server never reached the database");
+    s.sigterm();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s
+        .seen_err
+        .iter()
+        .any(|l| l.contains("a second signal stops at once"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the first signal was not heard: {:?}",
+            s.seen_err
+        );
+        if let Ok(l) = s.stderr.recv_timeout(Duration::from_millis(50)) {
+            s.seen_err.push(l);
+        }
+    }
+    s.sigterm();
+    let status = s.exit_within(Duration::from_secs(10));
+    assert!(!status.success());
+    assert!(
+        s.seen_err
+            .iter()
+            .any(|l| l.contains("stopped at once by a second signal")),
         "{:?}",
         s.seen_err
     );
