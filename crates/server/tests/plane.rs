@@ -393,6 +393,31 @@ async fn an_api_only_server_refuses_changes_the_data_plane_would_miss(db: Db) {
         200,
         "reads pass"
     );
+    // Usage as the data-plane server's flush writes it: the API-only server reads it from the store, not from a
+    // directory of its own loaded at its start.
+    let r = plane
+        .patch(
+            &conn_path,
+            &token,
+            serde_json::json!({"bandwidth_limit_bytes": 400}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    plane
+        .store()
+        .flush_usage(&[(conn.clone(), 500)], &[])
+        .await
+        .unwrap();
+    let got: serde_json::Value = api.get(&conn_path, &token).await.json().await.unwrap();
+    assert_eq!(
+        (&got["used_bytes"], &got["state"], &got["remaining_bytes"]),
+        (
+            &serde_json::json!(500),
+            &serde_json::json!("exhausted"),
+            &serde_json::json!(0)
+        ),
+        "{got}"
+    );
     let refused = [
         api.patch(&conn_path, &token, disable.clone()).await,
         api.post("/api/v1.0/connections", &token, new_connection.clone())

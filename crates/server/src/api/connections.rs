@@ -110,14 +110,31 @@ fn state_name(r: Option<Refusal>) -> &'static str {
 
 fn view(state: &AppState, row: ConnectionRow) -> ConnectionView {
     let proxy = &state.proxy;
-    let usage = proxy.ctx.dir.get(&row.id).map(|e| e.usage());
     let limit = row.limit_bytes.and_then(|l| u64::try_from(l).ok());
-    let used = usage.map_or_else(|| u64::try_from(row.used_bytes).unwrap_or(0), |u| u.used);
+    let stored = u64::try_from(row.used_bytes).unwrap_or(0);
+    // The meter where this process runs it; elsewhere the row, which the process that meters writes every flush
+    // interval (this process's own directory would show usage as of its start).
+    let (used, refusal) = match proxy.ctx.dir.get(&row.id).filter(|_| state.data_plane) {
+        Some(e) => {
+            let u = e.usage();
+            (u.used, u.refusal)
+        }
+        None => (
+            stored,
+            Refusal::of(
+                row.disabled_at.is_none(),
+                stored,
+                limit,
+                row.device_id.is_some(),
+                row.device_revoked_at.is_some(),
+            ),
+        ),
+    };
     let host = bracket(&proxy.public_host);
     let at = |port: Option<u16>| port.map(|p| format!("{host}:{p}"));
     let dedicated_port = row.dedicated_port.and_then(|p| u16::try_from(p).ok());
     ConnectionView {
-        state: state_name(usage.and_then(|u| u.refusal)),
+        state: state_name(refusal),
         enabled: row.disabled_at.is_none(),
         allow_cidrs: crate::proxy::directory::parse_cidrs(&row.allow_cidrs)
             .iter()

@@ -32,6 +32,28 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Why a connection in this state refuses new flows, if it does (one rule for the meter and for a row read
+    /// from the store).
+    pub fn of(
+        enabled: bool,
+        used: u64,
+        limit: Option<u64>,
+        has_device: bool,
+        device_revoked: bool,
+    ) -> Option<Refusal> {
+        if !enabled {
+            Some(Refusal::Disabled)
+        } else if limit.is_some_and(|l| used >= l) {
+            Some(Refusal::Exhausted)
+        } else if !has_device {
+            Some(Refusal::NoDevice)
+        } else if device_revoked {
+            Some(Refusal::DeviceRevoked)
+        } else {
+            None
+        }
+    }
+
     /// What the customer is told.
     pub fn reason(self) -> &'static str {
         match self {
@@ -104,16 +126,14 @@ impl State {
     fn refusal(&self) -> Option<Refusal> {
         if self.deleted {
             Some(Refusal::Deleted)
-        } else if !self.enabled {
-            Some(Refusal::Disabled)
-        } else if self.limit.is_some_and(|l| self.used >= l) {
-            Some(Refusal::Exhausted)
-        } else if self.device_id.is_none() {
-            Some(Refusal::NoDevice)
-        } else if self.device_revoked {
-            Some(Refusal::DeviceRevoked)
         } else {
-            None
+            Refusal::of(
+                self.enabled,
+                self.used,
+                self.limit,
+                self.device_id.is_some(),
+                self.device_revoked,
+            )
         }
     }
 
