@@ -19,6 +19,7 @@ use sqlx::{AnyConnection, Connection, Executor};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use super::lock_file::{lock_file, lock_file_held, lock_path};
 use super::{Backend, Store, StoreError};
 
 /// PostgreSQL's advisory key for the lock: the bytes of "pf-plane".
@@ -431,71 +432,4 @@ async fn holder(conn: &mut AnyConnection, backend: Backend) -> Result<Option<i64
     };
     let id: Option<Option<i64>> = sqlx::query_scalar(&sql).fetch_optional(conn).await?;
     Ok(id.flatten())
-}
-
-/// The lock file of a SQLite database: beside it, named after its real path, so that every spelling of the
-/// path (relative, through a symbolic link) finds the same file.
-fn lock_path(db_file: &str) -> String {
-    let real = std::fs::canonicalize(db_file)
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| db_file.to_owned());
-    format!("{real}.lock")
-}
-
-/// How long taking the SQLite lock file keeps trying: another process's check (`lock_file_held`) holds a shared
-/// lock for a moment.
-const FILE_LOCK_PATIENCE: Duration = Duration::from_millis(500);
-
-/// Open (creating it readable by its owner only) and `flock` the SQLite lock file.
-async fn lock_file(path: &str) -> Result<std::fs::File, StoreError> {
-    let file = open_lock_file(path)?;
-    let deadline = std::time::Instant::now() + FILE_LOCK_PATIENCE;
-    loop {
-        match file.try_lock() {
-            Ok(()) => return Ok(file),
-            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(StoreError::DataPlaneLocked {
-                    held_by: format!("another process, through the lock file {path}"),
-                })
-            }
-            Err(std::fs::TryLockError::Error(source)) => {
-                return Err(StoreError::LockFile {
-                    path: path.to_owned(),
-                    source,
-                })
-            }
-        }
-    }
-}
-
-/// True when another process holds the SQLite lock file: a shared lock cannot be had beside it.
-fn lock_file_held(path: &str) -> Result<bool, StoreError> {
-    let file = open_lock_file(path)?;
-    match file.try_lock_shared() {
-        // Dropping the file frees the shared lock at once.
-        Ok(()) => Ok(false),
-        Err(std::fs::TryLockError::WouldBlock) => Ok(true),
-        Err(std::fs::TryLockError::Error(source)) => Err(StoreError::LockFile {
-            path: path.to_owned(),
-            source,
-        }),
-    }
-}
-
-fn open_lock_file(path: &str) -> Result<std::fs::File, StoreError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-        .map_err(|source| StoreError::LockFile {
-            path: path.to_owned(),
-            source,
-        })
 }

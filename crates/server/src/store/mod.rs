@@ -9,6 +9,7 @@ mod alerts;
 mod connections;
 mod devices;
 mod lock;
+mod lock_file;
 mod operators;
 mod sessions;
 mod setup;
