@@ -141,8 +141,6 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
         Some(s) => s.clone(),
         None => load_or_generate_secret(&config.data_dir.join("jwt_secret"))?,
     };
-    // Set once the proxy directory exists: a lost lock hands its usage totals over.
-    let dir_slot: Arc<std::sync::OnceLock<Arc<crate::proxy::Directory>>> = Arc::default();
     let failed = Arc::new(std::sync::OnceLock::new());
     let (store, lock) = if config.serves_data_plane() {
         let (store, lock) =
@@ -154,7 +152,6 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
             lock.clone(),
             opts.lock_timing,
             failed.clone(),
-            dir_slot.clone(),
             cancel.clone(),
         ));
         store.migrate().await.context("opening the store")?;
@@ -299,10 +296,6 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
         clock.clone(),
         cancel.child_token(),
     ));
-    let _ = dir_slot.set(state.proxy.ctx.dir.clone());
-    if failed.get().is_some() {
-        state.proxy.ctx.dir.hand_over_totals();
-    }
     started.disarm();
     Ok(RunningServer {
         addr,
@@ -322,20 +315,16 @@ pub async fn start(config: ServeConfig, opts: ServeOptions) -> anyhow::Result<Ru
 }
 
 /// Keep the data-plane lock; once it may have gone to another process, stop serving (that process meters the
-/// doors now) and leave the usage totals to it.
+/// doors now). [`RunningServer::wait`] then leaves the usage totals to it.
 async fn keep_lock(
     lock: crate::store::DataPlaneLock,
     timing: crate::store::LockTiming,
     failed: Arc<std::sync::OnceLock<crate::store::LockLost>>,
-    dir: Arc<std::sync::OnceLock<Arc<crate::proxy::Directory>>>,
     cancel: CancellationToken,
 ) {
     if let Err(lost) = lock.keep(timing, cancel.child_token()).await {
         tracing::error!(error = %lost, "stopping: this process may no longer serve the data plane");
         let _ = failed.set(lost);
-        if let Some(dir) = dir.get() {
-            dir.hand_over_totals();
-        }
         cancel.cancel();
     }
 }

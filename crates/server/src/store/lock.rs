@@ -76,14 +76,9 @@ enum Held {
     /// SQLite: the open lock file carries the `flock`.
     File(#[allow(dead_code)] std::fs::File),
     /// The session holding the lock on a database server; `None` while it is being opened again.
-    Session(Option<Session>),
+    Session(Option<AnyConnection>),
     /// An in-memory SQLite database.
     Nothing,
-}
-
-/// A database session that holds the lock.
-struct Session {
-    conn: AnyConnection,
 }
 
 /// How many session tags are remembered (one per session opened; a few per lost session at most).
@@ -106,7 +101,7 @@ pub enum LockLost {
 
 /// The outcome of one attempt to take the lock.
 enum Attempt {
-    Took(Session),
+    Took(AnyConnection),
     /// A session of another process holds it.
     Taken,
     /// It was held a moment ago and is free, or about to be, now: try again.
@@ -134,7 +129,7 @@ impl Store {
                     .await
                     .unwrap_or(Err(sqlx::Error::PoolTimedOut));
                     match attempt {
-                        Ok(Attempt::Took(session)) => break Held::Session(Some(session)),
+                        Ok(Attempt::Took(conn)) => break Held::Session(Some(conn)),
                         Ok(Attempt::Again) if tries < 3 => {}
                         Ok(Attempt::Taken | Attempt::Again) => {
                             return Err(StoreError::DataPlaneLocked {
@@ -178,7 +173,7 @@ impl Store {
             return Ok(None);
         }
         let mut conn = self.pool.acquire().await?;
-        Ok(holder(&mut conn, self.backend).await?)
+        Ok(holder(&mut conn, self.backend, Name::Plane).await?)
     }
 }
 
@@ -199,10 +194,10 @@ impl DataPlaneLock {
                 let Held::Session(slot) = &mut *held else {
                     return Ok(());
                 };
-                let Some(session) = slot else {
+                let Some(conn) = slot else {
                     return Ok(());
                 };
-                let ping = tokio::time::timeout(timing.check_timeout, session.conn.ping()).await;
+                let ping = tokio::time::timeout(timing.check_timeout, conn.ping()).await;
                 if matches!(ping, Ok(Ok(()))) {
                     self.confirm();
                     continue;
@@ -221,9 +216,9 @@ impl DataPlaneLock {
                     ) => a,
                 };
                 match attempt {
-                    Ok(Ok(Attempt::Took(session))) => {
+                    Ok(Ok(Attempt::Took(conn))) => {
                         if let Held::Session(slot) = &mut *self.held.lock().await {
-                            *slot = Some(session);
+                            *slot = Some(conn);
                         }
                         self.confirm();
                         tracing::info!("data-plane lock taken again");
@@ -265,15 +260,11 @@ impl DataPlaneLock {
             tracing::warn!("the data-plane lock is busy; it goes with its session");
             return;
         };
-        if let Held::Session(Some(mut session)) = std::mem::replace(&mut *held, Held::Nothing) {
+        if let Held::Session(Some(mut conn)) = std::mem::replace(&mut *held, Held::Nothing) {
             // Closing the session would free the lock too, but only once the server has ended the session; a
             // process started right after this one returns could still find it held.
-            let unlock = match self.backend {
-                Backend::Postgres => format!("SELECT pg_advisory_unlock({PG_KEY})"),
-                _ => format!("SELECT RELEASE_LOCK({MYSQL_LOCK})"),
-            };
-            match tokio::time::timeout(RELEASE_TIMEOUT, session.conn.execute(unlock.as_str())).await
-            {
+            let unlock = Name::Plane.unlock(self.backend);
+            match tokio::time::timeout(RELEASE_TIMEOUT, conn.execute(unlock.as_str())).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "could not free the data-plane lock; it goes with the session")
@@ -282,7 +273,7 @@ impl DataPlaneLock {
                     "freeing the data-plane lock timed out; it goes with the session"
                 ),
             }
-            let _ = tokio::time::timeout(RELEASE_TIMEOUT, session.conn.close()).await;
+            let _ = tokio::time::timeout(RELEASE_TIMEOUT, conn.close()).await;
         }
     }
 }
@@ -300,11 +291,7 @@ async fn take(
     mine: &std::sync::Mutex<Vec<i64>>,
 ) -> Result<Attempt, sqlx::Error> {
     let mut conn = AnyConnection::connect_with(options).await?;
-    let tag = i64::from_ne_bytes(
-        uuid::Uuid::new_v4().as_bytes()[..8]
-            .try_into()
-            .unwrap_or_default(),
-    );
+    let tag: i64 = rand::random();
     match backend {
         Backend::Postgres => {
             // The server gives up a silent session after idle + interval × count (keep-alives), or when data it
@@ -323,24 +310,28 @@ async fn take(
                 .await?;
         }
     }
-    conn.execute(tag_lock(backend, tag).as_str()).await?;
+    if !try_lock(&mut conn, backend, Name::Tag(tag)).await? {
+        // (A random key already in use: astronomically unlikely, and the next attempt draws another.)
+        let _ = conn.close().await;
+        return Ok(Attempt::Again);
+    }
     if let Ok(mut m) = mine.lock() {
         m.push(tag);
         if m.len() > TAGS_KEPT {
             m.remove(0);
         }
     }
-    if try_lock(&mut conn, backend).await? {
-        return Ok(Attempt::Took(Session { conn }));
+    if try_lock(&mut conn, backend, Name::Plane).await? {
+        return Ok(Attempt::Took(conn));
     }
-    let Some(by) = holder(&mut conn, backend).await? else {
+    let Some(by) = holder(&mut conn, backend, Name::Plane).await? else {
         let _ = conn.close().await;
         return Ok(Attempt::Again);
     };
     let tags: Vec<i64> = mine.lock().map(|m| m.clone()).unwrap_or_default();
     let mut ours = false;
     for t in tags.into_iter().filter(|t| *t != tag) {
-        if tag_holder(&mut conn, backend, t).await? == Some(by) {
+        if holder(&mut conn, backend, Name::Tag(t)).await? == Some(by) {
             ours = true;
             break;
         }
@@ -357,8 +348,8 @@ async fn take(
     // The server lets the ended session go in a moment.
     let deadline = Instant::now() + RETRY_EVERY;
     while Instant::now() < deadline {
-        if try_lock(&mut conn, backend).await? {
-            return Ok(Attempt::Took(Session { conn }));
+        if try_lock(&mut conn, backend, Name::Plane).await? {
+            return Ok(Attempt::Took(conn));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -366,55 +357,62 @@ async fn take(
     Ok(Attempt::Again)
 }
 
-/// The statement that takes a session's tag.
-fn tag_lock(backend: Backend, tag: i64) -> String {
-    match backend {
-        Backend::Postgres => format!("SELECT pg_advisory_lock({tag})"),
-        _ => format!("SELECT GET_LOCK('proxyfleet session {tag}', 0)"),
+/// A lock on the database server: the data-plane lock, or a session's tag.
+#[derive(Clone, Copy)]
+enum Name {
+    Plane,
+    Tag(i64),
+}
+
+impl Name {
+    /// The PostgreSQL advisory key.
+    fn pg_key(self) -> i64 {
+        match self {
+            Name::Plane => PG_KEY,
+            Name::Tag(t) => t,
+        }
+    }
+
+    /// The MySQL lock name, as an SQL expression.
+    fn mysql(self) -> String {
+        match self {
+            Name::Plane => MYSQL_LOCK.to_owned(),
+            Name::Tag(t) => format!("'proxyfleet session {t}'"),
+        }
+    }
+
+    /// The statement that frees it.
+    fn unlock(self, backend: Backend) -> String {
+        match backend {
+            Backend::Postgres => format!("SELECT pg_advisory_unlock({})", self.pg_key()),
+            _ => format!("SELECT RELEASE_LOCK({})", self.mysql()),
+        }
     }
 }
 
-/// The session holding tag `tag`, if any.
-async fn tag_holder(
+/// Ask for lock `name` on `conn` without waiting.
+async fn try_lock(
     conn: &mut AnyConnection,
     backend: Backend,
-    tag: i64,
-) -> Result<Option<i64>, sqlx::Error> {
-    let sql = match backend {
-        Backend::Postgres => pg_lock_holder(tag),
-        _ => format!("SELECT CAST(IS_USED_LOCK('proxyfleet session {tag}') AS SIGNED)"),
-    };
-    let id: Option<Option<i64>> = sqlx::query_scalar(&sql).fetch_optional(conn).await?;
-    Ok(id.flatten())
-}
-
-/// The query for the session holding PostgreSQL advisory key `key` in this database: `pg_locks` shows a 64-bit
-/// key as its high and low halves (as unsigned 32-bit numbers), with `objsubid` 1.
-fn pg_lock_holder(key: i64) -> String {
-    let bits = key as u64;
-    format!(
-        "SELECT CAST(pid AS BIGINT) FROM pg_locks WHERE locktype = 'advisory' AND granted \
-         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-         AND classid = {} AND objid = {} AND objsubid = 1",
-        bits >> 32,
-        bits & 0xffff_ffff
-    )
-}
-
-/// Ask for the lock on `conn` without waiting.
-async fn try_lock(conn: &mut AnyConnection, backend: Backend) -> Result<bool, sqlx::Error> {
+    name: Name,
+) -> Result<bool, sqlx::Error> {
     match backend {
         Backend::Postgres => {
-            sqlx::query_scalar::<_, bool>(&format!("SELECT pg_try_advisory_lock({PG_KEY})"))
-                .fetch_one(conn)
-                .await
+            sqlx::query_scalar::<_, bool>(&format!(
+                "SELECT pg_try_advisory_lock({})",
+                name.pg_key()
+            ))
+            .fetch_one(conn)
+            .await
         }
         _ => {
             // 1: taken; 0: held by another session; NULL: an error (no database selected, say).
-            let got: Option<i64> =
-                sqlx::query_scalar(&format!("SELECT CAST(GET_LOCK({MYSQL_LOCK}, 0) AS SIGNED)"))
-                    .fetch_one(conn)
-                    .await?;
+            let got: Option<i64> = sqlx::query_scalar(&format!(
+                "SELECT CAST(GET_LOCK({}, 0) AS SIGNED)",
+                name.mysql()
+            ))
+            .fetch_one(conn)
+            .await?;
             got.map(|g| g == 1).ok_or_else(|| {
                 sqlx::Error::Protocol(
                     "GET_LOCK answered NULL: the database URL must name a database".into(),
@@ -424,11 +422,25 @@ async fn try_lock(conn: &mut AnyConnection, backend: Backend) -> Result<bool, sq
     }
 }
 
-/// The session holding the lock, as the database server names it; `None` when nobody holds it.
-async fn holder(conn: &mut AnyConnection, backend: Backend) -> Result<Option<i64>, sqlx::Error> {
+/// The session holding lock `name`, as the database server names it; `None` when nobody holds it.
+async fn holder(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    name: Name,
+) -> Result<Option<i64>, sqlx::Error> {
     let sql = match backend {
-        Backend::Postgres => pg_lock_holder(PG_KEY),
-        _ => format!("SELECT CAST(IS_USED_LOCK({MYSQL_LOCK}) AS SIGNED)"),
+        // `pg_locks` shows a 64-bit advisory key as its high and low halves (unsigned), with `objsubid` 1.
+        Backend::Postgres => {
+            let bits = name.pg_key() as u64;
+            format!(
+                "SELECT CAST(pid AS BIGINT) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                 AND classid = {} AND objid = {} AND objsubid = 1",
+                bits >> 32,
+                bits & 0xffff_ffff
+            )
+        }
+        _ => format!("SELECT CAST(IS_USED_LOCK({}) AS SIGNED)", name.mysql()),
     };
     let id: Option<Option<i64>> = sqlx::query_scalar(&sql).fetch_optional(conn).await?;
     Ok(id.flatten())
